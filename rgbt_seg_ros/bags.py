@@ -1,0 +1,189 @@
+"""Reading and writing rosbags with the `rosbags` library (no ROS install needed).
+
+Reads ROS 2 bags (sqlite3 and mcap, any format version rosbags knows) and ROS 1
+bags through ``rosbags.highlevel.AnyReader``; writes ROS 2 bags (format version 9)
+with the kilted typestore. Message objects are rosbags dataclasses with the same
+field names as the ROS messages, so ``imaging.image_to_numpy`` reads them as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rosbags.highlevel import AnyReader
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+from .imaging import fill_image_msg
+
+TYPESTORE = get_typestore(Stores.ROS2_KILTED)
+STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
+
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
+
+
+class BagError(RuntimeError):
+    """A bag that cannot be read as asked; the text names the bag and what was wrong."""
+
+
+@dataclass
+class BagMessage:
+    topic: str
+    msgtype: str
+    log_time_ns: int  # receive (record) time
+    msg: object  # deserialised rosbags dataclass
+
+
+def _open(path: Path) -> AnyReader:
+    if not path.exists():
+        raise BagError(f"bag {path} does not exist")
+    try:
+        reader = AnyReader([path], default_typestore=TYPESTORE)
+        reader.open()
+    except Exception as exc:  # rosbags raises several reader-specific errors
+        raise BagError(f"cannot open bag {path}: {exc}") from exc
+    return reader
+
+
+def bag_topics(path: str | Path) -> dict[str, str]:
+    """Topic -> message type of every connection in the bag."""
+    reader = _open(Path(path))
+    try:
+        return {c.topic: c.msgtype for c in reader.connections}
+    finally:
+        reader.close()
+
+
+def read_messages(path: str | Path, topics: list[str] | None = None) -> Iterator[BagMessage]:
+    """Deserialised messages in bag (receive-time) order.
+
+    Raises :class:`BagError` naming the topic when a requested topic is not in the
+    bag, and naming the topic and message position when the bag is truncated or a
+    message cannot be decoded. Messages yielded before the error stay valid.
+    """
+    path = Path(path)
+    reader = _open(path)
+    try:
+        available = {c.topic: c.msgtype for c in reader.connections}
+        if topics is not None:
+            missing = [t for t in topics if t not in available]
+            if missing:
+                listing = ", ".join(f"{t} ({m})" for t, m in sorted(available.items())) or "none"
+                raise BagError(f"bag {path} has no topic {', '.join(missing)}; topics in the bag: {listing}")
+            connections = [c for c in reader.connections if c.topic in topics]
+        else:
+            connections = list(reader.connections)
+        position = 0
+        current = "?"
+        iterator = reader.messages(connections=connections)
+        while True:
+            try:
+                conn, timestamp, raw = next(iterator)
+                current = conn.topic
+                msg = reader.deserialize(raw, conn.msgtype)
+            except StopIteration:
+                break
+            except Exception as exc:
+                raise BagError(
+                    f"bag {path} is unreadable after message {position} (last topic {current}): {exc}"
+                ) from exc
+            position += 1
+            yield BagMessage(topic=conn.topic, msgtype=conn.msgtype, log_time_ns=int(timestamp), msg=msg)
+    finally:
+        reader.close()
+
+
+def stamp_to_ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def make_header(stamp_ns: int, frame_id: str):
+    Time = TYPESTORE.types["builtin_interfaces/msg/Time"]
+    Header = TYPESTORE.types["std_msgs/msg/Header"]
+    return Header(
+        stamp=Time(sec=int(stamp_ns // 1_000_000_000), nanosec=int(stamp_ns % 1_000_000_000)), frame_id=frame_id
+    )
+
+
+def make_image(arr: np.ndarray, encoding: str, stamp_ns: int, frame_id: str):
+    """A rosbags sensor_msgs/Image from an ndarray."""
+    Image = TYPESTORE.types[IMAGE_TYPE]
+    msg = Image(
+        header=make_header(stamp_ns, frame_id),
+        height=0,
+        width=0,
+        encoding="",
+        is_bigendian=0,
+        step=0,
+        data=np.zeros(0, np.uint8),
+    )
+    return fill_image_msg(msg, arr, encoding, as_numpy=True)
+
+
+def make_camera_info(width: int, height: int, k: np.ndarray, stamp_ns: int, frame_id: str, d: np.ndarray | None = None):
+    """A rosbags sensor_msgs/CameraInfo (plumb_bob) for a pinhole camera."""
+    CameraInfo = TYPESTORE.types[CAMERA_INFO_TYPE]
+    RegionOfInterest = TYPESTORE.types["sensor_msgs/msg/RegionOfInterest"]
+    k = np.asarray(k, np.float64).reshape(3, 3)
+    p = np.zeros((3, 4), np.float64)
+    p[:, :3] = k
+    return CameraInfo(
+        header=make_header(stamp_ns, frame_id),
+        height=int(height),
+        width=int(width),
+        distortion_model="plumb_bob",
+        d=np.zeros(5, np.float64) if d is None else np.asarray(d, np.float64),
+        k=k.reshape(-1),
+        r=np.eye(3).reshape(-1),
+        p=p.reshape(-1),
+        binning_x=0,
+        binning_y=0,
+        roi=RegionOfInterest(x_offset=0, y_offset=0, height=0, width=0, do_rectify=False),
+    )
+
+
+class BagWriter:
+    """A ROS 2 bag (format 9) being written; connections are added on first use of a topic.
+
+    Use as a context manager: the bag's metadata is written on close, also when an
+    exception ends the block, so everything written so far stays readable.
+    """
+
+    def __init__(self, path: str | Path, storage: str = "mcap") -> None:
+        if storage not in STORAGES:
+            raise ValueError(f"unknown bag storage '{storage}'; expected one of {sorted(STORAGES)}")
+        self.path = Path(path)
+        if self.path.exists():
+            raise BagError(f"output bag {self.path} already exists; remove it or choose another path")
+        self._writer = Writer(self.path, version=9, storage_plugin=STORAGES[storage])
+        self._connections: dict[str, object] = {}
+        self.count = 0
+
+    def __enter__(self) -> BagWriter:
+        self._writer.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._writer.close()
+
+    def write(self, topic: str, msg, log_time_ns: int) -> None:
+        msgtype = msg.__msgtype__
+        conn = self._connections.get(topic)
+        if conn is None:
+            conn = self._writer.add_connection(topic, msgtype, typestore=TYPESTORE)
+            self._connections[topic] = conn
+        self._writer.write(conn, int(log_time_ns), TYPESTORE.serialize_cdr(msg, msgtype))
+        self.count += 1
+
+    def write_raw(self, topic: str, msgtype: str, rawdata: bytes | memoryview, log_time_ns: int) -> None:
+        """Copy an already-serialised CDR message (e.g. input topics passed through by replay)."""
+        conn = self._connections.get(topic)
+        if conn is None:
+            conn = self._writer.add_connection(topic, msgtype, typestore=TYPESTORE)
+            self._connections[topic] = conn
+        self._writer.write(conn, int(log_time_ns), rawdata)
+        self.count += 1

@@ -1,0 +1,116 @@
+"""The sample bag: synthetic RGB-thermal camera streams with ground truth, as a rig would record them.
+
+Topics (all stamped in the sensor's own clock, recorded at a later receive time):
+  /rgb/image_raw        sensor_msgs/Image bgr8, 640x480 by default
+  /thermal/image_raw    sensor_msgs/Image mono16 radiometric counts (Kelvin * 100), 640x512
+  /rgb/camera_info      sensor_msgs/CameraInfo
+  /thermal/camera_info  sensor_msgs/CameraInfo
+  /rgbt/labels_gt       sensor_msgs/Image mono8 class ids in the RGB frame, with the RGB image's stamp
+
+The thermal camera is triggered ``thermal_offset_ms`` after the RGB camera; both
+stamps carry ``jitter_ms`` of Gaussian jitter; each camera independently drops a
+frame with probability ``drop_rate``; receive times add a transport delay (longer
+for thermal, as with USB thermal cores), so messages interleave realistically.
+Scenes change every second and cycle through day, night, fog and glare.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..bags import BagWriter, make_camera_info, make_image
+from .synthetic import CONDITIONS, SceneGenerator
+
+RGB_TOPIC = "/rgb/image_raw"
+THERMAL_TOPIC = "/thermal/image_raw"
+RGB_INFO_TOPIC = "/rgb/camera_info"
+THERMAL_INFO_TOPIC = "/thermal/camera_info"
+GT_TOPIC = "/rgbt/labels_gt"
+RGB_FRAME = "rgb_camera_optical_frame"
+THERMAL_FRAME = "thermal_camera_optical_frame"
+START_NS = 1_700_000_000_000_000_000  # a realistic epoch stamp (2023-11-14)
+
+
+def rgb_intrinsics(width: int, height: int) -> np.ndarray:
+    f = 0.78 * width  # ~65 degrees horizontal field of view
+    return np.array([[f, 0, width / 2.0], [0, f, height / 2.0], [0, 0, 1]])
+
+
+def write_sample_bag(
+    out_dir: str | Path,
+    frames: int = 40,
+    fps: float = 10.0,
+    thermal_offset_ms: float = 8.0,
+    jitter_ms: float = 2.0,
+    drop_rate: float = 0.0,
+    storage: str = "mcap",
+    seed: int = 0,
+    rgb_size: tuple[int, int] = (480, 640),
+    thermal_size: tuple[int, int] = (512, 640),
+    scene_seconds: float = 1.0,
+) -> Path:
+    """Write ``out_dir/bag`` (ROS 2 bag, format 9) and ``out_dir/calibration.yaml``; return the bag path."""
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    if jitter_ms < 0:
+        raise ValueError(f"jitter_ms must be >= 0, got {jitter_ms}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bag_path = out_dir / "bag"
+    gen = SceneGenerator(seed=seed, rgb_size=rgb_size, thermal_size=thermal_size)
+    rng = np.random.default_rng(seed + 7919)
+    period_ns = int(round(1e9 / fps))
+    frames_per_scene = max(1, int(round(scene_seconds * fps)))
+    (h, w), (ht, wt) = gen.rgb_size, gen.thermal_size
+    k_rgb = rgb_intrinsics(w, h)
+    # Thermal intrinsics consistent with the rig's homography at the image centre (informative).
+    k_t = np.array(
+        [
+            [k_rgb[0, 0] / 0.985 * (wt / 640.0), 0, wt / 2.0],
+            [0, k_rgb[0, 0] / 0.985 * (wt / 640.0), ht / 2.0],
+            [0, 0, 1],
+        ]
+    )
+
+    events: list[tuple[int, int, str, object]] = []  # (receive ns, order, topic, msg)
+    order = 0
+    for i in range(frames):
+        scene = i // frames_per_scene
+        sample = gen.sample(scene, CONDITIONS[scene % len(CONDITIONS)], frame=i)
+        t_rgb = START_NS + i * period_ns + int(rng.normal(0, jitter_ms) * 1e6)
+        t_th = START_NS + i * period_ns + int((thermal_offset_ms + rng.normal(0, jitter_ms)) * 1e6)
+        drop_rgb = rng.random() < drop_rate
+        drop_th = rng.random() < drop_rate
+        rx_rgb = t_rgb + int(rng.uniform(4, 12) * 1e6)
+        rx_th = t_th + int(rng.uniform(15, 35) * 1e6)
+        if not drop_rgb:
+            bgr = np.ascontiguousarray(sample.rgb[:, :, ::-1])
+            events.append((rx_rgb, order, "rgb", make_image(bgr, "bgr8", t_rgb, RGB_FRAME)))
+            events.append((rx_rgb, order + 1, "rgb_info", make_camera_info(w, h, k_rgb, t_rgb, RGB_FRAME)))
+            events.append((rx_rgb + 1000, order + 2, "gt", make_image(sample.labels, "mono8", t_rgb, RGB_FRAME)))
+        if not drop_th:
+            events.append((rx_th, order + 3, "thermal", make_image(sample.thermal, "mono16", t_th, THERMAL_FRAME)))
+            events.append((rx_th, order + 4, "thermal_info", make_camera_info(wt, ht, k_t, t_th, THERMAL_FRAME)))
+        order += 5
+    topics = {
+        "rgb": RGB_TOPIC,
+        "rgb_info": RGB_INFO_TOPIC,
+        "gt": GT_TOPIC,
+        "thermal": THERMAL_TOPIC,
+        "thermal_info": THERMAL_INFO_TOPIC,
+    }
+    events.sort(key=lambda e: (e[0], e[1]))
+    with BagWriter(bag_path, storage=storage) as writer:
+        for rx, _, key, msg in events:
+            writer.write(topics[key], msg, rx)
+    with open(out_dir / "calibration.yaml", "w") as f:
+        f.write("# thermal -> RGB registration of the sample bag's synthetic rig (exact)\n")
+        yaml.safe_dump(gen.calibration_dict(), f, sort_keys=False)
+    return bag_path
