@@ -15,6 +15,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-sample-bag": ("make_sample_bag", "write a synthetic RGB-thermal ROS 2 bag with ground truth"),
     "make-sample-dataset": ("make_sample_dataset", "write a small synthetic dataset in a benchmark's layout"),
+    "pairs": ("pairs", "pair a bag's RGB and thermal stamps with the node's synchronizer; counts and CSV"),
+    "calibrate": ("calibrate", "fit the thermal->RGB homography from checkerboard images; write calibration YAML"),
 }
 
 
