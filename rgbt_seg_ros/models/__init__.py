@@ -1,0 +1,25 @@
+"""Model backends (nn.Modules only) and the registry that builds them by name.
+
+``build_model(cfg, dataset_info, text_embeddings=None)`` dispatches on ``cfg["backend"]``;
+importing this package registers the built-in backends.
+"""
+
+from .registry import (
+    available_backends,
+    build_model,
+    dataset_info_for,
+    load_model_config,
+    register_backend,
+    resolve_model_config,
+)
+from .sartm import SARTM
+
+__all__ = [
+    "SARTM",
+    "available_backends",
+    "build_model",
+    "dataset_info_for",
+    "load_model_config",
+    "register_backend",
+    "resolve_model_config",
+]

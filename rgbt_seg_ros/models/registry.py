@@ -1,0 +1,165 @@
+"""One registry of model backends, and the model-config handling they share.
+
+A backend registers itself with one decorator line::
+
+    @register_backend("sartm", defaults=SARTM_DEFAULTS)
+    class SARTM(nn.Module): ...
+
+and is built by name from its YAML config with :func:`build_model`. Every backend is called
+as ``forward(rgb, thermal, valid=None) -> dict`` with at least ``logits`` (B, C, H, W).
+
+Config keys shared by all backends (see models/README.md for the full schema):
+``backend``, ``dataset`` (class-file name or path) or ``classes`` (inline class list),
+``input_size`` [H, W], ``normalization`` {rgb: {mean, std}, thermal: {mean, std}}.
+Backend-specific keys come with the backend's defaults; a key that is neither is an error,
+so a typo in a YAML file does not pass silently.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ..classes import DatasetInfo, load_dataset_info
+from ..resources import resolve_data_file
+
+#: Keys every model config has, with their defaults.
+COMMON_DEFAULTS: dict[str, Any] = {
+    "backend": None,
+    "dataset": None,
+    "classes": None,
+    "description": "",
+    "input_size": [480, 640],
+    "normalization": {
+        "rgb": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "thermal": {"mean": [0.5], "std": [0.25]},
+    },
+}
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A registered backend: its factory, its config defaults and its input-size multiple."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    defaults: dict
+    size_multiple: int = 32
+
+
+_BACKENDS: dict[str, BackendSpec] = {}
+
+
+def register_backend(name: str, defaults: dict | None = None, size_multiple: int = 32):
+    """Class/function decorator: ``factory(cfg, dataset_info, text_embeddings)`` builds backend ``name``."""
+
+    def decorate(factory):
+        if name in _BACKENDS and _BACKENDS[name].factory is not factory:
+            raise ValueError(f"model backend '{name}' is registered twice")
+        _BACKENDS[name] = BackendSpec(name, factory, copy.deepcopy(defaults or {}), size_multiple)
+        return factory
+
+    return decorate
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def backend_spec(name: str) -> BackendSpec:
+    if name not in _BACKENDS:
+        known = ", ".join(available_backends()) or "none"
+        raise ValueError(f"unknown model backend '{name}'; registered backends: {known}")
+    return _BACKENDS[name]
+
+
+def load_model_config(config: str | Path | dict) -> dict:
+    """A model config as a dict: a dict is copied, a path (absolute, relative or under the
+    package's share dir, e.g. ``models/sartm_tiny.yaml``) is read as YAML."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = resolve_data_file(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {config} does not exist (looked for {path})")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict) or "backend" not in data:
+        raise ValueError(f"model config {path}: expected a mapping with a 'backend' key")
+    return data
+
+
+def _merge(defaults: dict, user: dict, where: str, unknown: list[str]) -> dict:
+    out = copy.deepcopy(defaults)
+    for key, value in user.items():
+        path = f"{where}{key}"
+        if key not in defaults:
+            unknown.append(path)
+            continue
+        default = defaults[key]
+        # A non-empty dict default is a section with a fixed set of keys; an empty dict or None is free-form.
+        if isinstance(default, dict) and default and isinstance(value, dict):
+            out[key] = _merge(default, value, path + ".", unknown)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_model_config(config: str | Path | dict) -> dict:
+    """Load a config and merge it over its backend's defaults; reject unknown keys and bad sizes."""
+    raw = load_model_config(config)
+    spec = backend_spec(raw.get("backend"))
+    defaults = {**copy.deepcopy(COMMON_DEFAULTS), **copy.deepcopy(spec.defaults)}
+    unknown: list[str] = []
+    cfg = _merge(defaults, raw, "", unknown)
+    if unknown:
+        raise ValueError(
+            f"model config for backend '{spec.name}' has unknown key(s) {', '.join(unknown)}; see models/README.md"
+        )
+    size = cfg["input_size"]
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(s, int) and s > 0 and s % spec.size_multiple == 0 for s in size)
+    ):
+        raise ValueError(
+            f"model config input_size must be [H, W] with positive multiples of {spec.size_multiple}, got {size!r}"
+        )
+    cfg["input_size"] = [int(s) for s in size]
+    for modality, channels in (("rgb", 3), ("thermal", 1)):
+        norm = cfg["normalization"].get(modality) or {}
+        for key in ("mean", "std"):
+            values = norm.get(key)
+            if not isinstance(values, (list, tuple)) or len(values) != channels:
+                raise ValueError(f"model config normalization.{modality}.{key} must list {channels} value(s)")
+        if any(float(s) <= 0 for s in norm["std"]):
+            raise ValueError(f"model config normalization.{modality}.std must be positive, got {norm['std']}")
+    return cfg
+
+
+def dataset_info_for(cfg: dict, dataset: str | Path | None = None) -> DatasetInfo:
+    """Classes of a model: ``dataset`` if given, else the config's inline ``classes`` or ``dataset``."""
+    if dataset is not None:
+        return load_dataset_info(dataset)
+    if cfg.get("classes"):
+        return DatasetInfo.from_dict(cfg["classes"], source="model config 'classes'")
+    if cfg.get("dataset"):
+        return load_dataset_info(cfg["dataset"])
+    raise ValueError("the model config names no 'dataset' and no 'classes'; pass dataset= (e.g. 'synthetic')")
+
+
+def build_model(cfg: dict, dataset_info: DatasetInfo, text_embeddings: torch.Tensor | None = None) -> nn.Module:
+    """Build the backend named by ``cfg['backend']`` for ``dataset_info``'s classes.
+
+    ``cfg`` may be raw or already resolved; it is resolved (defaults merged, validated) here.
+    ``text_embeddings`` (num_classes, D) are the class-name embeddings of the text teacher
+    (see ``training/text_teacher.py``), for backends that use language guidance.
+    """
+    resolved = resolve_model_config(cfg)
+    return backend_spec(resolved["backend"]).factory(resolved, dataset_info, text_embeddings)

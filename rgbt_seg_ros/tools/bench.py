@@ -1,0 +1,236 @@
+"""``rgbt-seg bench model``: parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s.
+
+The model is built from its config with random weights when no SAM2 checkpoint is given
+(the compute is the same); the trainable count is then reported for the configured freezing.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOP per multiply-add) during
+one counting pass in which ``F.scaled_dot_product_attention`` is replaced by its explicit
+math (``softmax(q k^T * scale) v``): the counter has no formula for the CPU SDPA kernel, so
+attention would otherwise count as zero. The counted matmuls give 4*B*heads*Lq*Lk*d per
+attention call. Softmax, norms and activations are not counted (as is usual).
+
+Timing: median of ``--repeats`` forward passes under ``torch.inference_mode`` after one
+warm-up, and, in the same run, the GFLOP/s of a large fp32 matmul on the same device, so the
+ratio is comparable across runs on shared machines whose absolute speed varies 2-3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", choices=("model",), help="what to benchmark (model: one backend forward pass)")
+    p.add_argument("--config", default="models/sartm_tiny.yaml", help="model config (default models/sartm_tiny.yaml)")
+    p.add_argument("--dataset", default=None, help="class file name or path (default: the config's dataset)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="input size (default: config)")
+    p.add_argument("--batch", type=int, default=1, help="pairs per forward pass (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed forward passes (default 5)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--sam2-checkpoint", default=None, help="official SAM2 weights (optional; FLOPs do not change)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+
+
+def _explicit_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """Attention as matmul-softmax-matmul, so that FlopCounterMode sees its two matmuls."""
+    if is_causal or kwargs.get("enable_gqa"):
+        raise NotImplementedError("explicit SDPA for FLOP counting does not support is_causal / enable_gqa")
+    scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    scores = (query * scale) @ key.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(dim=-1) @ value
+
+
+@contextlib.contextmanager
+def explicit_attention():
+    """Within the block, ``F.scaled_dot_product_attention`` runs as explicit matmuls."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _explicit_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def count_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> dict:
+    """FLOPs of one forward pass: total and per top-level submodule (attention included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, depth=2)
+    with torch.inference_mode(), explicit_attention(), counter:
+        model(*inputs)
+    counts = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    per_module: dict[str, int] = {}
+    for child, _ in model.named_children():
+        direct = counts.get(f"{root}.{child}")
+        if direct is None:  # a ModuleList/Dict is not called itself: add up its called members
+            direct = sum(v for k, v in counts.items() if k.startswith(f"{root}.{child}.") and k.count(".") == 2)
+        if direct:
+            per_module[child] = direct
+    rest = int(counter.get_total_flops()) - sum(per_module.values())
+    if rest > 0:  # modules called outside their parent's forward (e.g. a head's helper method)
+        per_module["other"] = rest
+    return {"total": int(counter.get_total_flops()), "per_module": per_module}
+
+
+def time_forward(model: torch.nn.Module, inputs: tuple, repeats: int, device: torch.device) -> list[float]:
+    """Seconds per forward pass (after one warm-up), each synchronised on CUDA."""
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model(*inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    once()
+    return [once() for _ in range(max(1, repeats))]
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` fp32 GFLOP/s of an n x n matmul (the machine's practical peak)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def bench_model(
+    config: str | Path | dict,
+    dataset: str | None = None,
+    size: tuple[int, int] | None = None,
+    batch: int = 1,
+    repeats: int = 5,
+    device: str = "cpu",
+    sam2_checkpoint: str | None = None,
+) -> dict:
+    """Build a backend and measure it; returns a dict of results (see module docstring)."""
+    from ..models import build_model, dataset_info_for, resolve_model_config
+    from ..segmenter import resolve_device
+
+    dev = resolve_device(device)
+    cfg = resolve_model_config(config)
+    info = dataset_info_for(cfg, dataset)
+    enc = cfg.get("encoder", {})
+    dec = cfg.get("decoder", {})
+    freeze = (bool(enc.get("freeze")), bool(dec.get("freeze_transformer")))
+    if sam2_checkpoint:
+        enc["checkpoint"] = str(sam2_checkpoint)
+    random_base = not enc.get("checkpoint")
+    if random_base and "encoder" in cfg:  # random weights: same compute; freezing re-applied below
+        enc["freeze"], dec["freeze_transformer"] = False, False
+    text_dim = int(cfg.get("language", {}).get("text_dim", 384))
+    text = F.normalize(torch.randn(info.num_classes, text_dim), dim=-1)
+    model = build_model(cfg, info, text)
+    if random_base and hasattr(model, "set_trainable"):
+        model.set_trainable(*freeze)
+    model = model.to(dev).eval()
+    counts = model.parameter_counts() if hasattr(model, "parameter_counts") else {}
+    params = list(model.parameters())
+    h, w = size or cfg["input_size"]
+    rgb = torch.randn(batch, 3, h, w, device=dev)
+    thermal = torch.randn(batch, 1, h, w, device=dev)
+
+    flops = count_flops(model, rgb, thermal)
+    times = time_forward(model, (rgb, thermal), repeats, dev)
+    median = statistics.median(times)
+    gflop_pair = flops["total"] / batch / 1e9
+    achieved = flops["total"] / median / 1e9
+    peak = matmul_gflops(dev)
+    return {
+        "config": str(config) if not isinstance(config, dict) else cfg.get("description", "<dict>"),
+        "backend": cfg["backend"],
+        "classes": info.num_classes,
+        "input_size": [h, w],
+        "batch": batch,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "params_total": counts.get("total", sum(p.numel() for p in params)),
+        "params_trainable": counts.get("trainable", sum(p.numel() for p in params if p.requires_grad)),
+        "params_lora": counts.get("lora"),
+        "random_weights": random_base,
+        "gflop_per_pair": gflop_pair,
+        "gflop_per_module": {k: v / batch / 1e9 for k, v in flops["per_module"].items()},
+        "forward_ms_median": median * 1e3,
+        "forward_ms_all": [t * 1e3 for t in times],
+        "achieved_gflops": achieved,
+        "matmul_gflops": peak,
+        "ratio_to_matmul": achieved / peak,
+        "torch": torch.__version__,
+    }
+
+
+def markdown(result: dict) -> str:
+    """The results as a two-column markdown table."""
+    rows = [
+        ("config", result["config"]),
+        ("backend / classes", f"{result['backend']} / {result['classes']}"),
+        ("input (H x W) / batch", f"{result['input_size'][0]} x {result['input_size'][1]} / {result['batch']}"),
+        ("device / threads", f"{result['device']} / {result['threads']}"),
+        ("parameters total", f"{result['params_total'] / 1e6:.2f} M"),
+        ("parameters trainable", f"{result['params_trainable'] / 1e6:.3f} M"),
+        ("of which LoRA (2 adapters)", f"{(result['params_lora'] or 0) / 1e6:.3f} M"),
+        ("GFLOP per RGB-T pair", f"{result['gflop_per_pair']:.2f}"),
+    ]
+    rows += [(f"  GFLOP {k}", f"{v:.2f}") for k, v in sorted(result["gflop_per_module"].items(), key=lambda kv: -kv[1])]
+    rows += [
+        ("forward median", f"{result['forward_ms_median']:.1f} ms"),
+        ("achieved", f"{result['achieved_gflops']:.1f} GFLOP/s"),
+        ("fp32 matmul, same run", f"{result['matmul_gflops']:.1f} GFLOP/s"),
+        ("ratio to matmul", f"{result['ratio_to_matmul']:.2f}"),
+    ]
+    lines = ["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = bench_model(
+            args.config,
+            dataset=args.dataset,
+            size=tuple(args.size) if args.size else None,
+            batch=args.batch,
+            repeats=args.repeats,
+            device=args.device,
+            sam2_checkpoint=args.sam2_checkpoint,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(markdown(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m rgbt_seg_ros.tools.bench model ...
+    parser = argparse.ArgumentParser(prog="rgbt-seg bench")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

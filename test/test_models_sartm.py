@@ -1,0 +1,403 @@
+"""SARTM backend: shapes, what trains, thermal influence, auxiliary head, SAM2 weight remap.
+
+Uses models/sartm_micro.yaml (random-init 5-block Hiera) so that every test runs in well
+under a second of compute; the real SAM2.1 Hiera-tiny layout is checked against the sam2
+package's own SAM2Base state dict.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from rgbt_seg_ros.classes import DatasetInfo, load_dataset_info
+from rgbt_seg_ros.models import SARTM, available_backends, build_model, resolve_model_config
+from rgbt_seg_ros.models.heads import SAM2MaskDecoderHead
+from rgbt_seg_ros.models.sam2_checkpoint import (
+    DECODER_SHARED_PARTS,
+    official_to_parts,
+    read_official_state_dict,
+)
+from rgbt_seg_ros.models.sam2_encoder import build_image_encoder
+
+MICRO = "models/sartm_micro.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: one thread avoids sync overhead dominating."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def info():
+    return load_dataset_info("synthetic")
+
+
+@pytest.fixture(scope="module")
+def text(info):
+    return torch.nn.functional.normalize(torch.randn(info.num_classes, 384, generator=torch.Generator().manual_seed(0)))
+
+
+def micro_cfg(freeze_transformer=False, **encoder):
+    cfg = resolve_model_config(MICRO)
+    cfg["encoder"].update(encoder)
+    cfg["decoder"]["freeze_transformer"] = freeze_transformer
+    return cfg
+
+
+def make_micro(info, text, seed=0, freeze_transformer=False, **encoder):
+    torch.manual_seed(seed)
+    return build_model(micro_cfg(freeze_transformer, **encoder), info, text)
+
+
+def randomize_lora(model, seed=1):
+    """LoRA B starts at zero; give it values so that adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def pair(b=1, h=64, w=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, h, w, generator=g), torch.randn(b, 1, h, w, generator=g)
+
+
+def write_official(model, path, extra=True):
+    """Write ``model``'s SAM2 parts as an official-layout .pt (state dict under "model")."""
+    state = model.sam2_state_dict()
+    if extra:  # an official file also holds memory modules and prompt tensors we ignore
+        state["memory_attention.layers.0.norm1.weight"] = torch.ones(4)
+        state["sam_prompt_encoder.point_embeddings.0.weight"] = torch.zeros(1, 4)
+    torch.save({"model": state}, path)
+    return path
+
+
+def test_sartm_is_registered():
+    assert "sartm" in available_backends()
+
+
+@pytest.mark.parametrize("size", [(64, 96), (96, 64)])
+def test_output_shapes_square_and_non_square(info, text, size):
+    model = make_micro(info, text).eval()
+    h, w = size
+    rgb, th = pair(2, h, w)
+    with torch.no_grad():
+        out = model(rgb, th)
+    c = info.num_classes
+    assert out["logits"].shape == (2, c, h, w)
+    assert out["s0"].shape == (2, c, h // 4, w // 4)
+    assert out["s1"].shape == (2, c, h // 4, w // 4)
+    d = model.image_encoder.neck.d_model
+    assert out["features"]["sfm"].shape == (2, d, h // 16, w // 16)
+    assert out["features"]["ifp"].shape == (2, d // 4, h // 8, w // 8)
+    assert out["features"]["ffp"].shape == (2, d // 8, h // 4, w // 4)
+    assert torch.equal(out["text_embeddings"], text)
+    assert torch.isfinite(out["logits"]).all()
+
+
+def test_class_count_follows_dataset(text):
+    mfnet = load_dataset_info("mfnet")
+    model = build_model(micro_cfg(), mfnet, torch.randn(mfnet.num_classes, 384)).eval()
+    with torch.no_grad():
+        out = model(*pair())
+    assert out["logits"].shape[1] == mfnet.num_classes
+    assert model.sam_head.mask_decoder.mask_tokens.weight.shape[0] == mfnet.num_classes
+
+
+def test_combine_modes_select_heads(info, text):
+    model = make_micro(info, text).eval()
+    rgb, th = pair()
+    results = {}
+    for mode in ("s0", "s1", "mean"):
+        model.combine = mode
+        with torch.no_grad():
+            results[mode] = model(rgb, th)
+    up = torch.nn.functional.interpolate(results["s0"]["s0"], size=(64, 96), mode="bilinear", align_corners=False)
+    assert torch.allclose(results["s0"]["logits"], up, atol=1e-6)
+    mean = 0.5 * results["mean"]["s0"] + 0.5 * results["mean"]["s1"]
+    up = torch.nn.functional.interpolate(mean, size=(64, 96), mode="bilinear", align_corners=False)
+    assert torch.allclose(results["mean"]["logits"], up, atol=1e-5)
+    assert not torch.allclose(results["s0"]["logits"], results["s1"]["logits"])
+
+
+def test_bad_inputs_raise_clear_errors(info, text):
+    model = make_micro(info, text)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(*pair(1, 60, 96))
+    rgb, _ = pair()
+    with pytest.raises(ValueError, match="thermal must be"):
+        model(rgb, torch.zeros(1, 3, 64, 96))
+    with pytest.raises(ValueError, match="valid must be"):
+        model(*pair(), valid=torch.ones(1, 1, 32, 32))
+
+
+def test_thermal_reaches_fusion_and_its_lora_gets_gradient(info, text):
+    model = make_micro(info, text).eval()
+    randomize_lora(model)
+    rgb, th = pair()
+    with torch.no_grad():
+        base = model(rgb, th)["logits"]
+        other_thermal = model(rgb, th.flip(-1) * 2.0)["logits"]
+    assert (base - other_thermal).abs().max() > 1e-3
+
+    model.zero_grad()
+    lora = [p for n, p in model.named_parameters() if ".lora_" in n]
+    model(rgb, th)["logits"].logsumexp(1).mean().backward()
+    assert all(p.requires_grad for p in lora)  # switching adapters did not freeze either one
+    for adapter in ("rgb", "thermal"):
+        grads = [p.grad for n, p in model.named_parameters() if f".lora_A.{adapter}." in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), adapter
+
+
+def test_each_adapter_only_acts_on_its_modality(info, text):
+    model = make_micro(info, text).eval()
+    rgb, th = pair()
+    with torch.no_grad():
+        before = model(rgb, th)
+        feats_th = [f.clone() for f in model._encode(th.expand(-1, 3, -1, -1), "thermal")]
+        for name, p in model.named_parameters():
+            if ".lora_B.rgb." in name:
+                p.add_(0.5)
+        after_th = model._encode(th.expand(-1, 3, -1, -1), "thermal")
+        after = model(rgb, th)
+    for a, b in zip(feats_th, after_th):
+        assert torch.equal(a, b)  # the thermal pass does not use the rgb adapter
+    assert (before["logits"] - after["logits"]).abs().max() > 1e-4
+
+
+def test_invalid_thermal_pixels_do_not_contribute(info, text):
+    model = make_micro(info, text).eval()
+    randomize_lora(model)
+    rgb, th = pair()
+    valid = torch.ones(1, 1, 64, 96)
+    valid[..., :, 48:] = 0
+    th2 = th.clone()
+    th2[..., :, 48:] = torch.randn(1, 1, 64, 48) * 5
+    with torch.no_grad():
+        a = model(rgb, th, valid)["logits"]
+        b = model(rgb, th2, valid)["logits"]
+        c = model(rgb, th2)["logits"]
+        d = model(rgb, th)["logits"]
+    assert torch.equal(a, b)
+    assert (c - d).abs().max() > 1e-3  # without the mask those pixels do matter
+
+
+def test_auxiliary_head_is_registered_trained_and_updated(info, text):
+    model = make_micro(info, text).train()
+    aux = {n: p for n, p in model.named_parameters() if n.startswith("aux_head.")}
+    assert aux and all(p.requires_grad for p in aux.values())
+    state_keys = set(model.state_dict())
+    assert set(aux) <= state_keys
+    assert any(k.startswith("aux_head.context.1.running_mean") for k in state_keys)
+    before = {n: p.detach().clone() for n, p in aux.items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    target = torch.randint(0, info.num_classes, (2, 16, 24))
+    out = model(*pair(2))
+    loss = torch.nn.functional.cross_entropy(out["s1"], target)
+    loss.backward()
+    for n, p in aux.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    opt.step()
+    for n, p in aux.items():
+        assert not torch.equal(before[n], p.detach()), n
+
+
+def test_frozen_random_encoder_is_refused(info, text):
+    with pytest.raises(ValueError, match="frozen random network"):
+        make_micro(info, text, freeze=True)
+    with pytest.raises(ValueError, match="decoder.freeze_transformer"):
+        make_micro(info, text, freeze_transformer=True)
+
+
+def test_official_layout_checkpoint_loads_through_remap(info, text, tmp_path):
+    source = make_micro(info, text, seed=3)
+    state = source.sam2_state_dict()
+    qkv = state["image_encoder.trunk.blocks.0.attn.qkv.weight"]
+    assert qkv.shape[0] == 3 * qkv.shape[1]  # fused layout, as in sam2.1_hiera_*.pt
+    assert not any("lora" in k or ".q." in k for k in state)
+    path = write_official(source, tmp_path / "sam2_micro.pt")
+
+    loaded = make_micro(info, text, seed=7, freeze_transformer=True, checkpoint=str(path), freeze=True)
+    target_state = loaded.state_dict()
+    for name, value in source.state_dict().items():
+        if name.startswith("image_encoder.") and ".lora_" not in name:
+            assert torch.equal(value, target_state[name]), name
+        if name.startswith("sam_head.mask_decoder.") and name[len("sam_head.mask_decoder.") :].startswith(
+            DECODER_SHARED_PARTS
+        ):
+            assert torch.equal(value, target_state[name]), name
+    assert torch.equal(
+        source.sam_head.pe_layer.positional_encoding_gaussian_matrix,
+        loaded.sam_head.pe_layer.positional_encoding_gaussian_matrix,
+    )
+    x = pair()[0]
+    with torch.no_grad():
+        a = source.image_encoder(x)["backbone_fpn"]
+        b = loaded.image_encoder(x)["backbone_fpn"]
+    for fa, fb in zip(a, b):
+        assert torch.allclose(fa, fb, atol=1e-6)
+
+    frozen = set(loaded.frozen_base_state_keys())
+    assert "image_encoder.trunk.blocks.0.attn.q.base_layer.weight" in frozen
+    assert "sam_head.mask_decoder.transformer.layers.0.mlp.layers.0.weight" in frozen
+    assert not any(".lora_" in k for k in frozen)
+
+
+def test_only_intended_parameters_train_with_base_weights(info, text, tmp_path):
+    path = write_official(make_micro(info, text, seed=3), tmp_path / "base.pt")
+    model = make_micro(info, text, freeze_transformer=True, checkpoint=str(path), freeze=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    allowed_prefixes = (
+        "rectify.",
+        "fuse.",
+        "language.",
+        "aux_head.",
+        "sam_head.mask_decoder.mask_tokens.",
+        "sam_head.mask_decoder.output_hypernetworks_mlps.",
+        "sam_head.mask_decoder.output_upscaling.",
+        "sam_head.mask_decoder.conv_s0.",
+        "sam_head.mask_decoder.conv_s1.",
+    )
+    for name in trainable:
+        assert ".lora_" in name or name.startswith(allowed_prefixes), name
+    lora = {n for n in trainable if ".lora_" in n}
+    blocks = len(model.image_encoder.trunk.blocks)
+    # A and B, for q and v, for two adapters, in every block
+    assert len(lora) == blocks * 2 * 2 * 2
+    assert all(".attn.q." in n or ".attn.v." in n for n in lora)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("image_encoder.trunk.blocks.0.attn.q.base_layer") for n in frozen)
+    assert any(n.startswith("image_encoder.neck.") for n in frozen)
+    assert any(n.startswith("sam_head.mask_decoder.transformer.") for n in frozen)
+    counts = model.parameter_counts()
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 0 < counts["lora"] < counts["trainable"] < counts["total"]
+
+    # frozen base weights really stay put through a training step
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    out = model(*pair())
+    (out["logits"].logsumexp(1).mean() + out["s1"].mean()).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(frozen_before[n], p.detach()), n
+
+
+def test_checkpoint_of_other_encoder_size_is_refused(info, text, tmp_path):
+    other = copy.deepcopy(resolve_model_config(MICRO))
+    other["encoder"]["trunk"]["embed_dim"] = 24
+    other["encoder"]["neck"]["backbone_channel_list"] = [192, 96, 48, 24]
+    path = write_official(build_model(other, info, text), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="does not fit"):
+        make_micro(info, text, checkpoint=str(path), freeze=True)
+
+
+def test_real_sam2_1_hiera_tiny_layout_is_remapped(tmp_path):
+    """The key layout of sam2.1_hiera_t (the sam2 package's own SAM2Base) loads into our modules."""
+    import sam2
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(os.path.join(sam2.__path__[0], "configs/sam2.1/sam2.1_hiera_t.yaml")).model
+    node.image_encoder.neck.position_encoding.warmup_cache = False
+    torch.manual_seed(0)
+    official = instantiate(node, _recursive_=True)
+    state = official.state_dict()
+    parts = official_to_parts(state, source="SAM2Base(sam2.1_hiera_t)")
+
+    encoder = build_image_encoder("hiera_tiny")
+    result = encoder.load_state_dict(parts.image_encoder, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    head = SAM2MaskDecoderHead(256, num_classes=9)
+    wanted = {k for k in head.mask_decoder.state_dict() if k.startswith(DECODER_SHARED_PARTS)}
+    assert wanted == set(parts.mask_decoder)
+    head.mask_decoder.load_state_dict(parts.mask_decoder, strict=False)
+    assert parts.pe_gaussian.shape == head.pe_layer.positional_encoding_gaussian_matrix.shape
+    assert parts.no_mask_embed.shape == head.no_mask_embed.weight.shape
+
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ours = encoder(x)["backbone_fpn"]
+        theirs = official.image_encoder(x)["backbone_fpn"]
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-5)
+
+    # the same file through the reader, as a user would pass sam2.1_hiera_tiny.pt
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": {k: v for k, v in state.items() if k.startswith("image_encoder.trunk.blocks.0")}}, path)
+    assert "image_encoder.trunk.blocks.0.attn.qkv.weight" in read_official_state_dict(path)
+
+
+def test_config_errors_name_the_problem(info, text):
+    cfg = resolve_model_config(MICRO)
+    bad = copy.deepcopy(cfg)
+    bad["lora"]["rnak"] = 4
+    with pytest.raises(ValueError, match="lora.rnak"):
+        build_model(bad, info, text)
+    bad = copy.deepcopy(cfg)
+    bad["backend"] = "nonesuch"
+    with pytest.raises(ValueError, match="unknown model backend 'nonesuch'"):
+        build_model(bad, info, text)
+    bad = copy.deepcopy(cfg)
+    bad["input_size"] = [100, 128]
+    with pytest.raises(ValueError, match="multiples of 32"):
+        resolve_model_config(bad)
+    with pytest.raises(ValueError, match="text_embeddings must be"):
+        build_model(cfg, info, torch.zeros(info.num_classes + 1, 384))
+
+
+def test_tiny_config_documents_production_defaults():
+    cfg = resolve_model_config("models/sartm_tiny.yaml")
+    assert cfg["input_size"] == [480, 640]
+    assert cfg["encoder"]["sam2_config"] == "hiera_tiny" and cfg["encoder"]["freeze"] is True
+    assert cfg["lora"]["rank"] == 16 and cfg["lora"]["targets"] == ["q", "v"]
+    with pytest.raises(ValueError, match="encoder.checkpoint is not set"):
+        build_model(cfg, load_dataset_info("mfnet"))
+
+
+def test_model_is_a_sartm_and_counts_params(info, text):
+    model = make_micro(info, text)
+    assert isinstance(model, SARTM)
+    counts = model.parameter_counts()
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    many = DatasetInfo.from_dict({"name": "x", "classes": [{"name": f"c{i}", "color": [0, 0, 0]} for i in range(3)]})
+    small = build_model(micro_cfg(), many, torch.zeros(3, 384))
+    assert small.parameter_counts()["total"] < counts["total"]
+
+
+def test_flop_count_includes_attention(info, text):
+    """FlopCounterMode has no formula for CPU SDPA; the bench counts attention as explicit matmuls."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rgbt_seg_ros.tools.bench import count_flops
+
+    model = make_micro(info, text).eval()
+    rgb, th = pair()
+    plain = FlopCounterMode(display=False)
+    with torch.inference_mode(), plain:
+        model(rgb, th)
+    counted = count_flops(model, rgb, th)
+    # attention calls: every Hiera block (x2 modalities) and the two-way transformer
+    assert counted["total"] > plain.get_total_flops()
+    assert counted["per_module"]["image_encoder"] > counted["per_module"]["aux_head"] > 0
+    assert sum(counted["per_module"].values()) == counted["total"]
+
+
+def test_bench_model_reports_the_figures(tmp_path):
+    from rgbt_seg_ros.tools.bench import bench_model, markdown
+
+    result = bench_model(MICRO, size=(64, 96), repeats=1)
+    assert result["params_total"] >= result["params_trainable"] > result["params_lora"] > 0
+    assert result["gflop_per_pair"] > 0 and result["forward_ms_median"] > 0
+    assert 0 < result["ratio_to_matmul"] and result["matmul_gflops"] > 0
+    table = markdown(result)
+    assert "GFLOP per RGB-T pair" in table and "ratio to matmul" in table
