@@ -1,0 +1,234 @@
+"""SARTM losses: OHEM cross-entropy (eq. 11), prototype distillation (eq. 12-14), the total (eq. 15)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rgbt_seg_ros.training.losses import (
+    OhemCrossEntropy,
+    PrototypeMemory,
+    SartmLoss,
+    class_prototypes,
+    prototype_distillation_losses,
+)
+
+
+def confident_logits(labels, num_classes, margin=10.0):
+    """Logits that put ~all probability on the true class (ignored pixels: class 0)."""
+    target = labels.clone()
+    target[target == 255] = 0
+    return F.one_hot(target, num_classes).permute(0, 3, 1, 2).float() * margin
+
+
+# --------------------------------------------------------------------------- OHEM
+
+
+def test_ohem_equals_plain_cross_entropy_when_every_pixel_is_hard():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (2, 16, 16))
+    labels[0, :3] = 255
+    logits = torch.randn(2, 4, 16, 16) * 0.1  # p(true) ~ 0.25 < 0.7 everywhere
+    ohem = OhemCrossEntropy()
+    expected = F.cross_entropy(logits, labels, ignore_index=255)
+    assert torch.allclose(ohem(logits, labels), expected, atol=1e-6)
+    _, kept = ohem.select(logits, labels)
+    assert int(kept.sum()) == int((labels != 255).sum())
+
+
+def test_ohem_keeps_at_least_a_sixteenth_of_the_valid_pixels_the_hardest_ones():
+    labels = torch.randint(0, 3, (1, 32, 32), generator=torch.Generator().manual_seed(1))
+    labels[0, :, :2] = 255
+    logits = confident_logits(labels, 3)
+    # Three hard pixels only, of increasing difficulty.
+    for k, (y, x) in enumerate([(5, 5), (6, 6), (7, 7)]):
+        logits[0, :, y, x] = 0.0
+        logits[0, (labels[0, y, x] + 1) % 3, y, x] = 2.0 + k
+    ohem = OhemCrossEntropy(thresh=0.7, min_kept_fraction=1 / 16)
+    ce, kept = ohem.select(logits, labels)
+    n_valid = int((labels != 255).sum())
+    assert int(kept.sum()) == n_valid // 16 > 3
+    assert kept[0, 5, 5] and kept[0, 6, 6] and kept[0, 7, 7]
+    assert not kept[labels == 255].any()
+    assert ce[kept].min() >= ce[(labels != 255) & ~kept].max()  # the hardest, not any
+    assert torch.allclose(ohem(logits, labels), ce[kept].mean())
+    # More hard pixels than n_min: exactly the hard ones are kept.
+    logits_many = logits.clone()
+    logits_many[0, :, 10:20, :] = 0.0
+    _, kept_many = ohem.select(logits_many, labels)
+    probs = logits_many.softmax(1).gather(1, labels.clamp(max=2)[:, None])[:, 0]
+    assert torch.equal(kept_many, (probs < 0.7) & (labels != 255))
+
+
+def test_ohem_ignores_255_and_upsamples_logits_to_label_size():
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, :4] = 255
+    logits = torch.zeros(1, 2, 8, 8)
+    base = OhemCrossEntropy()(logits, labels)
+    logits[0, 1, :4] = 50.0  # confidently wrong, but only on ignored pixels
+    assert torch.allclose(OhemCrossEntropy()(logits, labels), base)
+    everything_ignored = torch.full((1, 8, 8), 255)
+    z = torch.zeros(1, 2, 8, 8, requires_grad=True)
+    loss = OhemCrossEntropy()(z, everything_ignored)
+    assert loss.item() == 0.0
+    loss.backward()  # still part of the graph
+    small = torch.zeros(1, 3, 4, 4)
+    assert OhemCrossEntropy()(small, torch.ones(1, 16, 16, dtype=torch.long)).item() == pytest.approx(math.log(3))
+    with pytest.raises(ValueError, match="outside the model's 3 classes"):
+        OhemCrossEntropy()(small, torch.full((1, 4, 4), 7))
+
+
+# --------------------------------------------------------------------------- prototypes
+
+
+def test_class_prototypes_are_masked_averages_at_feature_resolution():
+    features = torch.arange(8, dtype=torch.float32).view(1, 2, 2, 2)  # D=2, 2x2 cells
+    labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [0, 1, 255, 255], [0, 1, 255, 255]]])
+    protos, present = class_prototypes(features, labels, num_classes=3)
+    assert present.tolist() == [True, True, False]
+    # Cell weights: class 0 -> cell (0,0): 1, cell (1,0): 0.5; class 1 -> cell (0,1): 1, cell (1,0): 0.5.
+    f = features[0].reshape(2, 4).t()  # cells in order (0,0), (0,1), (1,0), (1,1)
+    expected0 = (1.0 * f[0] + 0.5 * f[2]) / 1.5
+    expected1 = (1.0 * f[1] + 0.5 * f[2]) / 1.5
+    assert torch.allclose(protos[0], expected0) and torch.allclose(protos[1], expected1)
+    assert torch.all(protos[2] == 0)
+
+
+def features_from(labels, table, size=(8, 8)):
+    """Features whose every pixel holds ``table[class]``: the prototypes are exactly ``table``."""
+    lab = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    return table[lab].permute(0, 3, 1, 2).contiguous()
+
+
+def test_semantic_distillation_is_zero_when_relations_match_and_grows_when_they_differ():
+    torch.manual_seed(0)
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[:, :, 4:8], labels[:, :, 8:12], labels[:, :, 12:] = 1, 2, 3
+    text = F.normalize(torch.randn(5, 12), dim=-1)  # class 4 absent from the batch
+    # Prototypes = a rotation of the text embeddings (another width even): same cosine relations.
+    q, _ = torch.linalg.qr(torch.randn(20, 20))
+    matching = features_from(labels, (torch.cat([text, torch.zeros(5, 8)], 1) @ q) * 3.0)
+    res = prototype_distillation_losses(matching, labels, text)
+    assert res["present"].tolist() == [0, 1, 2, 3]
+    assert res["l_se"].item() < 1e-6
+    near = features_from(labels, torch.cat([text, torch.zeros(5, 8)], 1) + 0.3 * torch.randn(5, 20))
+    far = features_from(labels, torch.randn(5, 20))
+    l_near = prototype_distillation_losses(near, labels, text)["l_se"].item()
+    l_far = prototype_distillation_losses(far, labels, text)["l_se"].item()
+    assert 0 < l_near < l_far
+
+
+def test_gradients_flow_to_the_features():
+    torch.manual_seed(1)
+    labels = torch.randint(0, 4, (2, 32, 32))
+    feats = torch.randn(2, 16, 8, 8, requires_grad=True)
+    f_rgb = torch.randn(2, 16, 8, 8, requires_grad=True)
+    f_th = torch.randn(2, 16, 8, 8, requires_grad=True)
+    text = torch.randn(4, 10)
+    res = prototype_distillation_losses(feats, labels, text, features_rgb=f_rgb, features_thermal=f_th)
+    (res["l_se"] + res["l_cr"]).backward()
+    for t in (feats, f_rgb, f_th):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+def test_cross_modal_term_compares_the_modalities_class_by_class():
+    torch.manual_seed(2)
+    labels = torch.randint(0, 3, (1, 16, 16))
+    f = torch.randn(1, 8, 4, 4)
+    same = prototype_distillation_losses(f, labels, None, num_classes=3, features_rgb=f, features_thermal=f.clone())
+    assert same["cr_mode"] == "cross_modal" and same["l_cr"].item() < 1e-7 and same["l_se"] is None
+    other = prototype_distillation_losses(
+        f, labels, None, num_classes=3, features_rgb=f, features_thermal=torch.randn(1, 8, 4, 4)
+    )
+    assert other["l_cr"].item() > 1e-4
+
+
+def test_memory_term_compares_batch_prototypes_with_their_running_average():
+    torch.manual_seed(3)
+    labels = torch.randint(0, 3, (1, 16, 16))
+    f = torch.randn(1, 8, 4, 4)
+    memory = PrototypeMemory(momentum=0.9)
+    first = prototype_distillation_losses(f, labels, None, num_classes=3, memory=memory)
+    assert first["cr_mode"] == "memory" and first["l_cr"].item() == 0.0  # nothing remembered yet
+    again = prototype_distillation_losses(f, labels, None, num_classes=3, memory=memory)
+    assert again["l_cr"].item() < 1e-7
+    moved = prototype_distillation_losses(f + 3 * torch.randn(1, 8, 4, 4), labels, None, num_classes=3, memory=memory)
+    assert moved["l_cr"].item() > 1e-4
+    assert memory.seen.tolist() == [True, True, True]
+
+
+# --------------------------------------------------------------------------- SartmLoss
+
+
+def model_output(labels, num_classes=4, seed=0, **extra):
+    g = torch.Generator().manual_seed(seed)
+    b, h, w = labels.shape
+    out = {
+        "s0": torch.randn(b, num_classes, h // 4, w // 4, generator=g, requires_grad=True),
+        "s1": torch.randn(b, num_classes, h // 4, w // 4, generator=g, requires_grad=True),
+        "features": {
+            "sfm": torch.randn(b, 16, h // 16, w // 16, generator=g, requires_grad=True),
+            "ffp": torch.randn(b, 4, h // 4, w // 4, generator=g),
+        },
+        "text_embeddings": torch.randn(num_classes, 10, generator=g),
+    }
+    out.update(extra)
+    return out
+
+
+def test_sartm_loss_is_the_weighted_sum_of_its_terms():
+    labels = torch.randint(0, 4, (2, 64, 64), generator=torch.Generator().manual_seed(4))
+    out = model_output(labels)
+    ohem = OhemCrossEntropy()
+    ce0, ce1 = ohem(out["s0"], labels).item(), ohem(out["s1"], labels).item()
+    feats = out["features"]["sfm"]
+    f_rgb, f_th = torch.randn_like(feats), torch.randn_like(feats)
+    out.update(features_rgb=f_rgb, features_thermal=f_th)
+    ref = prototype_distillation_losses(
+        feats, labels, out["text_embeddings"], features_rgb=f_rgb, features_thermal=f_th
+    )
+    weights = (1.0, 0.5, 200.0, 3.0)
+    total, parts = SartmLoss(weights=weights)(out, labels)
+    assert parts["ce_s0"] == pytest.approx(ce0) and parts["ce_s1"] == pytest.approx(ce1)
+    assert parts["l_cr"] == pytest.approx(ref["l_cr"].item()) and parts["l_se"] == pytest.approx(ref["l_se"].item())
+    expected = ce0 + 0.5 * ce1 + 200.0 * parts["l_cr"] + 3.0 * parts["l_se"]
+    assert total.item() == pytest.approx(expected, rel=1e-5) and parts["total"] == pytest.approx(expected, rel=1e-5)
+    total.backward()
+    assert out["features"]["sfm"].grad.abs().sum() > 0 and out["s1"].grad.abs().sum() > 0
+    assert SartmLoss().weights == (1.0, 0.008, 10000.0, 100.0)  # the paper's Table VII
+
+
+def test_sartm_loss_skips_missing_terms_with_one_warning_each():
+    labels = torch.randint(0, 4, (1, 64, 64), generator=torch.Generator().manual_seed(5))
+    out = model_output(labels)
+    del out["s1"], out["text_embeddings"]
+    loss = SartmLoss()
+    with pytest.warns(RuntimeWarning) as record:
+        total, parts = loss(out, labels)
+    messages = " | ".join(str(r.message) for r in record)
+    assert "no 's1'" in messages and "L_se is skipped" in messages and "prototype memory" in messages
+    assert set(parts) == {"ce_s0", "l_cr", "total"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call must not warn again
+        loss(out, labels)
+    # A backend with only logits (and no features) still trains on its logits.
+    only_logits = {"logits": torch.randn(1, 4, 64, 64, requires_grad=True)}
+    with pytest.warns(RuntimeWarning) as record:
+        total, parts = SartmLoss()(only_logits, labels)
+    assert any("uses 'logits'" in str(r.message) for r in record)
+    assert set(parts) == {"ce_s0", "total"} and total.requires_grad
+
+
+def test_sartm_loss_zero_weights_skip_silently_and_bad_settings_are_rejected():
+    labels = torch.randint(0, 4, (1, 64, 64), generator=torch.Generator().manual_seed(6))
+    out = model_output(labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        total, parts = SartmLoss(weights=(1.0, 0.0, 0.0, 0.0))(out, labels)
+    assert set(parts) == {"ce_s0", "total"}
+    with pytest.raises(ValueError, match="levels \\['ffp', 'sfm'\\]"):
+        SartmLoss(feature_level="ifp")(out, labels)
+    with pytest.raises(ValueError, match="4 finite values"):
+        SartmLoss(weights=(1.0, 2.0, 3.0))
