@@ -1,11 +1,16 @@
-"""``segment_node``: the rclpy node.
+"""``segment_node``: synchronized RGB-thermal segmentation as a ROS 2 node.
 
-Foundation stage: the node subscribes to the RGB and thermal image topics, converts
-every message with :mod:`rgbt_seg_ros.imaging` (rejecting bad ones with a throttled
-message) and publishes ``/diagnostics`` at 1 Hz with per-camera rates and error
-counts. Pairing, registration, segmentation and the label/overlay publishers are
-added by the node issue on top of this skeleton; until then the node states in its
-diagnostics that no model is loaded.
+Data flow (DESIGN.md): subscription callbacks only convert (``imaging``), pair
+(``sync.ApproximateTimePairer``) and hand the newest pair to a single-slot mailbox;
+one worker thread runs the shared :class:`~rgbt_seg_ros.pipeline.FramePipeline`
+(thermal normalisation -> registration -> segmenter -> render) and publishes. When
+the model is slower than the cameras, older pairs are replaced in the mailbox and
+counted as dropped, never queued, so latency stays bounded.
+
+Outputs (private namespace, RGB header and size): ``~/labels`` (mono8 / mono16),
+``~/overlay`` (rgb8), optional ``~/confidence`` (32FC1), ``~/colored_labels`` (rgb8)
+and ``~/thermal_registered`` (mono8); outputs nobody subscribes to are not rendered.
+``/diagnostics`` at 1 Hz; ``~/reset`` (std_srvs/Trigger) clears pairing and statistics.
 """
 
 from __future__ import annotations
@@ -13,120 +18,579 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CameraInfo, Image
+from std_srvs.srv import Trigger
 
-from .imaging import COLOR_ENCODINGS, THERMAL_ENCODINGS, ImageEncodingError, image_to_numpy
+from .imaging import ImageEncodingError, fill_image_msg
+from .params import SPEC_BY_NAME, SPECS, validate
+from .pipeline import (
+    FramePipeline,
+    LatestSlot,
+    normalizer_from_params,
+    registrar_from_camera_info,
+    rgb_from_msg,
+    thermal_display_u8,
+)
+from .pipeline import thermal_from_msg as thermal_array_from_msg
+from .render import parse_palette
+from .sync import ApproximateTimePairer
+
+OUTPUT_TOPICS = {
+    "labels": "~/labels",
+    "overlay": "~/overlay",
+    "confidence": "~/confidence",
+    "colored_labels": "~/colored_labels",
+    "thermal_registered": "~/thermal_registered",
+}
+RESTART_REASON = "changing {name} needs a restart of the node (model, registration, topics and QoS are fixed at start)"
+
+
+def stamp_ns(header) -> int:
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+def _percentile(values, q: float) -> float:
+    return float(np.percentile(np.fromiter(values, float), q)) if values else float("nan")
 
 
 class CameraMonitor:
-    """Arrival rate and error counts of one camera topic (thread-safe)."""
+    """Arrival rate, staleness and rejections of one camera topic (thread-safe)."""
 
-    def __init__(self, window: int = 50) -> None:
+    def __init__(self, window: int = 60) -> None:
         self._arrivals: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
         self.received = 0
-        self.rejected = 0
+        self.rejected: dict[str, int] = {}
         self.last_error = ""
+        self.last_arrival: float | None = None
 
-    def ok(self, now: float) -> None:
+    def arrived(self, now: float) -> None:
         with self._lock:
             self.received += 1
             self._arrivals.append(now)
+            self.last_arrival = now
 
-    def error(self, text: str) -> None:
+    def reject(self, reason: str, text: str) -> None:
         with self._lock:
-            self.rejected += 1
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
             self.last_error = text
 
-    def rate_hz(self, now: float) -> float:
+    def rate_hz(self, now: float, stale_after: float) -> float:
         with self._lock:
-            if len(self._arrivals) < 2 or now - self._arrivals[-1] > 2.0:
+            if len(self._arrivals) < 2 or now - self._arrivals[-1] > stale_after:
                 return 0.0
             span = self._arrivals[-1] - self._arrivals[0]
             return (len(self._arrivals) - 1) / span if span > 0 else 0.0
 
+    def silent_for(self, now: float) -> float | None:
+        with self._lock:
+            return None if self.last_arrival is None else now - self.last_arrival
+
+    def reset(self) -> None:
+        with self._lock:
+            self._arrivals.clear()
+            self.received = 0
+            self.rejected = {}
+            self.last_error = ""
+
+
+class PipelineStats:
+    """What the worker did: counts, drops by reason, latencies (thread-safe, bounded memory)."""
+
+    def __init__(self, window: int = 300) -> None:
+        self._lock = threading.Lock()
+        self.window = window
+        self.reset()
+
+    def reset(self) -> None:
+        with getattr(self, "_lock", threading.Lock()):
+            self.paired = 0
+            self.processed = 0
+            self.rgb_only_frames = 0
+            self.drops: dict[str, int] = {"superseded": 0, "model_error": 0}
+            self.latency_ms: deque[float] = deque(maxlen=self.window)  # pair formed -> published
+            self.stamp_age_ms: deque[float] = deque(maxlen=self.window)  # header stamp -> published
+            self.model_ms: deque[float] = deque(maxlen=self.window)
+            self.overhead_ms: deque[float] = deque(maxlen=self.window)  # everything but the model forward
+            self.processed_times: deque[float] = deque(maxlen=self.window)
+            self.paired_times: deque[float] = deque(maxlen=self.window)
+            self.last_error = ""
+            self.consecutive_model_errors = 0
+
+    def count_pair(self, now: float) -> None:
+        with self._lock:
+            self.paired += 1
+            self.paired_times.append(now)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self.drops[reason] = self.drops.get(reason, 0) + n
+
+    def model_failed(self, text: str) -> None:
+        with self._lock:
+            self.drops["model_error"] += 1
+            self.last_error = text
+            self.consecutive_model_errors += 1
+
+    def frame_done(
+        self, now: float, latency_ms: float, age_ms: float, model_ms: float, overhead_ms: float, rgb_only: bool
+    ) -> None:
+        with self._lock:
+            self.processed += 1
+            self.rgb_only_frames += int(rgb_only)
+            self.processed_times.append(now)
+            self.latency_ms.append(latency_ms)
+            self.stamp_age_ms.append(age_ms)
+            self.model_ms.append(model_ms)
+            self.overhead_ms.append(overhead_ms)
+            self.consecutive_model_errors = 0
+
+    @staticmethod
+    def _rate(times: deque[float], now: float) -> float:
+        recent = [t for t in times if now - t <= 5.0]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-9)
+
+    def snapshot(self, now: float) -> dict:
+        with self._lock:
+            model_p50 = _percentile(self.model_ms, 50)
+            overhead_p50 = _percentile(self.overhead_ms, 50)
+            return {
+                "paired": self.paired,
+                "processed": self.processed,
+                "rgb_only_frames": self.rgb_only_frames,
+                "drops": dict(self.drops),
+                "paired_hz": self._rate(self.paired_times, now),
+                "processed_hz": self._rate(self.processed_times, now),
+                "latency_p50_ms": _percentile(self.latency_ms, 50),
+                "latency_p95_ms": _percentile(self.latency_ms, 95),
+                "stamp_age_p50_ms": _percentile(self.stamp_age_ms, 50),
+                "stamp_age_p95_ms": _percentile(self.stamp_age_ms, 95),
+                "model_p50_ms": model_p50,
+                "overhead_p50_ms": overhead_p50,
+                "overhead_fraction": overhead_p50 / model_p50 if model_p50 and model_p50 == model_p50 else float("nan"),
+                "last_error": self.last_error,
+                "consecutive_model_errors": self.consecutive_model_errors,
+            }
+
+
+def _descriptor(spec) -> ParameterDescriptor:
+    desc = ParameterDescriptor(description=spec.description, dynamic_typing=False)
+    extra = []
+    if spec.choices:
+        extra.append(f"one of: {', '.join(spec.choices)}")
+    if not spec.dynamic:
+        extra.append("fixed at start (changing it needs a restart)")
+    desc.additional_constraints = "; ".join(extra)
+    if spec.min is not None and spec.max is not None:
+        if spec.kind is float:
+            desc.floating_point_range = [
+                FloatingPointRange(from_value=float(spec.min), to_value=float(spec.max), step=0.0)
+            ]
+        elif spec.kind is int:
+            desc.integer_range = [IntegerRange(from_value=int(spec.min), to_value=int(spec.max), step=1)]
+    return desc
+
 
 class SegmentNode(Node):
-    def __init__(self) -> None:
-        super().__init__("rgbt_seg")
-        self.declare_parameter("qos.reliability", "best_effort")
-        self.declare_parameter("qos.depth", 5)
-        self.declare_parameter("max_megapixels", 16.0)
-        reliability = self.get_parameter("qos.reliability").value
-        depth = int(self.get_parameter("qos.depth").value)
-        if reliability not in ("best_effort", "reliable"):
-            self.get_logger().error(
-                f"qos.reliability must be best_effort or reliable, got '{reliability}'; using best_effort"
+    def __init__(self, **kwargs) -> None:
+        super().__init__("rgbt_seg", **kwargs)
+        self.param_errors: list[str] = []
+        self.p = self._declare_parameters()
+        self.cameras = {"rgb": CameraMonitor(), "thermal": CameraMonitor()}
+        self.stats = PipelineStats()
+        self._lock = threading.Lock()  # guards the pipeline settings changed by parameter callbacks
+        self.pairer = self._make_pairer()
+        self.slot = LatestSlot()
+        self.rgb_only_active = False
+        self.pipeline: FramePipeline | None = None
+        self.model_status = "loading"
+        self.registration_mode = self.p["registration.mode"]
+        self.device = "?"
+        self._first_rgb: float | None = None
+        self._camera_infos: dict[str, CameraInfo] = {}
+
+        qos = self._qos()
+        self.create_subscription(Image, self.p["topics.rgb"], self._on_rgb, qos)
+        self.create_subscription(Image, self.p["topics.thermal"], self._on_thermal, qos)
+        if self.p["registration.mode"] == "calibrated":
+            self.create_subscription(CameraInfo, self.p["topics.rgb_info"], lambda m: self._on_info("rgb", m), qos)
+            self.create_subscription(
+                CameraInfo, self.p["topics.thermal_info"], lambda m: self._on_info("thermal", m), qos
             )
-            reliability = "best_effort"
-        qos = QoSProfile(
-            depth=depth,
-            reliability=ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort" else ReliabilityPolicy.RELIABLE,
+        self.pubs = {key: self.create_publisher(Image, topic, 5) for key, topic in OUTPUT_TOPICS.items()}
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_service(Trigger, "~/reset", self._on_reset)
+        self.create_timer(1.0, self._publish_diagnostics)
+        self.create_timer(0.02, self._on_poll)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        self._load_pipeline()
+        self._running = True
+        self.worker = threading.Thread(target=self._work, name="rgbt_seg_worker", daemon=True)
+        self.worker.start()
+        self.get_logger().info(
+            f"rgb {self.p['topics.rgb']} + thermal {self.p['topics.thermal']} "
+            f"({self.p['qos.reliability']}, depth {self.p['qos.depth']}); model: {self.model_status}"
+        )
+
+    # ------------------------------------------------------------------ setup
+    def _declare_parameters(self) -> dict:
+        values = {}
+        for spec in SPECS:
+            try:
+                value = self.declare_parameter(spec.name, spec.default, _descriptor(spec)).value
+            except Exception as exc:  # out-of-range or wrongly typed override from the parameter file
+                text = f"parameter {spec.name}: {exc}; using the default {spec.default!r}"
+                self.param_errors.append(text)
+                self.get_logger().error(text)
+                if not self.has_parameter(spec.name):
+                    self.declare_parameter(spec.name, spec.default, _descriptor(spec), ignore_override=True)
+                value = spec.default
+            if spec.kind is list:
+                value = list(value)
+            problem = validate(spec.name, value)
+            if problem:
+                text = f"{problem}; using the default {spec.default!r}"
+                self.param_errors.append(text)
+                self.get_logger().error(text)
+                value = spec.default
+            values[spec.name] = value
+        return values
+
+    def _qos(self) -> QoSProfile:
+        return QoSProfile(
+            depth=int(self.p["qos.depth"]),
+            reliability=(
+                ReliabilityPolicy.BEST_EFFORT
+                if self.p["qos.reliability"] == "best_effort"
+                else ReliabilityPolicy.RELIABLE
+            ),
             history=qos_profile_sensor_data.history,
             durability=qos_profile_sensor_data.durability,
         )
-        self.max_pixels = int(float(self.get_parameter("max_megapixels").value) * 1e6)
-        self.cameras = {"rgb": CameraMonitor(), "thermal": CameraMonitor()}
-        self.create_subscription(Image, "rgb/image", lambda m: self._on_image(m, "rgb", COLOR_ENCODINGS), qos)
-        self.create_subscription(Image, "thermal/image", lambda m: self._on_image(m, "thermal", THERMAL_ENCODINGS), qos)
-        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(1.0, self._publish_diagnostics)
-        self.get_logger().info(
-            f"listening on {self.resolve_topic_name('rgb/image')} and {self.resolve_topic_name('thermal/image')} "
-            f"({reliability}, depth {depth}); segmentation model: not yet available in this version"
+
+    def _make_pairer(self) -> ApproximateTimePairer:
+        return ApproximateTimePairer(
+            queue_size=int(self.p["sync.queue_size"]),
+            slop=float(self.p["sync.slop"]),
+            exact=bool(self.p["sync.exact"]),
+            max_wait=float(self.p["sync.max_wait"]),
+            on_warning=lambda text: self.get_logger().warning(text, throttle_duration_sec=5.0),
         )
 
-    def _on_image(self, msg: Image, camera: str, expected: tuple[str, ...]) -> None:
+    def _load_pipeline(self) -> None:
         try:
-            image_to_numpy(msg, expected=expected, max_pixels=self.max_pixels)
-        except ImageEncodingError as exc:
-            self.cameras[camera].error(str(exc))
-            self.get_logger().warning(f"{camera} image rejected: {exc}", throttle_duration_sec=5.0)
+            pipeline = FramePipeline.from_params(self.p)
+        except Exception as exc:  # bad checkpoint, config, calibration: keep running, report, segment nothing
+            self.model_status = f"failed: {exc}"
+            self.stats.model_failed(f"could not load the pipeline: {exc}")
+            self.get_logger().error(f"could not load the segmentation pipeline: {exc}")
             return
-        self.cameras[camera].ok(time.monotonic())
+        self.pipeline = pipeline
+        seg = pipeline.segmenter
+        self.device = str(seg.device)
+        if pipeline.registrar is None:
+            self.registration_mode = "calibrated (waiting for both camera_info topics)"
+        self.model_status = (
+            f"{seg.backend} {seg.dataset_info.name} ({seg.dataset_info.num_classes} classes) "
+            f"{seg.input_size[0]}x{seg.input_size[1]} on {seg.device} {seg.precision}"
+        )
 
+    # ------------------------------------------------------------------ callbacks
+    def _on_rgb(self, msg: Image) -> None:
+        now = time.monotonic()
+        try:
+            rgb = rgb_from_msg(msg, max_pixels=self._max_pixels())
+        except ImageEncodingError as exc:
+            self._reject("rgb", "bad_image", str(exc))
+            return
+        self.cameras["rgb"].arrived(now)
+        stamp = stamp_ns(msg.header)
+        if self._thermal_lost(now) and self.p["on_thermal_loss"] == "rgb_only":
+            if not self.rgb_only_active:
+                self.rgb_only_active = True
+                self.get_logger().warning("thermal lost: segmenting RGB only until thermal returns")
+            self._hand_over((msg.header, rgb, None, None), now)
+            return
+        self._hand_over_pairs(self.pairer.add_rgb(stamp, (msg.header, rgb), now_ns=time.monotonic_ns()), now)
+
+    def _on_thermal(self, msg: Image) -> None:
+        now = time.monotonic()
+        try:
+            thermal = thermal_array_from_msg(msg, max_pixels=self._max_pixels())
+        except ImageEncodingError as exc:
+            self._reject("thermal", "bad_image", str(exc))
+            return
+        if thermal.dtype.kind == "f" and not np.isfinite(thermal).any():
+            self._reject("thermal", "no_finite_pixel", "thermal image has no finite pixel (all NaN/inf)")
+            return
+        self.cameras["thermal"].arrived(now)
+        if self.rgb_only_active:
+            self.rgb_only_active = False
+            self.get_logger().info("thermal is back: segmenting RGB-thermal pairs again")
+        self._hand_over_pairs(
+            self.pairer.add_thermal(stamp_ns(msg.header), (msg.header, thermal), now_ns=time.monotonic_ns()), now
+        )
+
+    def _on_info(self, camera: str, msg: CameraInfo) -> None:
+        self._camera_infos[camera] = msg
+        if self.pipeline is None or self.pipeline.registrar is not None or len(self._camera_infos) < 2:
+            return
+        try:
+            registrar = registrar_from_camera_info(self.p, self._camera_infos["rgb"], self._camera_infos["thermal"])
+        except Exception as exc:
+            self.stats.model_failed(f"calibrated registration from camera_info failed: {exc}")
+            self.get_logger().error(
+                f"calibrated registration from camera_info failed: {exc}", throttle_duration_sec=10.0
+            )
+            return
+        with self._lock:
+            self.pipeline.registrar = registrar
+        self.registration_mode = "calibrated (intrinsics from camera_info)"
+        self.get_logger().info("calibrated registration built from camera_info")
+
+    def _on_poll(self) -> None:
+        self._hand_over_pairs(self.pairer.poll(time.monotonic_ns()), time.monotonic())
+
+    def _hand_over_pairs(self, pairs, now: float) -> None:
+        for pair in pairs:
+            self.stats.count_pair(now)
+            (header, rgb), (_, thermal) = pair.rgb, pair.thermal
+            self._hand_over((header, rgb, thermal, pair.dt_ns), now)
+
+    def _hand_over(self, item, now: float) -> None:
+        if self.slot.put((item, now)):
+            self.stats.drop("superseded")
+
+    def _reject(self, camera: str, reason: str, text: str) -> None:
+        self.cameras[camera].reject(reason, text)
+        self.get_logger().warning(f"{camera} image rejected: {text}", throttle_duration_sec=5.0)
+
+    def _max_pixels(self) -> int:
+        return int(float(self.p["max_megapixels"]) * 1e6)
+
+    def _thermal_lost(self, now: float) -> bool:
+        silent = self.cameras["thermal"].silent_for(now)
+        if silent is None:  # never seen: lost once RGB has been arriving for thermal_timeout
+            if self._first_rgb is None:
+                self._first_rgb = now
+            return now - self._first_rgb > float(self.p["thermal_timeout"])
+        return silent > float(self.p["thermal_timeout"])
+
+    # ------------------------------------------------------------------ worker
+    def _wanted(self) -> set[str]:
+        return {k for k in OUTPUT_TOPICS if self.p[f"output.{k}"] and self.pubs[k].get_subscription_count() > 0}
+
+    def _work(self) -> None:
+        while self._running:
+            got = self.slot.get(timeout=0.2)
+            if got is None:
+                continue
+            (header, rgb, thermal, _dt), formed_at = got
+            if self.pipeline is None:
+                self.stats.drop("no_model")
+                continue
+            wanted = self._wanted()
+            t0 = time.perf_counter()
+            try:
+                with self._lock:
+                    result = self.pipeline.process(rgb, thermal, outputs=wanted)
+            except Exception as exc:
+                text = f"segmentation failed: {exc}"
+                self.stats.model_failed(text)
+                self.get_logger().error(text, throttle_duration_sec=5.0)
+                self.get_logger().debug(traceback.format_exc())
+                continue
+            try:
+                self._publish(header, result, wanted)
+            except Exception as exc:  # the context goes away on shutdown (SIGINT/SIGTERM)
+                if not rclpy.ok(context=self.context):
+                    return
+                self.stats.model_failed(f"publishing failed: {exc}")
+                continue
+            done = time.monotonic()
+            total_ms = (time.perf_counter() - t0) * 1e3
+            model_ms = result.timings_ms.get("model", float("nan"))
+            age_ms = (self.get_clock().now().nanoseconds - stamp_ns(header)) / 1e6
+            self.stats.frame_done(
+                done, (done - formed_at) * 1e3, age_ms, model_ms, total_ms - model_ms, result.rgb_only
+            )
+
+    def _publish(self, header, result, wanted: set[str]) -> None:
+        def send(key: str, arr: np.ndarray, encoding: str) -> None:
+            msg = fill_image_msg(Image(), arr, encoding)
+            msg.header = header
+            self.pubs[key].publish(msg)
+
+        if "labels" in wanted:
+            send("labels", result.labels, "mono8" if result.labels.dtype == np.uint8 else "mono16")
+        if "overlay" in wanted and result.overlay is not None:
+            send("overlay", result.overlay, "rgb8")
+        if "confidence" in wanted:
+            send("confidence", result.confidence.astype(np.float32, copy=False), "32FC1")
+        if "colored_labels" in wanted and result.colored_labels is not None:
+            send("colored_labels", result.colored_labels, "rgb8")
+        if "thermal_registered" in wanted:
+            send("thermal_registered", thermal_display_u8(result.thermal_registered, result.valid), "mono8")
+
+    # ------------------------------------------------------------------ parameters, reset
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        updates = {}
+        for param in params:
+            spec = SPEC_BY_NAME.get(param.name)
+            if spec is None:
+                continue  # e.g. use_sim_time
+            value = list(param.value) if spec.kind is list else param.value
+            problem = validate(param.name, value)
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
+            if not spec.dynamic:
+                return SetParametersResult(successful=False, reason=RESTART_REASON.format(name=param.name))
+            updates[param.name] = float(value) if spec.kind is float else value
+        merged = {**self.p, **updates}
+        try:
+            normalizer = normalizer_from_params(merged) if any(k.startswith("thermal.") for k in updates) else None
+            if "output.palette" in updates and self.pipeline is not None and list(merged["output.palette"]) != [0]:
+                parse_palette(list(merged["output.palette"]), self.pipeline.num_classes)
+        except ValueError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        with self._lock:
+            self.p.update(updates)
+            if self.pipeline is not None:
+                if normalizer is not None:
+                    self.pipeline.normalizer = normalizer
+                if "output.palette" in updates:
+                    self.pipeline.set_palette(merged["output.palette"])
+                self.pipeline.overlay_alpha = float(self.p["output.overlay_alpha"])
+            if any(k.startswith("sync.") for k in updates):
+                self.pairer = self._make_pairer()  # pairing restarts with the new settings
+        if updates:
+            self.get_logger().info(f"parameters updated: {updates}")
+        return SetParametersResult(successful=True)
+
+    def _on_reset(self, request, response):
+        self.pairer.reset()
+        self.slot.clear()
+        self.stats.reset()
+        for cam in self.cameras.values():
+            cam.reset()
+        response.success = True
+        response.message = "pairing state and statistics cleared"
+        return response
+
+    # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:
         now = time.monotonic()
-        values = []
-        level = 0  # 0 OK, 1 WARN, 2 ERROR
+        stale_after = float(self.p["stale_timeout"])
+        statuses = []
         for name, cam in self.cameras.items():
-            rate = cam.rate_hz(now)
-            if rate == 0.0:
-                level = max(level, 1)
-            values += [
-                KeyValue(key=f"{name} rate (Hz)", value=f"{rate:.2f}"),
-                KeyValue(key=f"{name} received", value=str(cam.received)),
-                KeyValue(key=f"{name} rejected", value=str(cam.rejected)),
-                KeyValue(key=f"{name} last error", value=cam.last_error),
-            ]
-        values.append(KeyValue(key="model", value="none (segmentation not yet available)"))
-        status = DiagnosticStatus(
-            level=bytes([level]),
-            name=f"{self.get_name()}: cameras",
-            hardware_id="rgbt_camera_pair",
-            message="receiving both cameras" if level == 0 else "a camera is silent",
-            values=values,
-        )
-        arr = DiagnosticArray(status=[status])
+            silent = cam.silent_for(now)
+            stale = silent is None or silent > stale_after
+            level, message = (
+                (
+                    1,
+                    f"no message for {stale_after:g} s"
+                    if silent is None
+                    else f"stale: last message {silent:.1f} s ago",
+                )
+                if stale
+                else (0, "ok")
+            )
+            values = {
+                "topic": self.p[f"topics.{name}"],
+                "rate (Hz)": f"{cam.rate_hz(now, stale_after):.2f}",
+                "received": str(cam.received),
+                "rejected": str(sum(cam.rejected.values())),
+                "rejected by reason": ", ".join(f"{k}={v}" for k, v in sorted(cam.rejected.items())) or "none",
+                "last error": cam.last_error,
+            }
+            statuses.append(self._status(f"{name} camera", level, message, values))
+
+        snap = self.stats.snapshot(now)
+        pst = self.pairer.stats
+        drops = dict(snap["drops"])
+        drops["unmatched_rgb"] = pst.dropped_unmatched_rgb
+        drops["unmatched_thermal"] = pst.dropped_unmatched_thermal
+        drops["overflow"] = pst.dropped_overflow_rgb + pst.dropped_overflow_thermal
+        drops["rejected_stamp"] = pst.rejected_rgb + pst.rejected_thermal
+        if self.pipeline is None:
+            level, message = 2, f"model not loaded: {self.model_status}"
+        elif snap["consecutive_model_errors"] > 0:
+            level, message = 2, snap["last_error"]
+        elif self.param_errors:
+            level, message = 1, self.param_errors[-1]
+        elif self.rgb_only_active:
+            level, message = 1, "thermal lost: segmenting RGB only"
+        else:
+            level, message = 0, "ok"
+        values = {
+            "model": self.model_status,
+            "device": self.device,
+            "registration": self.registration_mode,
+            "mode": "rgb_only" if self.rgb_only_active else "rgb_thermal",
+            "paired rate (Hz)": f"{snap['paired_hz']:.2f}",
+            "processed rate (Hz)": f"{snap['processed_hz']:.2f}",
+            "paired": str(snap["paired"]),
+            "processed": str(snap["processed"]),
+            "rgb-only frames": str(snap["rgb_only_frames"]),
+            "drops": ", ".join(f"{k}={v}" for k, v in sorted(drops.items())),
+            "latency p50 (ms)": f"{snap['latency_p50_ms']:.1f}",
+            "latency p95 (ms)": f"{snap['latency_p95_ms']:.1f}",
+            "stamp age p50 (ms)": f"{snap['stamp_age_p50_ms']:.1f}",
+            "stamp age p95 (ms)": f"{snap['stamp_age_p95_ms']:.1f}",
+            "model time p50 (ms)": f"{snap['model_p50_ms']:.1f}",
+            "overhead p50 (ms)": f"{snap['overhead_p50_ms']:.2f}",
+            "overhead / model": f"{snap['overhead_fraction']:.4f}",
+            "pair |dt| p95 (ms)": f"{pst.dt_abs_percentile_ms(95):.2f}" if pst.paired else "nan",
+            "last error": snap["last_error"],
+        }
+        statuses.append(self._status("pipeline", level, message, values))
+        arr = DiagnosticArray(status=statuses)
         arr.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(arr)
+
+    def _status(self, what: str, level: int, message: str, values: dict) -> DiagnosticStatus:
+        return DiagnosticStatus(
+            level=bytes([level]),
+            name=f"{self.get_name()}: {what}",
+            hardware_id="rgbt_camera_pair",
+            message=message,
+            values=[KeyValue(key=k, value=str(v)) for k, v in values.items()],
+        )
+
+    def destroy_node(self) -> None:
+        self._running = False
+        self.slot.close()
+        if self.worker.is_alive():
+            self.worker.join(timeout=5.0)
+        super().destroy_node()
 
 
 def main(argv: list[str] | None = None) -> int:
     rclpy.init(args=argv if argv is not None else sys.argv)
-    node = SegmentNode()
+    node = None
     try:
+        node = SegmentNode()
         rclpy.spin(node)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
+    except RuntimeError:  # rclpy RCLError
+        if rclpy.ok():  # a real failure, not a shutdown (SIGTERM) during start-up
+            raise
     finally:
-        node.destroy_node()
+        if node is not None:
+            node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()
     return 0

@@ -33,3 +33,43 @@ def ros_env(tmp_path):
     env.setdefault("AMENT_PREFIX_PATH", sys.prefix)
     env["ROS_LOG_DIR"] = str(tmp_path / "ros_log")
     return env
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory):
+    """A randomly initialised SARTM micro checkpoint written by the project's own save path (fast to load)."""
+    return make_micro_checkpoint(tmp_path_factory.mktemp("ckpt") / "micro")
+
+
+def make_micro_checkpoint(out_dir: Path, input_size=None, seed: int = 0) -> Path:
+    import torch
+
+    from rgbt_seg_ros.checkpoint import save_checkpoint
+    from rgbt_seg_ros.models import build_model, dataset_info_for, resolve_model_config
+
+    torch.manual_seed(seed)
+    cfg = resolve_model_config(REPO / "models" / "sartm_micro.yaml")
+    if input_size is not None:
+        cfg["input_size"] = list(input_size)
+    info = dataset_info_for(cfg, None)
+    text = torch.nn.functional.normalize(torch.randn(info.num_classes, 384), dim=1)
+    model = build_model(cfg, info, text)
+    save_checkpoint(model, cfg, info, out_dir)
+    return out_dir
+
+
+def write_params(path: Path, **overrides) -> Path:
+    """A parameter file: the shipped config/segment.yaml with dotted-name overrides."""
+    import yaml
+
+    with open(REPO / "config" / "segment.yaml") as f:
+        data = yaml.safe_load(f)
+    params = data["/**"]["ros__parameters"]
+    for name, value in overrides.items():
+        node = params
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -1,0 +1,207 @@
+"""The node's parameters: one schema for ``segment_node`` and for bag replay.
+
+Each parameter has a type, a default, a description, an optional range or choice
+list and whether it may change at run time. The node declares them from this
+table (with descriptors and ranges); replay reads the same ``config/segment.yaml``
+through :func:`load_param_file` and validates it against the same table, so the
+two never disagree on a setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: Any
+    description: str
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    dynamic: bool = False  # may be changed while the node runs (no reload needed)
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+
+SPECS: tuple[ParamSpec, ...] = (
+    # topics
+    ParamSpec("topics.rgb", "/rgb/image_raw", "RGB image topic (sensor_msgs/Image: rgb8, bgr8, rgba8, bgra8, 8UC3)"),
+    ParamSpec("topics.thermal", "/thermal/image_raw", "thermal image topic (mono8, mono16, 8UC1, 16UC1, 32FC1)"),
+    ParamSpec("topics.rgb_info", "/rgb/camera_info", "RGB camera_info topic (used by registration.mode calibrated)"),
+    ParamSpec(
+        "topics.thermal_info", "/thermal/camera_info", "thermal camera_info topic (registration.mode calibrated)"
+    ),
+    # QoS
+    ParamSpec(
+        "qos.reliability",
+        "best_effort",
+        "subscription reliability; best_effort matches camera drivers",
+        choices=("best_effort", "reliable"),
+    ),
+    ParamSpec("qos.depth", 5, "subscription queue depth", min=1, max=100),
+    # pairing
+    ParamSpec(
+        "sync.queue_size", 5, "messages kept per camera while looking for a partner", min=1, max=100, dynamic=True
+    ),
+    ParamSpec("sync.slop", 0.05, "largest stamp difference (s) of an RGB-thermal pair", min=0.0, max=1.0, dynamic=True),
+    ParamSpec("sync.exact", False, "pair only identical stamps (hardware-triggered cameras)", dynamic=True),
+    ParamSpec(
+        "sync.max_wait",
+        0.1,
+        "longest wait (s) for a better partner before a pair is emitted",
+        min=0.0,
+        max=2.0,
+        dynamic=True,
+    ),
+    # registration
+    ParamSpec(
+        "registration.mode",
+        "identity",
+        "thermal -> RGB warp: identity (aligned / resize), homography, calibrated (intrinsics + extrinsics + plane)",
+        choices=("identity", "homography", "calibrated"),
+    ),
+    ParamSpec("registration.file", "", "calibration YAML (see config/registration/); empty for identity"),
+    ParamSpec("registration.interpolation", "linear", "warp interpolation", choices=("nearest", "linear", "cubic")),
+    # thermal normalisation
+    ParamSpec(
+        "thermal.mode",
+        "percentile",
+        "thermal -> [0, 1]: fixed (min/max raw), percentile (per-frame AGC), "
+        "linear (raw*scale+offset, then min/max), passthrough (8-bit)",
+        choices=("fixed", "percentile", "linear", "passthrough"),
+        dynamic=True,
+    ),
+    ParamSpec("thermal.min", 0.0, "lower end of the fixed / linear range", dynamic=True),
+    ParamSpec("thermal.max", 65535.0, "upper end of the fixed / linear range", dynamic=True),
+    ParamSpec("thermal.p_low", 1.0, "percentile mode: lower percentile", min=0.0, max=100.0, dynamic=True),
+    ParamSpec("thermal.p_high", 99.0, "percentile mode: upper percentile", min=0.0, max=100.0, dynamic=True),
+    ParamSpec("thermal.scale", 1.0, "linear mode: scale (e.g. 0.01 for FLIR TLinear counts -> Kelvin)", dynamic=True),
+    ParamSpec("thermal.offset", 0.0, "linear mode: offset", dynamic=True),
+    # model
+    ParamSpec(
+        "model.checkpoint",
+        "",
+        "checkpoint directory (model.safetensors + config.yaml); relative paths are "
+        "also looked up in the package share directory",
+    ),
+    ParamSpec("model.config", "models/sartm_tiny.yaml", "model config used when no checkpoint is given"),
+    ParamSpec(
+        "model.dataset", "synthetic", "class set (config/datasets/NAME.yaml) for model.config without checkpoint"
+    ),
+    ParamSpec("model.sam2_checkpoint", "", "official SAM2 weights (sam2.1_hiera_*.pt) the model builds on"),
+    ParamSpec("model.device", "auto", "inference device", choices=("auto", "cpu", "cuda")),
+    ParamSpec(
+        "model.precision", "fp32", "inference precision (fp16/bf16 autocast on CUDA)", choices=("fp32", "fp16", "bf16")
+    ),
+    # outputs
+    ParamSpec("output.labels", True, "publish ~/labels (mono8 class ids; mono16 beyond 255 classes)", dynamic=True),
+    ParamSpec("output.overlay", True, "publish ~/overlay (rgb8, RGB blended with the palette)", dynamic=True),
+    ParamSpec("output.confidence", False, "publish ~/confidence (32FC1, max softmax)", dynamic=True),
+    ParamSpec("output.colored_labels", False, "publish ~/colored_labels (rgb8 palette image)", dynamic=True),
+    ParamSpec(
+        "output.thermal_registered",
+        False,
+        "publish ~/thermal_registered (mono8, thermal in the RGB grid)",
+        dynamic=True,
+    ),
+    ParamSpec(
+        "output.overlay_alpha", 0.5, "weight of the palette colour in the overlay", min=0.0, max=1.0, dynamic=True
+    ),
+    ParamSpec(
+        "output.palette", [0], "class colours as 0xRRGGBB integers; [0] = the model's dataset palette", dynamic=True
+    ),
+    # behaviour
+    ParamSpec(
+        "on_thermal_loss",
+        "rgb_only",
+        "when thermal stops: wait (publish nothing) or rgb_only (segment RGB "
+        "with an empty, invalid thermal input until thermal returns)",
+        choices=("wait", "rgb_only"),
+        dynamic=True,
+    ),
+    ParamSpec(
+        "thermal_timeout", 1.0, "seconds without thermal before it counts as lost", min=0.05, max=60.0, dynamic=True
+    ),
+    ParamSpec(
+        "stale_timeout",
+        2.0,
+        "seconds without a camera's messages before diagnostics WARN",
+        min=0.1,
+        max=60.0,
+        dynamic=True,
+    ),
+    ParamSpec("max_megapixels", 16.0, "images above this size are rejected", min=0.01, max=200.0, dynamic=True),
+)
+
+SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+
+def defaults() -> dict[str, Any]:
+    return {s.name: s.default for s in SPECS}
+
+
+def validate(name: str, value: Any) -> str | None:
+    """Return None when ``value`` is acceptable for parameter ``name``, else the reason."""
+    spec = SPEC_BY_NAME.get(name)
+    if spec is None:
+        return f"unknown parameter '{name}'"
+    if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if spec.kind is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
+            return f"{name} must be a list of integers, got {value!r}"
+    elif not isinstance(value, spec.kind) or (spec.kind is not bool and isinstance(value, bool)):
+        return f"{name} must be of type {spec.kind.__name__}, got {value!r}"
+    if spec.choices is not None and value not in spec.choices:
+        return f"{name} must be one of {', '.join(spec.choices)}, got '{value}'"
+    if spec.min is not None and value < spec.min:
+        return f"{name} must be >= {spec.min}, got {value}"
+    if spec.max is not None and value > spec.max:
+        return f"{name} must be <= {spec.max}, got {value}"
+    return None
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_param_file(path: str | Path, node_name: str = "rgbt_seg") -> dict[str, Any]:
+    """Read a ROS 2 parameter file (``/**: ros__parameters: ...``) into validated, flat dotted names.
+
+    Entries for ``/**``, ``NODE`` or ``/NAMESPACE/NODE`` apply; missing parameters take
+    their defaults; an unknown name or a bad value raises ``ValueError`` naming the
+    file and the parameter.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"parameter file {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    values = defaults()
+    for key, section in data.items():
+        if not isinstance(section, dict) or "ros__parameters" not in section:
+            raise ValueError(f"{path}: entry '{key}' has no ros__parameters mapping")
+        if key not in ("/**", node_name) and not str(key).endswith("/" + node_name):
+            continue
+        for name, value in _flatten(section["ros__parameters"]).items():
+            problem = validate(name, value)
+            if problem:
+                raise ValueError(f"{path}: {problem}")
+            spec = SPEC_BY_NAME[name]
+            values[name] = float(value) if spec.kind is float else value
+    return values

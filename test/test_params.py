@@ -1,0 +1,66 @@
+"""Node parameters: the schema, the shipped parameter file, and validation messages."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from rgbt_seg_ros.params import SPECS, load_param_file, validate
+
+
+def test_shipped_parameter_file_sets_every_parameter_with_valid_values():
+    values = load_param_file(REPO / "config" / "segment.yaml")
+    with open(REPO / "config" / "segment.yaml") as f:
+        tree = yaml.safe_load(f)["/**"]["ros__parameters"]
+
+    def has(name):
+        node = tree
+        for part in name.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    missing = [s.name for s in SPECS if not has(s.name)]
+    assert missing == []  # the file documents every parameter the node declares
+    assert values["model.checkpoint"] == "models/demo" and values["sync.slop"] == 0.05
+
+
+def test_every_parameter_has_a_description_and_consistent_default():
+    for spec in SPECS:
+        assert len(spec.description) > 10, spec.name
+        assert validate(spec.name, spec.default) is None, spec.name
+
+
+@pytest.mark.parametrize(
+    "name, value, fragment",
+    [
+        ("sync.slop", 5.0, "sync.slop must be <= 1.0"),
+        ("qos.depth", 0, "qos.depth must be >= 1"),
+        ("model.device", "tpu", "model.device must be one of auto, cpu, cuda"),
+        ("output.overlay", "yes", "must be of type bool"),
+        ("output.palette", ["red"], "must be a list of integers"),
+        ("nope.nope", 1, "unknown parameter"),
+    ],
+)
+def test_validation_messages(name, value, fragment):
+    assert fragment in validate(name, value)
+
+
+def test_param_file_errors_name_the_file(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("/**:\n  ros__parameters:\n    sync:\n      slop: 3.0\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: sync.slop must be <= 1.0"):
+        load_param_file(bad)
+    other_node = tmp_path / "other.yaml"
+    other_node.write_text("other_node:\n  ros__parameters:\n    sync:\n      slop: 3.0\n")
+    assert load_param_file(other_node)["sync.slop"] == 0.05  # entries for other nodes do not apply
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_param_file(tmp_path / "missing.yaml")
+
+
+def test_readme_documents_every_parameter():
+    readme = (REPO / "README.md").read_text()
+    missing = [s.name for s in SPECS if f"`{s.name}`" not in readme]
+    assert missing == []
