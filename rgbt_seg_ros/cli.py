@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-sample-dataset": ("make_sample_dataset", "write a small synthetic dataset in a benchmark's layout"),
     "pairs": ("pairs", "pair a bag's RGB and thermal stamps with the node's synchronizer; counts and CSV"),
     "calibrate": ("calibrate", "fit the thermal->RGB homography from checkerboard images; write calibration YAML"),
+    "replay": ("replay", "run the node's pipeline over a bag: output bag, metrics.json, report.md"),
     "bench": ("bench", "benchmarks that print figures: model (forward time, GFLOP, matmul ratio)"),
 }
 

@@ -35,6 +35,7 @@ from .params import SPEC_BY_NAME, SPECS, validate
 from .pipeline import (
     FramePipeline,
     LatestSlot,
+    ThermalWatch,
     normalizer_from_params,
     registrar_from_camera_info,
     rgb_from_msg,
@@ -217,7 +218,7 @@ class SegmentNode(Node):
         self.model_status = "loading"
         self.registration_mode = self.p["registration.mode"]
         self.device = "?"
-        self._first_rgb: float | None = None
+        self.thermal_watch = ThermalWatch(float(self.p["thermal_timeout"]))
         self._camera_infos: dict[str, CameraInfo] = {}
 
         qos = self._qos()
@@ -317,7 +318,7 @@ class SegmentNode(Node):
             return
         self.cameras["rgb"].arrived(now)
         stamp = stamp_ns(msg.header)
-        if self._thermal_lost(now) and self.p["on_thermal_loss"] == "rgb_only":
+        if self.thermal_watch.lost(now) and self.p["on_thermal_loss"] == "rgb_only":
             if not self.rgb_only_active:
                 self.rgb_only_active = True
                 self.get_logger().warning("thermal lost: segmenting RGB only until thermal returns")
@@ -336,6 +337,7 @@ class SegmentNode(Node):
             self._reject("thermal", "no_finite_pixel", "thermal image has no finite pixel (all NaN/inf)")
             return
         self.cameras["thermal"].arrived(now)
+        self.thermal_watch.thermal_seen(now)
         if self.rgb_only_active:
             self.rgb_only_active = False
             self.get_logger().info("thermal is back: segmenting RGB-thermal pairs again")
@@ -379,14 +381,6 @@ class SegmentNode(Node):
 
     def _max_pixels(self) -> int:
         return int(float(self.p["max_megapixels"]) * 1e6)
-
-    def _thermal_lost(self, now: float) -> bool:
-        silent = self.cameras["thermal"].silent_for(now)
-        if silent is None:  # never seen: lost once RGB has been arriving for thermal_timeout
-            if self._first_rgb is None:
-                self._first_rgb = now
-            return now - self._first_rgb > float(self.p["thermal_timeout"])
-        return silent > float(self.p["thermal_timeout"])
 
     # ------------------------------------------------------------------ worker
     def _wanted(self) -> set[str]:
@@ -473,6 +467,8 @@ class SegmentNode(Node):
                 if "output.palette" in updates:
                     self.pipeline.set_palette(merged["output.palette"])
                 self.pipeline.overlay_alpha = float(self.p["output.overlay_alpha"])
+            if "thermal_timeout" in updates:
+                self.thermal_watch.timeout = float(self.p["thermal_timeout"])
             if any(k.startswith("sync.") for k in updates):
                 self.pairer = self._make_pairer()  # pairing restarts with the new settings
         if updates:
@@ -482,6 +478,7 @@ class SegmentNode(Node):
     def _on_reset(self, request, response):
         self.pairer.reset()
         self.slot.clear()
+        self.thermal_watch.reset()
         self.stats.reset()
         for cam in self.cameras.values():
             cam.reset()

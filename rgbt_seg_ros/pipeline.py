@@ -252,3 +252,32 @@ class LatestSlot:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+class ThermalWatch:
+    """Decides when thermal counts as lost (``on_thermal_loss``), on any clock in seconds.
+
+    The node feeds it monotonic time, replay the bag's receive time, so both switch to
+    RGB-only at the same moments. Thermal that never arrived counts as lost once RGB
+    has been arriving for ``timeout`` seconds.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = float(timeout)
+        self.last_thermal: float | None = None
+        self.first_rgb: float | None = None
+
+    def thermal_seen(self, t: float) -> None:
+        self.last_thermal = t
+
+    def lost(self, t: float) -> bool:
+        """Call on each RGB frame: is thermal lost at time ``t``?"""
+        if self.last_thermal is None:
+            if self.first_rgb is None:
+                self.first_rgb = t
+            return t - self.first_rgb > self.timeout
+        return t - self.last_thermal > self.timeout
+
+    def reset(self) -> None:
+        self.last_thermal = None
+        self.first_rgb = None

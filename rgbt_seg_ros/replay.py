@@ -1,0 +1,363 @@
+"""Bag in -> the node's pipeline -> bag out + metrics + pictures.
+
+``replay_bag`` reads a ROS 2 (sqlite3, mcap) or ROS 1 bag in bag (receive) order and runs
+exactly the objects the live node runs: :class:`~rgbt_seg_ros.sync.ApproximateTimePairer`
+(the bag's receive time is its clock, as in ``rgbt-seg pairs``), :class:`ThermalWatch`
+for ``on_thermal_loss``, and :class:`~rgbt_seg_ros.pipeline.FramePipeline` (thermal
+normalisation, registration, segmenter, render), configured from the node's parameter
+file. Unlike the live node, replay processes *every* pair (nothing is superseded): it
+measures what the model does on each pair the robot would have formed.
+
+Outputs in ``out_dir``:
+  segmented/     ROS 2 bag: the input topics plus /rgbt_seg/labels and /rgbt_seg/overlay,
+                 each output stamped (header and receive time) like its RGB image
+  metrics.json   pairs, drops by reason, per-stage latency p50/p95, throughput against the
+                 model-bound maximum, model and device; with ground truth (a labels topic
+                 or a folder of <rgb_stamp_ns>.png) mIoU, per-class IoU, the confusion matrix
+  report.md      the figures plus latency_hist.png, per_class_iou.png, contact_sheet.png
+
+A truncated or corrupt bag stops with a message naming the topic and position; what was
+processed so far is flushed into a valid output bag and metrics file (``error`` is set).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .bags import TYPESTORE, BagError, BagWriter, bag_topics, make_image, read_messages, stamp_to_ns
+from .imaging import ImageEncodingError, image_to_numpy
+from .pipeline import FramePipeline, ThermalWatch, rgb_from_msg, thermal_from_msg
+from .render import contact_sheet
+from .sync import ApproximateTimePairer
+
+LABELS_TOPIC = "/rgbt_seg/labels"
+OVERLAY_TOPIC = "/rgbt_seg/overlay"
+STAGES = ("thermal", "preprocess", "model", "postprocess", "render")
+
+
+@dataclass
+class ReplayResult:
+    metrics: dict
+    out_dir: Path
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (rgb stamp, thermal stamp or -1)
+    error: str | None = None
+
+
+class GroundTruth:
+    """Ground-truth label images matched to pairs by RGB stamp (bounded memory)."""
+
+    def __init__(self, gt_dir: Path | None = None) -> None:
+        self.gt_dir = gt_dir
+        self.pending_gt: dict[int, np.ndarray] = {}
+        self.pending_pred: dict[int, np.ndarray] = {}
+
+    def add_gt(self, stamp: int, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        if stamp in self.pending_pred:
+            return [(self.pending_pred.pop(stamp), labels)]
+        self.pending_gt[stamp] = labels
+        self._bound(self.pending_gt)
+        return []
+
+    def add_pred(self, stamp: int, pred: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.gt_dir is not None:
+            path = self.gt_dir / f"{stamp}.png"
+            if not path.exists():
+                return []
+            gt = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if gt is None or gt.ndim != 2:
+                raise ValueError(f"ground-truth file {path} is not a single-channel label image")
+            return [(pred, gt)]
+        if stamp in self.pending_gt:
+            return [(pred, self.pending_gt.pop(stamp))]
+        self.pending_pred[stamp] = pred
+        self._bound(self.pending_pred)
+        return []
+
+    @staticmethod
+    def _bound(d: dict, keep: int = 64) -> None:
+        while len(d) > keep:
+            d.pop(min(d))
+
+
+def _percentiles(values) -> dict:
+    if not values:
+        return {"p50": None, "p95": None, "n": 0}
+    arr = np.asarray(values, float)
+    return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "n": int(arr.size)}
+
+
+def replay_bag(
+    bag: str | Path,
+    params: dict,
+    out_dir: str | Path,
+    pipeline: FramePipeline | None = None,
+    gt_topic: str | None = "/rgbt_seg/auto",
+    gt_dir: str | Path | None = None,
+    max_pairs: int | None = None,
+    storage: str = "mcap",
+    progress: bool = True,
+    sheet_frames: int = 12,
+) -> ReplayResult:
+    """Replay ``bag`` through the node's pipeline configured by ``params`` (see module docstring).
+
+    ``gt_topic="/rgbt_seg/auto"`` uses ``/rgbt/labels_gt`` when the bag has it; ``None`` disables it.
+    """
+    from .training.metrics import ConfusionMatrix, json_safe
+
+    bag = Path(bag)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rgb_topic, thermal_topic = params["topics.rgb"], params["topics.thermal"]
+    topics = bag_topics(bag)
+    missing = [t for t in (rgb_topic, thermal_topic) if t not in topics]
+    if missing:
+        listing = ", ".join(f"{t} ({m})" for t, m in sorted(topics.items())) or "none"
+        raise BagError(f"bag {bag} has no topic {', '.join(missing)}; topics in the bag: {listing}")
+    if gt_topic == "/rgbt_seg/auto":
+        gt_topic = "/rgbt/labels_gt" if "/rgbt/labels_gt" in topics else None
+    if gt_topic is not None and gt_topic not in topics:
+        raise BagError(
+            f"bag {bag} has no ground-truth topic {gt_topic}; topics in the bag: {', '.join(sorted(topics))}"
+        )
+    if pipeline is None:
+        pipeline = FramePipeline.from_params(params)
+    info = pipeline.segmenter.dataset_info
+    pairer = ApproximateTimePairer(
+        queue_size=int(params["sync.queue_size"]),
+        slop=float(params["sync.slop"]),
+        exact=bool(params["sync.exact"]),
+        max_wait=float(params["sync.max_wait"]) if params["sync.max_wait"] > 0 else None,
+    )
+    watch = ThermalWatch(float(params["thermal_timeout"]))
+    rgb_only_mode = params["on_thermal_loss"] == "rgb_only"
+    truth = GroundTruth(Path(gt_dir) if gt_dir else None)
+    confusion = ConfusionMatrix(info.num_classes, info.ignore_index) if (gt_topic or gt_dir) else None
+    matched_gt = 0
+    timings: dict[str, list[float]] = {k: [] for k in (*STAGES, "total")}
+    rejected: dict[str, int] = {}
+    result = ReplayResult(metrics={}, out_dir=out_dir)
+    sheet: list[tuple[int, np.ndarray]] = []
+    wanted = {"labels", "overlay"}
+    max_pixels = int(float(params["max_megapixels"]) * 1e6)
+    wall0 = time.perf_counter()
+    segmented = out_dir / "segmented"
+    if segmented.exists():
+        raise BagError(f"output bag {segmented} already exists; choose another --out or remove it")
+    read_topics = [t for t in topics]  # every topic is passed through
+    total = sum(_message_counts(bag).values()) or None
+    n_rgb_only = 0
+    last_log_ns = 0
+    not_copied: dict[str, int] = {}
+    with BagWriter(segmented, storage=storage) as writer:
+        bar = tqdm(total=total, desc="replay", unit="msg", disable=not progress, leave=False)
+
+        def process(rgb_msg, rgb, thermal, log_ns, thermal_stamp=-1):
+            nonlocal matched_gt, n_rgb_only
+            stamp = stamp_to_ns(rgb_msg.header.stamp)
+            t0 = time.perf_counter()
+            out = pipeline.process(rgb, thermal, outputs=wanted)
+            timings["total"].append((time.perf_counter() - t0) * 1e3)
+            for key in STAGES:
+                if key in out.timings_ms:
+                    timings[key].append(out.timings_ms[key])
+            n_rgb_only += int(out.rgb_only)
+            frame = rgb_msg.header.frame_id
+            labels_enc = "mono8" if out.labels.dtype == np.uint8 else "mono16"
+            writer.write(LABELS_TOPIC, make_image(out.labels, labels_enc, stamp, frame), log_ns)
+            writer.write(OVERLAY_TOPIC, make_image(out.overlay, "rgb8", stamp, frame), log_ns)
+            result.pairs.append((stamp, thermal_stamp))
+            sheet.append((stamp, out.overlay))
+            if len(sheet) > 4 * sheet_frames:  # keep memory bounded: thin out evenly
+                del sheet[1::2]
+            if confusion is not None:
+                for pred, gt in truth.add_pred(stamp, out.labels):
+                    confusion.update(pred, gt)
+                    matched_gt += 1
+
+        try:
+            for m in read_messages(bag, read_topics):
+                bar.update(1)
+                last_log_ns = m.log_time_ns
+                if not _pass_through(writer, m):
+                    not_copied[m.topic] = not_copied.get(m.topic, 0) + 1
+                if m.topic == gt_topic and confusion is not None:
+                    for pred, gt in truth.add_gt(stamp_to_ns(m.msg.header.stamp), image_to_numpy(m.msg).copy()):
+                        confusion.update(pred, gt)
+                        matched_gt += 1
+                    continue
+                if m.topic not in (rgb_topic, thermal_topic):
+                    continue
+                t_s = m.log_time_ns / 1e9
+                try:
+                    arr = (
+                        rgb_from_msg(m.msg, max_pixels) if m.topic == rgb_topic else thermal_from_msg(m.msg, max_pixels)
+                    )
+                except ImageEncodingError:
+                    reason = f"{'rgb' if m.topic == rgb_topic else 'thermal'}_bad_image"
+                    rejected[reason] = rejected.get(reason, 0) + 1
+                    continue
+                if m.topic == thermal_topic:
+                    watch.thermal_seen(t_s)
+                    pairs = pairer.add_thermal(stamp_to_ns(m.msg.header.stamp), (m.msg, arr), m.log_time_ns)
+                elif rgb_only_mode and watch.lost(t_s):
+                    process(m.msg, arr, None, m.log_time_ns)
+                    pairs = pairer.poll(m.log_time_ns)
+                else:
+                    pairs = pairer.add_rgb(stamp_to_ns(m.msg.header.stamp), (m.msg, arr), m.log_time_ns)
+                for pair in pairs:
+                    (rgb_msg, rgb), (_, thermal) = pair.rgb, pair.thermal
+                    process(rgb_msg, rgb, thermal, m.log_time_ns, pair.thermal_stamp_ns)
+                if max_pairs is not None and len(result.pairs) >= max_pairs:
+                    break
+            else:
+                for pair in pairer.flush():
+                    (rgb_msg, rgb), (_, thermal) = pair.rgb, pair.thermal
+                    process(rgb_msg, rgb, thermal, last_log_ns, pair.thermal_stamp_ns)
+        except BagError as exc:
+            result.error = str(exc)
+        finally:
+            bar.close()
+    wall_s = time.perf_counter() - wall0
+    stats = pairer.stats
+    n = len(result.pairs)
+    model_p50 = _percentiles(timings["model"])["p50"]
+    metrics = {
+        "bag": str(bag),
+        "topics": {
+            "rgb": rgb_topic,
+            "thermal": thermal_topic,
+            "ground_truth": gt_topic or (str(gt_dir) if gt_dir else None),
+        },
+        "model": f"{pipeline.segmenter.backend} {info.name} ({info.num_classes} classes) "
+        f"{pipeline.segmenter.input_size[0]}x{pipeline.segmenter.input_size[1]}",
+        "device": str(pipeline.segmenter.device),
+        "precision": pipeline.segmenter.precision,
+        "registration": pipeline.registrar.mode if pipeline.registrar is not None else "none",
+        "frames_processed": n,
+        "pairs": stats.paired,
+        "rgb_only_frames": n_rgb_only,
+        "received": {"rgb": stats.received_rgb, "thermal": stats.received_thermal},
+        "drops": {
+            "unmatched_rgb": stats.dropped_unmatched_rgb,
+            "unmatched_thermal": stats.dropped_unmatched_thermal,
+            "overflow_rgb": stats.dropped_overflow_rgb,
+            "overflow_thermal": stats.dropped_overflow_thermal,
+            "rejected_stamp": stats.rejected_rgb + stats.rejected_thermal,
+            **rejected,
+        },
+        "pair_dt_abs_ms": {
+            "mean": stats.dt_abs_mean_ms if stats.paired else None,
+            "p95": stats.dt_abs_percentile_ms(95) if stats.paired else None,
+        },
+        "latency_ms": {k: _percentiles(v) for k, v in timings.items()},
+        "wall_s": wall_s,
+        "throughput_pairs_per_s": n / wall_s if wall_s > 0 else None,
+        "model_bound_pairs_per_s": 1000.0 / model_p50 if model_p50 else None,
+        "not_copied": not_copied,
+        "error": result.error,
+    }
+    if metrics["throughput_pairs_per_s"] and metrics["model_bound_pairs_per_s"]:
+        metrics["throughput_ratio"] = metrics["throughput_pairs_per_s"] / metrics["model_bound_pairs_per_s"]
+    if confusion is not None:
+        metrics["ground_truth_frames"] = matched_gt
+        metrics["segmentation"] = confusion.as_json(info.class_names) if matched_gt else None
+    result.metrics = json_safe(metrics)
+    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
+    write_report(out_dir, result.metrics, timings["total"], [img for _, img in sheet], info, sheet_frames)
+    return result
+
+
+def _message_counts(bag: Path) -> dict[str, int]:
+    from rosbags.highlevel import AnyReader
+
+    try:
+        with AnyReader([bag], default_typestore=TYPESTORE) as reader:
+            return {c.topic: c.msgcount for c in reader.connections}
+    except Exception:  # counts are only for the progress bar
+        return {}
+
+
+def _pass_through(writer: BagWriter, m) -> bool:
+    """Copy an input message into the output bag (images re-encoded: also converts ROS 1 messages)."""
+    msg = m.msg
+    try:
+        if m.msgtype.endswith("/Image"):
+            arr = image_to_numpy(msg)
+            writer.write(
+                m.topic,
+                make_image(np.ascontiguousarray(arr), msg.encoding, stamp_to_ns(msg.header.stamp), msg.header.frame_id),
+                m.log_time_ns,
+            )
+        else:
+            writer.write(m.topic, msg, m.log_time_ns)
+    except Exception:  # a type the ROS 2 typestore cannot serialise, or an undecodable image: count it
+        return False
+    return True
+
+
+def write_report(
+    out_dir: Path, metrics: dict, total_ms: list[float], overlays: list[np.ndarray], info, sheet_frames: int = 12
+) -> Path:
+    """report.md with a latency histogram, a per-class IoU chart and a contact sheet of overlays."""
+    from .training.plots import latency_histogram, plot_per_class_iou
+
+    lines = [f"# Replay of `{metrics['bag']}`", ""]
+    if metrics.get("error"):
+        lines += [f"**Stopped early:** {metrics['error']}", ""]
+    lat = metrics["latency_ms"]
+    lines += [
+        f"Model: {metrics['model']} on {metrics['device']} ({metrics['precision']}); registration: "
+        f"{metrics['registration']}.",
+        "",
+        "| frames | pairs | RGB-only | unmatched rgb / thermal | pair \\|dt\\| p95 | throughput | model-bound max |",
+        "|---|---|---|---|---|---|---|",
+        f"| {metrics['frames_processed']} | {metrics['pairs']} | {metrics['rgb_only_frames']} | "
+        f"{metrics['drops']['unmatched_rgb']} / {metrics['drops']['unmatched_thermal']} | "
+        f"{_fmt(metrics['pair_dt_abs_ms']['p95'])} ms | {_fmt(metrics['throughput_pairs_per_s'])} pairs/s | "
+        f"{_fmt(metrics['model_bound_pairs_per_s'])} pairs/s |",
+        "",
+        "| stage | p50 ms | p95 ms |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(v['p50'])} | {_fmt(v['p95'])} |" for k, v in lat.items()]
+    lines.append("")
+    if total_ms:
+        latency_histogram(total_ms, out_dir / "latency_hist.png", title="Pipeline time per frame (replay)")
+        lines += ["![latency](latency_hist.png)", ""]
+    seg = metrics.get("segmentation")
+    if seg:
+        lines += [
+            f"**mIoU {100 * seg['miou']:.1f}** over {metrics['ground_truth_frames']} frames with ground truth "
+            f"(mAcc {100 * seg['macc']:.1f}, pixel accuracy {100 * seg['pixel_acc']:.1f}).",
+            "",
+            "| class | IoU | acc |",
+            "|---|---|---|",
+        ]
+        for name, c in seg["per_class"].items():
+            lines.append(f"| {name} | {_fmt(c['iou'], 100)} | {_fmt(c['acc'], 100)} |")
+        iou = np.array([np.nan if c["iou"] is None else c["iou"] for c in seg["per_class"].values()])
+        plot_per_class_iou(iou, info.class_names, info.palette, out_dir / "per_class_iou.png")
+        lines += ["", "![per-class IoU](per_class_iou.png)", ""]
+    if overlays:
+        idx = np.linspace(0, len(overlays) - 1, min(sheet_frames, len(overlays))).round().astype(int)
+        sheet = contact_sheet([overlays[i] for i in idx], cols=4)
+        cv2.imwrite(str(out_dir / "contact_sheet.png"), sheet[:, :, ::-1])
+        lines += ["![overlays](contact_sheet.png)", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _fmt(v, scale: float = 1.0) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * scale:.1f}"
+
+
+__all__ = ["replay_bag", "write_report", "ReplayResult", "GroundTruth", "TYPESTORE"]

@@ -1,0 +1,197 @@
+"""rgbt-seg replay: same pairs as `rgbt-seg pairs`, outputs stamped like RGB, metrics, corrupt and ROS 1 bags."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from rosbags.highlevel import AnyReader
+from rosbags.rosbag1 import Writer as Rosbag1Writer
+from rosbags.typesys import Stores, get_typestore
+
+from rgbt_seg_ros.bags import read_messages, stamp_to_ns
+from rgbt_seg_ros.data.sample_bag import write_sample_bag
+from rgbt_seg_ros.live_benchmark import write_param_file
+from rgbt_seg_ros.params import defaults
+from rgbt_seg_ros.pipeline import FramePipeline
+from rgbt_seg_ros.replay import LABELS_TOPIC, OVERLAY_TOPIC, replay_bag
+from rgbt_seg_ros.segmenter import Segmenter
+from rgbt_seg_ros.sync import ApproximateTimePairer
+from rgbt_seg_ros.tools import replay as replay_tool
+from rgbt_seg_ros.tools.pairs import pair_bag
+
+SIZE = dict(rgb_size=(96, 128), thermal_size=(104, 128))
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replay")
+    bag = write_sample_bag(
+        root / "s", frames=16, fps=10, drop_rate=0.15, jitter_ms=3, seed=2, scene_seconds=0.4, **SIZE
+    )
+    return root, bag
+
+
+@pytest.fixture(scope="module")
+def params(sample, micro_checkpoint_module):
+    root, _ = sample
+    p = defaults()
+    p.update(
+        {
+            "model.checkpoint": str(micro_checkpoint_module),
+            "model.device": "cpu",
+            "registration.mode": "homography",
+            "registration.file": str(root / "s" / "calibration.yaml"),
+            "thermal.mode": "linear",
+            "thermal.scale": 0.01,
+            "thermal.min": 250.0,
+            "thermal.max": 330.0,
+        }
+    )
+    return p
+
+
+@pytest.fixture(scope="module")
+def micro_checkpoint_module(tmp_path_factory):
+    from conftest import make_micro_checkpoint
+
+    return make_micro_checkpoint(tmp_path_factory.mktemp("ck") / "micro")
+
+
+@pytest.fixture(scope="module")
+def pipeline(params):
+    import torch
+
+    torch.set_num_threads(1)
+    return FramePipeline.from_params(
+        params, segmenter=Segmenter.from_checkpoint(params["model.checkpoint"], device="cpu")
+    )
+
+
+def test_replay_forms_the_pairs_of_rgbt_seg_pairs_and_writes_everything(sample, params, pipeline, tmp_path):
+    _, bag = sample
+    result = replay_bag(bag, params, tmp_path / "out", pipeline=pipeline, progress=False)
+    reference, _ = pair_bag(
+        bag,
+        "/rgb/image_raw",
+        "/thermal/image_raw",
+        ApproximateTimePairer(
+            queue_size=params["sync.queue_size"], slop=params["sync.slop"], max_wait=params["sync.max_wait"]
+        ),
+    )
+    assert result.pairs == [(p.rgb_stamp_ns, p.thermal_stamp_ns) for p in reference]
+    assert 8 <= len(result.pairs) < 16  # drops were applied, pairs were formed
+
+    rgb_headers = {
+        stamp_to_ns(m.msg.header.stamp): m.msg.header.frame_id for m in read_messages(bag, ["/rgb/image_raw"])
+    }
+    with AnyReader([tmp_path / "out" / "segmented"]) as reader:
+        topics = {c.topic for c in reader.connections}
+        outputs = {LABELS_TOPIC: [], OVERLAY_TOPIC: []}
+        for conn, _, raw in reader.messages([c for c in reader.connections if c.topic in outputs]):
+            outputs[conn.topic].append(reader.deserialize(raw, conn.msgtype))
+    assert {"/rgb/image_raw", "/thermal/image_raw", "/rgbt/labels_gt", LABELS_TOPIC, OVERLAY_TOPIC} <= topics
+    for topic, encoding in ((LABELS_TOPIC, "mono8"), (OVERLAY_TOPIC, "rgb8")):
+        msgs = outputs[topic]
+        assert len(msgs) == len(result.pairs)
+        for msg in msgs:
+            stamp = stamp_to_ns(msg.header.stamp)
+            assert rgb_headers[stamp] == msg.header.frame_id  # stamped like its RGB image
+            assert (msg.encoding, msg.height, msg.width) == (encoding, 96, 128)
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["frames_processed"] == len(result.pairs) and metrics["error"] is None
+    assert metrics["ground_truth_frames"] == len(result.pairs)
+    seg = metrics["segmentation"]
+    assert 0.0 <= seg["miou"] <= 1.0 and len(seg["per_class"]) == 8 and len(seg["confusion_matrix"]) == 8
+    assert sum(map(sum, seg["confusion_matrix"])) == 96 * 128 * len(result.pairs)
+    assert metrics["latency_ms"]["model"]["p50"] > 0 and metrics["model_bound_pairs_per_s"] > 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "mIoU" in report and "contact_sheet.png" in report
+    for name in ("latency_hist.png", "per_class_iou.png", "contact_sheet.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 1000
+
+
+def test_replay_is_deterministic(sample, params, pipeline, tmp_path):
+    _, bag = sample
+    a = replay_bag(bag, params, tmp_path / "a", pipeline=pipeline, progress=False, max_pairs=4)
+    b = replay_bag(bag, params, tmp_path / "b", pipeline=pipeline, progress=False, max_pairs=4)
+    labels = []
+    for out in (a, b):
+        labels.append([m.msg.data.tobytes() for m in read_messages(out.out_dir / "segmented", [LABELS_TOPIC])])
+    assert a.pairs == b.pairs and len(labels[0]) == 4 and labels[0] == labels[1]
+
+
+def test_truncated_bag_keeps_a_valid_partial_output(sample, params, pipeline, tmp_path):
+    root, _ = sample
+    bag = write_sample_bag(tmp_path / "t", frames=16, seed=3, storage="sqlite3", **SIZE)
+    db = next(bag.glob("*.db3"))
+    import sqlite3
+
+    with sqlite3.connect(db) as con:  # corrupt the payload of late messages: deserialisation fails mid-bag
+        con.execute("UPDATE messages SET data = X'0001' WHERE id > 40")
+    params = dict(params, **{"registration.file": str(tmp_path / "t" / "calibration.yaml")})
+    out = tmp_path / "out"
+    args = argparse.Namespace(
+        bag=bag,
+        params=write_param_file(tmp_path / "p.yaml", params),
+        checkpoint=None,
+        device=None,
+        gt_topic="/rgbt_seg/auto",
+        gt_dir=None,
+        no_gt=False,
+        out=out,
+        max_pairs=None,
+        storage="mcap",
+        no_progress=True,
+    )
+    assert replay_tool.run(args) == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "unreadable after message" in metrics["error"] and "topic" in metrics["error"]
+    assert metrics["frames_processed"] >= 3
+    n = sum(1 for _ in read_messages(out / "segmented", [LABELS_TOPIC]))  # the partial bag is valid
+    assert n == metrics["frames_processed"]
+
+
+def test_missing_topic_is_named(sample, params, pipeline, tmp_path):
+    _, bag = sample
+    from rgbt_seg_ros.bags import BagError
+
+    with pytest.raises(BagError, match="has no topic /nope"):
+        replay_bag(bag, dict(params, **{"topics.thermal": "/nope"}), tmp_path / "o", pipeline=pipeline, progress=False)
+
+
+def test_ros1_bag_and_rgb_only_when_thermal_stops(params, pipeline, tmp_path):
+    store = get_typestore(Stores.ROS1_NOETIC)
+    image_t, header_t = store.types["sensor_msgs/msg/Image"], store.types["std_msgs/msg/Header"]
+    time_t = store.types["builtin_interfaces/msg/Time"]
+    base = 1_700_000_000_000_000_000
+
+    def image(stamp, arr, encoding):
+        hdr = header_t(seq=0, stamp=time_t(sec=stamp // 10**9, nanosec=stamp % 10**9), frame_id="cam")
+        h, w = arr.shape[:2]
+        data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        return image_t(header=hdr, height=h, width=w, encoding=encoding, is_bigendian=0, step=data.size // h, data=data)
+
+    path = tmp_path / "ros1.bag"
+    rgb = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    thermal = np.full((96, 128), 29000, np.uint16)
+    with Rosbag1Writer(path) as writer:
+        c_rgb = writer.add_connection("/rgb/image_raw", "sensor_msgs/msg/Image", typestore=store)
+        c_th = writer.add_connection("/thermal/image_raw", "sensor_msgs/msg/Image", typestore=store)
+        for i in range(30):  # 10 Hz; thermal stops after 1 s (frames 10..)
+            s = base + i * 100_000_000
+            writer.write(c_rgb, s + 5_000_000, store.serialize_ros1(image(s, rgb, "rgb8"), "sensor_msgs/msg/Image"))
+            if i < 10:
+                writer.write(
+                    c_th,
+                    s + 9_000_000,
+                    store.serialize_ros1(image(s + 2_000_000, thermal, "mono16"), "sensor_msgs/msg/Image"),
+                )
+    p = dict(params, **{"registration.mode": "identity", "registration.file": "", "thermal_timeout": 0.5})
+    identity = FramePipeline.from_params(p, segmenter=pipeline.segmenter)
+    result = replay_bag(path, p, tmp_path / "out", pipeline=identity, gt_topic=None, progress=False)
+    m = result.metrics
+    assert m["pairs"] >= 8 and m["rgb_only_frames"] >= 10 and m["error"] is None
+    assert m["frames_processed"] == m["pairs"] + m["rgb_only_frames"]
+    assert sum(1 for _ in read_messages(tmp_path / "out" / "segmented", [LABELS_TOPIC])) == m["frames_processed"]
