@@ -30,16 +30,35 @@ import torch.nn.functional as F
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", choices=("model",), help="what to benchmark (model: one backend forward pass)")
-    p.add_argument("--config", default="models/sartm_tiny.yaml", help="model config (default models/sartm_tiny.yaml)")
-    p.add_argument("--dataset", default=None, help="class file name or path (default: the config's dataset)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="input size (default: config)")
-    p.add_argument("--batch", type=int, default=1, help="pairs per forward pass (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed forward passes (default 5)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--sam2-checkpoint", default=None, help="official SAM2 weights (optional; FLOPs do not change)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    sub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    m = sub.add_parser("model", help="one backend forward pass: params, GFLOP, time, matmul ratio")
+    m.add_argument("--config", default="models/sartm_tiny.yaml", help="model config (default models/sartm_tiny.yaml)")
+    m.add_argument("--dataset", default=None, help="class file name or path (default: the config's dataset)")
+    m.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="input size (default: config)")
+    m.add_argument("--batch", type=int, default=1, help="pairs per forward pass (default 1)")
+    m.add_argument("--repeats", type=int, default=5, help="timed forward passes (default 5)")
+    m.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--sam2-checkpoint", default=None, help="official SAM2 weights (optional; FLOPs do not change)")
+    m.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    n = sub.add_parser("node", help="the live segment_node over DDS: latency, overhead, drops under load")
+    n.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint directory (default: random weights of --config)"
+    )
+    n.add_argument("--config", default="models/sartm_tiny.yaml", help="model config for random weights")
+    n.add_argument(
+        "--model-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="model input size for random weights (default: the config's)",
+    )
+    n.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(480, 640), help="camera image size")
+    n.add_argument("--rate", type=float, default=10.0, help="publish rate in Hz (default 10)")
+    n.add_argument("--seconds", type=float, default=20.0, help="measured duration (default 20)")
+    n.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    n.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
 
 
 def _explicit_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
@@ -207,6 +226,8 @@ def markdown(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target == "node":
+        return run_node(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -223,10 +244,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(markdown(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+    _write_json(args.json, result)
+    return 0
+
+
+def _write_json(path: Path | None, result: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+
+
+def run_node(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .. import live_benchmark
+
+    try:
+        ckpt = args.checkpoint
+        if ckpt is None:
+            ckpt = Path(tempfile.mkdtemp(prefix="rgbt_bench_ckpt_")) / "random"
+            live_benchmark.make_random_checkpoint(args.config, ckpt, input_size=args.model_size)
+        result = live_benchmark.bench_node(
+            ckpt, rate_hz=args.rate, seconds=args.seconds, size=tuple(args.size), device=args.device
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(live_benchmark.markdown(result))
+    _write_json(args.json, result)
     return 0
 
 

@@ -1,0 +1,230 @@
+"""``rgbt-seg bench node``: the real ``segment_node`` process measured over DDS.
+
+A publisher in this process sends synthetic RGB (bgr8) and thermal (mono16, its own
+640x512 viewpoint, registered by homography) pairs stamped with the current time at a
+fixed rate; the node's ``~/labels`` are received here. Figures:
+
+* end-to-end latency = label arrival time - header stamp (same host clock), p50 / p95;
+* the node's own overhead (everything but the model forward: conversion, pairing wait
+  excluded, normalisation, registration, pre/post-processing, rendering, message build and
+  publish) as a fraction of the model time, from the node's diagnostics;
+* drops by reason, and how many frames were published of those sent.
+
+Run it at a rate above the model's throughput to see overload behaviour (no backlog:
+latency stays near one model forward).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .imaging import fill_image_msg
+from .params import defaults
+
+
+def write_param_file(path: Path, overrides: dict) -> Path:
+    """A ROS 2 parameter file for ``segment_node`` with the defaults plus ``overrides`` (dotted names)."""
+    tree: dict = {}
+    for name, value in {**defaults(), **overrides}.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump({"/**": {"ros__parameters": tree}}, sort_keys=False))
+    return path
+
+
+def make_random_checkpoint(config: str, out_dir: Path, input_size=None, dataset=None) -> Path:
+    """A random-weight checkpoint of ``config`` with nothing frozen (same compute as trained weights)."""
+    import torch
+
+    from .checkpoint import save_checkpoint
+    from .models import build_model, dataset_info_for, resolve_model_config
+    from .resources import resolve_data_file
+
+    cfg = resolve_model_config(resolve_data_file(config))
+    if input_size is not None:
+        cfg["input_size"] = list(input_size)
+    for section, key in (("encoder", "freeze"), ("decoder", "freeze_transformer")):
+        if section in cfg and key in cfg[section] and not cfg[section].get("checkpoint"):
+            cfg[section][key] = False
+    info = dataset_info_for(cfg, dataset)
+    text_dim = int(cfg.get("language", {}).get("text_dim", 384))
+    text = torch.nn.functional.normalize(torch.randn(info.num_classes, text_dim), dim=-1)
+    save_checkpoint(build_model(cfg, info, text), cfg, info, out_dir)
+    return out_dir
+
+
+def _status(diagnostics, suffix: str) -> dict | None:
+    for arr in reversed(diagnostics):
+        for st in arr.status:
+            if st.name.endswith(suffix):
+                return {"level": st.level[0], "message": st.message, **{kv.key: kv.value for kv in st.values}}
+    return None
+
+
+def bench_node(
+    checkpoint: Path,
+    rate_hz: float = 10.0,
+    seconds: float = 20.0,
+    size=(480, 640),
+    device: str = "cpu",
+    domain_id: int | None = None,
+    startup_timeout: float = 120.0,
+) -> dict:
+    # both participants must use the same Fast DDS transports (DESIGN.md: large-data transport for images)
+    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    from .data.synthetic import SceneGenerator
+
+    domain_id = domain_id if domain_id is not None else 100 + os.getpid() % 100
+    work = Path(tempfile.mkdtemp(prefix="rgbt_bench_node_"))
+    gen = SceneGenerator(seed=0, rgb_size=tuple(size), thermal_size=(size[0] * 512 // 480, size[1]))
+    (work / "calibration.yaml").write_text(yaml.safe_dump(gen.calibration_dict()))
+    params = write_param_file(
+        work / "params.yaml",
+        {
+            "model.checkpoint": str(checkpoint),
+            "model.device": device,
+            "registration.mode": "homography",
+            "registration.file": str(work / "calibration.yaml"),
+            "thermal.mode": "linear",
+            "thermal.scale": 0.01,
+            "thermal.min": 250.0,
+            "thermal.max": 330.0,
+            "output.overlay": True,
+            "sync.max_wait": 0.05,
+        },
+    )
+    env = dict(
+        os.environ,
+        ROS_DOMAIN_ID=str(domain_id),
+        FASTDDS_BUILTIN_TRANSPORTS="LARGE_DATA",
+        AMENT_PREFIX_PATH=os.environ.get("AMENT_PREFIX_PATH", sys.prefix),
+    )
+    node_exe = str(Path(sys.executable).parent / "segment_node")
+    proc = subprocess.Popen(
+        [node_exe, "--ros-args", "--params-file", str(params)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    node = rclpy.create_node("bench_node_client", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    arrivals: list[tuple[int, int]] = []  # (stamp ns, arrival ns)
+    diagnostics: list = []
+    node.create_subscription(
+        Image,
+        "/rgbt_seg/labels",
+        lambda m: arrivals.append(
+            (m.header.stamp.sec * 10**9 + m.header.stamp.nanosec, node.get_clock().now().nanoseconds)
+        ),
+        50,
+    )
+    node.create_subscription(Image, "/rgbt_seg/overlay", lambda m: None, 5)
+    node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 20)
+    rgb_pub = node.create_publisher(Image, "/rgb/image_raw", qos_profile_sensor_data)
+    th_pub = node.create_publisher(Image, "/thermal/image_raw", qos_profile_sensor_data)
+    sample = gen.sample(0, "day")
+    rgb_msg = fill_image_msg(Image(), np.ascontiguousarray(sample.rgb[:, :, ::-1]), "bgr8")
+    th_msg = fill_image_msg(Image(), sample.thermal, "mono16")
+    rgb_msg.header.frame_id, th_msg.header.frame_id = "rgb_camera_optical_frame", "thermal_camera_optical_frame"
+
+    def publish():
+        now = node.get_clock().now()
+        rgb_msg.header.stamp = now.to_msg()
+        th_msg.header.stamp = now.to_msg()
+        rgb_pub.publish(rgb_msg)
+        th_pub.publish(th_msg)
+
+    def spin_for(duration):
+        end = time.monotonic() + duration
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=max(0.0, min(0.005, end - time.monotonic())))
+
+    period = 1.0 / rate_hz
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not arrivals:  # warm-up: the node loads the model and answers
+            if proc.poll() is not None:
+                raise RuntimeError(f"segment_node exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"segment_node published no labels within {startup_timeout:g} s; last diagnostics: "
+                                   f"{_status(diagnostics, 'pipeline')} {_status(diagnostics, 'rgb camera')}")
+            publish()
+            spin_for(period)
+        spin_for(2.0)
+        arrivals.clear()
+        diagnostics.clear()
+        sent = 0
+        t_start = time.monotonic()
+        next_t = t_start
+        while time.monotonic() - t_start < seconds:
+            publish()
+            sent += 1
+            next_t += period
+            spin_for(max(0.0, next_t - time.monotonic()))
+        received_during = len(arrivals)
+        spin_for(3.0)  # let the last frame and a diagnostics message arrive
+        after_stop = len(arrivals) - received_during
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+        proc.terminate()
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    latencies = [(arr - st) / 1e6 for st, arr in arrivals]
+    pipe = _status(diagnostics, "pipeline") or {}
+    return {
+        "checkpoint": str(checkpoint),
+        "size": list(size),
+        "rate_hz": rate_hz,
+        "seconds": seconds,
+        "sent_pairs": sent,
+        "published": len(arrivals),
+        "published_after_input_stopped": after_stop,
+        "latency_p50_ms": statistics.median(latencies) if latencies else float("nan"),
+        "latency_p95_ms": float(np.percentile(latencies, 95)) if latencies else float("nan"),
+        "model_p50_ms": float(pipe.get("model time p50 (ms)", "nan")),
+        "overhead_p50_ms": float(pipe.get("overhead p50 (ms)", "nan")),
+        "overhead_fraction": float(pipe.get("overhead / model", "nan")),
+        "drops": pipe.get("drops", ""),
+        "node_model": pipe.get("model", ""),
+    }
+
+
+def markdown(r: dict) -> str:
+    return "\n".join(
+        [
+            f"segment_node over DDS: {r['size'][1]}x{r['size'][0]} pairs at {r['rate_hz']:g} Hz for {r['seconds']:g} s",
+            f"model: {r['node_model']}",
+            "",
+            "| sent | published | after stop | latency p50 | latency p95 | model p50 | overhead p50 "
+            "| overhead/model | drops |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {r['sent_pairs']} | {r['published']} | {r['published_after_input_stopped']} | "
+            f"{r['latency_p50_ms']:.1f} ms | {r['latency_p95_ms']:.1f} ms | {r['model_p50_ms']:.1f} ms | "
+            f"{r['overhead_p50_ms']:.2f} ms | {r['overhead_fraction']:.4f} | {r['drops']} |",
+        ]
+    )
