@@ -146,11 +146,11 @@ def test_wrong_backend_is_named(info, tmp_path):
     out_dir = save_checkpoint(model, cfg, info, tmp_path / "ckpt")
 
     def to_other_backend(c):
-        c["backend"] = "cpal"
-        c["model"]["backend"] = "cpal"
+        c["backend"] = "nonesuch"
+        c["model"]["backend"] = "nonesuch"
 
     _edit_config(out_dir / CONFIG_FILE, to_other_backend)
-    with pytest.raises(ValueError, match="unknown model backend 'cpal'"):
+    with pytest.raises(ValueError, match="unknown model backend 'nonesuch'"):
         load_checkpoint(out_dir)
     with pytest.raises(ValueError, match="expected 'sartm'"):
         load_checkpoint(out_dir, backend="sartm")

@@ -4,6 +4,8 @@
 importing this package registers the built-in backends.
 """
 
+from .cpal import CPAL  # noqa: F401  (registers the "cpal" backend)
+from .fusionsam import FusionSAM  # noqa: F401  (registers the "fusionsam" backend)
 from .registry import (
     available_backends,
     build_model,

@@ -69,10 +69,16 @@ class SAM2MaskDecoderHead(nn.Module):
         ifp = self.mask_decoder.conv_s1(backbone_fpn[1])
         return ffp, ifp, backbone_fpn[2]
 
-    def forward(self, sfm: torch.Tensor, ifp: torch.Tensor, ffp: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, sfm: torch.Tensor, ifp: torch.Tensor, ffp: torch.Tensor, dense: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``dense`` (B, d, h, w) replaces the ``no_mask_embed`` dense prompt (FusionSAM's fusion mask)."""
         b, c, h, w = sfm.shape
         image_pe = self.pe_layer((h, w)).unsqueeze(0).to(sfm.dtype)
-        dense = self.no_mask_embed.weight.to(sfm.dtype).reshape(1, c, 1, 1).expand(b, c, h, w)
+        if dense is None:
+            dense = self.no_mask_embed.weight.to(sfm.dtype).reshape(1, c, 1, 1).expand(b, c, h, w)
+        elif tuple(dense.shape) != (b, c, h, w):
+            raise ValueError(f"dense prompt must be (B, d, h, w) = {(b, c, h, w)}, got {tuple(dense.shape)}")
         sparse = sfm.new_zeros(b, 0, c)
         masks, _iou, _tokens, _obj = self.mask_decoder.predict_masks(
             image_embeddings=sfm,

@@ -28,10 +28,12 @@ def add_modality_lora(
     dropout: float = 0.0,
     targets: tuple[str, ...] | list[str] = ("q", "v"),
     adapters: tuple[str, ...] = MODALITY_ADAPTERS,
+    blocks: list[int] | tuple[int, ...] | None = None,
 ) -> nn.Module:
     """Inject one LoRA adapter per name in ``adapters`` into ``trunk``'s attention ``targets``.
 
     ``targets`` name the Linears inside each block's ``attn`` (``q``, ``k``, ``v``, ``proj``).
+    ``blocks`` restricts LoRA to those block indices (CPAL: the last stage only); None = all.
     LoRA B starts at zero, so the trunk's output is unchanged until training moves it.
     Returns the trunk (modified in place).
     """
@@ -42,7 +44,13 @@ def add_modality_lora(
         raise ValueError(f"lora.targets must be a non-empty subset of {sorted(allowed)}, got {list(targets)}")
     if int(rank) < 1:
         raise ValueError(f"lora.rank must be >= 1, got {rank}")
-    pattern = r"blocks\.\d+\.attn\.(" + "|".join(sorted(set(targets))) + ")"
+    if blocks is not None:
+        blocks = sorted({int(b) for b in blocks})
+        n_blocks = len(getattr(trunk, "blocks", ()))
+        if not blocks or blocks[0] < 0 or blocks[-1] >= n_blocks:
+            raise ValueError(f"LoRA blocks must be a non-empty subset of 0..{n_blocks - 1}, got {blocks}")
+    index = r"\d+" if blocks is None else "(?:" + "|".join(str(b) for b in blocks) + ")"
+    pattern = r"blocks\." + index + r"\.attn\.(" + "|".join(sorted(set(targets))) + ")"
     config = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=pattern)
     with warnings.catch_warnings():
         # peft warns that a second adapter joins the first: that is the point here.

@@ -254,7 +254,9 @@ class SARTM(nn.Module):
         """Segment a batch of registered RGB-T pairs.
 
         Returns ``logits`` (B, C, H, W) at input size, ``s0`` and ``s1`` (B, C, H/4, W/4) for the
-        two losses, ``features`` {ffp, ifp, sfm} (fused maps, for L_cr / L_se) and
+        two losses, ``features`` {ffp, ifp, sfm} (fused maps, for L_cr / L_se),
+        ``features_rgb`` / ``features_thermal`` {ffp, ifp, sfm} (each modality's map after FRM
+        rectification, before fusion: the cross-modal L_cr compares their class prototypes) and
         ``text_embeddings`` (C, D).
         """
         self._check_inputs(rgb, thermal, valid)
@@ -265,10 +267,12 @@ class SARTM(nn.Module):
         feats_rgb = self._encode(rgb, MODALITY_ADAPTERS[0])
         feats_th = self._encode(thermal.expand(-1, 3, -1, -1), MODALITY_ADAPTERS[1])
 
-        fused = []
+        fused, rect_rgb, rect_th = [], [], []
         for level, (f_rgb, f_th) in enumerate(zip(feats_rgb, feats_th)):
             m = None if valid is None else F.interpolate(valid, size=f_rgb.shape[-2:], mode="area").to(f_rgb.dtype)
             f_rgb, f_th = self.rectify[level](f_rgb, f_th, m)
+            rect_rgb.append(f_rgb)
+            rect_th.append(f_th)
             f = self.fuse[level](f_rgb, f_th, m)
             if self.language is not None:
                 f = self.language[level](f, self.text_embeddings)
@@ -289,5 +293,7 @@ class SARTM(nn.Module):
             "s0": s0,
             "s1": s1,
             "features": dict(zip(LEVELS, fused)),
+            "features_rgb": dict(zip(LEVELS, rect_rgb)),
+            "features_thermal": dict(zip(LEVELS, rect_th)),
             "text_embeddings": self.text_embeddings,
         }

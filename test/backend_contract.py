@@ -1,0 +1,284 @@
+"""The contract every model backend keeps, as a test base class.
+
+A backend's test module subclasses :class:`BackendContract` with a :class:`BackendCase`
+(its micro config, the parameter groups that may train on frozen base weights, how to reach a
+thermal-only parameter) and inherits these checks:
+
+* output shapes at two input sizes (non-square both ways), finite logits;
+* bad input shapes raise ``ValueError`` naming the problem;
+* on base SAM2 weights with the production freezing, only the declared groups train, and a
+  training step leaves the frozen tensors bit-identical;
+* thermal influence: the logits change when only thermal changes, and the segmentation
+  gradient reaches a thermal-specific parameter;
+* ``aux_losses`` (where a backend returns them, in training mode) are finite scalars with a
+  gradient;
+* checkpoint round trip through ``save_checkpoint`` / ``load_checkpoint`` is bit-exact, with
+  and without base weights (and through ``export_standalone``);
+* CPU inference through ``Segmenter(model, cfg, info, device="cpu")`` on numpy images.
+
+Tiny inputs, one thread (see test_models_sartm.py), micro configs: the whole contract runs in a
+few seconds per backend.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rgbt_seg_ros.checkpoint import export_standalone, load_checkpoint, save_checkpoint
+from rgbt_seg_ros.classes import load_dataset_info
+from rgbt_seg_ros.models import available_backends, build_model, resolve_model_config
+from rgbt_seg_ros.segmenter import Segmenter
+
+
+def _no_change(model: torch.nn.Module) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class BackendCase:
+    """What the contract needs to know about one backend."""
+
+    name: str  # registry name
+    config: str  # micro config (random init, everything trainable)
+    #: with frozen base weights, trainable parameter names must start with one of these (or be LoRA)
+    trainable_prefixes: tuple[str, ...]
+    #: frozen-base parameter names that must NOT train (at least one of each prefix must exist and be frozen)
+    frozen_prefixes: tuple[str, ...]
+    #: a parameter that only the thermal input reaches
+    thermal_param: str
+    #: config edits that give the production freezing on a base checkpoint ``path``
+    freeze_with_base: Callable[[dict, str], None]
+    #: move zero-initialised parts (LoRA B, zero-init prompts) so every path carries signal
+    randomize: Callable[[torch.nn.Module], None] = field(default=_no_change)
+    #: the backend returns aux_losses in training mode
+    has_aux_losses: bool = False
+
+
+def pair(b=1, h=64, w=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, h, w, generator=g), torch.randn(b, 1, h, w, generator=g)
+
+
+def text_for(info):
+    return F.normalize(torch.randn(info.num_classes, 384, generator=torch.Generator().manual_seed(0)), dim=1)
+
+
+def randomize_named(model: torch.nn.Module, patterns: tuple[str, ...], scale: float = 0.1, seed: int = 1) -> None:
+    """Overwrite parameters whose name contains any of ``patterns`` with small random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(s in name for s in patterns):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+class BackendContract:
+    """Base class: subclass as ``class TestX(BackendContract): case = BackendCase(...)``."""
+
+    case: BackendCase
+
+    # ------------------------------------------------------------------ fixtures and helpers
+    @pytest.fixture(autouse=True, scope="class")
+    @classmethod
+    def one_thread(cls):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(before)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def info(cls):
+        return load_dataset_info("synthetic")
+
+    def cfg(self) -> dict:
+        return resolve_model_config(self.case.config)
+
+    def build(self, info, seed=0, cfg=None):
+        torch.manual_seed(seed)
+        model = build_model(cfg or self.cfg(), info, text_for(info))
+        return model
+
+    def trained(self, info, seed=0, cfg=None, steps=2):
+        """A model after a couple of optimiser steps (BatchNorm statistics, moved zero-inits)."""
+        cfg = cfg or self.cfg()
+        model = self.build(info, seed, cfg)
+        self.case.randomize(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        for step in range(steps):
+            rgb, th = pair(2, seed=10 + step)
+            out = model(rgb, th)
+            target = torch.randint(0, info.num_classes, (2, 64, 96), generator=torch.Generator().manual_seed(step))
+            loss = F.cross_entropy(out["logits"], target) + sum((out.get("aux_losses") or {}).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model.eval(), cfg
+
+    def write_base(self, info, path, seed=3):
+        """An official-layout SAM2 file made from a micro model's base tensors."""
+        source = self.build(info, seed)
+        torch.save({"model": source.sam2_state_dict()}, path)
+        return path
+
+    def base_cfg(self, path) -> dict:
+        cfg = self.cfg()
+        self.case.freeze_with_base(cfg, str(path))
+        return cfg
+
+    # ------------------------------------------------------------------ the contract
+    def test_is_registered(self):
+        assert self.case.name in available_backends()
+        assert self.cfg()["backend"] == self.case.name
+
+    @pytest.mark.parametrize("size", [(64, 96), (96, 64)])
+    def test_output_shapes(self, info, size):
+        model = self.build(info).eval()
+        h, w = size
+        with torch.no_grad():
+            out = model(*pair(2, h, w))
+        assert out["logits"].shape == (2, info.num_classes, h, w)
+        assert out["logits"].dtype == torch.float32
+        assert torch.isfinite(out["logits"]).all()
+        assert "aux_losses" not in out or not out["aux_losses"]  # eval mode: no training-only work
+
+    def test_bad_inputs_raise(self, info):
+        model = self.build(info).eval()
+        with pytest.raises(ValueError, match="multiples of 32"):
+            model(*pair(1, 60, 96))
+        rgb, _ = pair()
+        with pytest.raises(ValueError, match="thermal must be"):
+            model(rgb, torch.zeros(1, 3, 64, 96))
+        with pytest.raises(ValueError, match="valid must be"):
+            model(*pair(), valid=torch.ones(1, 1, 32, 32))
+
+    def test_invalid_thermal_pixels_do_not_contribute(self, info):
+        model = self.build(info).eval()
+        self.case.randomize(model)
+        rgb, th = pair()
+        valid = torch.ones(1, 1, 64, 96)
+        valid[..., 48:] = 0
+        th2 = th.clone()
+        th2[..., 48:] = torch.randn(1, 1, 64, 48) * 5
+        with torch.no_grad():
+            assert torch.equal(model(rgb, th, valid)["logits"], model(rgb, th2, valid)["logits"])
+
+    def test_only_intended_parameters_train_on_base_weights(self, info, tmp_path):
+        path = self.write_base(info, tmp_path / "base.pt")
+        model = self.build(info, seed=7, cfg=self.base_cfg(path))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        assert trainable
+        for name in trainable:
+            assert ".lora_" in name or name.startswith(self.case.trainable_prefixes), name
+        for prefix in self.case.frozen_prefixes:
+            assert any(n.startswith(prefix) for n in frozen), prefix
+            assert not any(n.startswith(prefix) and ".lora_" not in n for n in trainable), prefix
+        counts = model.parameter_counts()
+        assert counts["total"] == sum(p.numel() for p in model.parameters())
+        assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert 0 < counts["trainable"] < counts["total"]
+        # the frozen base tensors are what the checkpoint does not store
+        assert set(model.frozen_base_state_keys()) <= {k for k in model.state_dict()}
+        assert model.frozen_base_state_keys()
+
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        model.train()
+        out = model(*pair(2))
+        (out["logits"].logsumexp(1).mean() + sum((out.get("aux_losses") or {}).values())).backward()
+        opt.step()
+        for n, p in model.named_parameters():
+            if n in before:
+                assert torch.equal(before[n], p.detach()), n
+
+    def test_thermal_influences_output_and_gets_gradient(self, info):
+        model = self.build(info).eval()
+        self.case.randomize(model)
+        rgb, th = pair()
+        with torch.no_grad():
+            base = model(rgb, th)["logits"]
+            other = model(rgb, th.flip(-1) * 2.0)["logits"]
+        assert (base - other).abs().max() > 1e-4
+        params = dict(model.named_parameters())
+        assert self.case.thermal_param in params, sorted(params)[:20]
+        model.zero_grad()
+        model(rgb, th)["logits"].logsumexp(1).mean().backward()
+        grad = params[self.case.thermal_param].grad
+        assert grad is not None and grad.abs().sum() > 0
+
+    def test_aux_losses_are_finite_scalars_with_gradient(self, info):
+        model = self.build(info).train()
+        self.case.randomize(model)
+        out = model(*pair(2))
+        aux = out.get("aux_losses")
+        if not self.case.has_aux_losses:
+            assert not aux
+            return
+        assert isinstance(aux, dict) and aux
+        for name, value in aux.items():
+            assert isinstance(value, torch.Tensor) and value.ndim == 0, name
+            assert torch.isfinite(value), name
+            assert value.requires_grad, name
+        model.zero_grad()
+        sum(aux.values()).backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+    def test_checkpoint_round_trip_is_bit_exact(self, info, tmp_path):
+        model, cfg = self.trained(info)
+        ckpt = save_checkpoint(model, cfg, info, tmp_path / "ckpt")
+        loaded, loaded_cfg, loaded_info = load_checkpoint(ckpt)
+        assert loaded_cfg["backend"] == self.case.name
+        assert loaded_info.class_names == info.class_names
+        a, b = model.state_dict(), loaded.state_dict()
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+        rgb, th = pair(seed=5)
+        with torch.no_grad():
+            assert torch.equal(model(rgb, th)["logits"], loaded(rgb, th)["logits"])
+
+    def test_checkpoint_on_base_weights_and_standalone_export(self, info, tmp_path):
+        base = self.write_base(info, tmp_path / "base.pt")
+        cfg = self.base_cfg(base)
+        model, _ = self.trained(info, seed=4, cfg=cfg, steps=1)
+        ckpt = save_checkpoint(model, cfg, info, tmp_path / "ckpt")
+        frozen = set(model.frozen_base_state_keys())
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+            stored = set(f.keys())
+        assert frozen and not (stored & frozen)  # the base tensors come from the base file
+        rgb, th = pair(seed=6)
+        with torch.no_grad():
+            expected = model(rgb, th)["logits"]
+        loaded, _, _ = load_checkpoint(ckpt)
+        alone = export_standalone(ckpt, tmp_path / "standalone")
+        base.unlink()  # the standalone copy must not need it
+        standalone, _, _ = load_checkpoint(alone)
+        with torch.no_grad():
+            assert torch.equal(loaded(rgb, th)["logits"], expected)
+            assert torch.equal(standalone(rgb, th)["logits"], expected)
+
+    def test_cpu_inference_through_segmenter(self, info):
+        model, cfg = self.trained(info, steps=1)
+        seg = Segmenter(copy.deepcopy(model), cfg, info, device="cpu")
+        assert seg.backend == self.case.name
+        rng = np.random.default_rng(0)
+        for h, w in ((96, 128), (70, 150)):
+            rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            thermal = rng.random((h, w), dtype=np.float32)
+            res = seg(rgb, thermal, np.ones((h, w), bool))
+            assert res.labels.shape == (h, w) and res.labels.dtype == np.uint8
+            assert int(res.labels.max()) < info.num_classes
+            assert res.confidence.shape == (h, w)
+            assert 0.0 <= float(res.confidence.min()) and float(res.confidence.max()) <= 1.0
+            assert set(res.timings) == {"preprocess", "model", "postprocess"}
