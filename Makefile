@@ -60,11 +60,7 @@ test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/rgbt-seg make-sample-bag $(DEMO_OUT)/sample --frames 40 --force
-	$(BIN)/rgbt-seg make-sample-dataset $(DEMO_OUT)/sample_dataset --layout folder --count 8
-	@echo
-	@echo "Sample data written to $(DEMO_OUT)/sample (ROS 2 bag + calibration.yaml) and $(DEMO_OUT)/sample_dataset."
-	@echo "Coming next: the live demo (segment_node + the trained demo checkpoint over this bag, overlays and metrics)."
+	$(BIN)/rgbt-seg demo --out $(DEMO_OUT)
 
 clean:
 	rm -rf build *.egg-info $(VENV)/.install-stamp

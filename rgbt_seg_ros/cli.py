@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pairs": ("pairs", "pair a bag's RGB and thermal stamps with the node's synchronizer; counts and CSV"),
     "calibrate": ("calibrate", "fit the thermal->RGB homography from checkerboard images; write calibration YAML"),
     "replay": ("replay", "run the node's pipeline over a bag: output bag, metrics.json, report.md"),
+    "demo": ("demo", "the live demo: segment_node + demo checkpoint over the sample bag; GIF, contact sheet"),
     "bench": ("bench", "benchmarks that print figures: model (forward time, GFLOP, matmul ratio)"),
 }
 

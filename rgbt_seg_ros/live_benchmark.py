@@ -28,20 +28,7 @@ import numpy as np
 import yaml
 
 from .imaging import fill_image_msg
-from .params import defaults
-
-
-def write_param_file(path: Path, overrides: dict) -> Path:
-    """A ROS 2 parameter file for ``segment_node`` with the defaults plus ``overrides`` (dotted names)."""
-    tree: dict = {}
-    for name, value in {**defaults(), **overrides}.items():
-        node = tree
-        *parents, leaf = name.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    path.write_text(yaml.safe_dump({"/**": {"ros__parameters": tree}}, sort_keys=False))
-    return path
+from .params import write_param_file
 
 
 def make_random_checkpoint(config: str, out_dir: Path, input_size=None, dataset=None) -> Path:

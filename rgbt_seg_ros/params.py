@@ -205,3 +205,16 @@ def load_param_file(path: str | Path, node_name: str = "rgbt_seg") -> dict[str, 
             spec = SPEC_BY_NAME[name]
             values[name] = float(value) if spec.kind is float else value
     return values
+
+
+def write_param_file(path: Path, overrides: dict) -> Path:
+    """A ROS 2 parameter file for ``segment_node`` with the defaults plus ``overrides`` (dotted names)."""
+    tree: dict = {}
+    for name, value in {**defaults(), **overrides}.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump({"/**": {"ros__parameters": tree}}, sort_keys=False))
+    return path

@@ -1,0 +1,236 @@
+"""``rgbt-seg demo``: the live node end to end on the built-in sample bag.
+
+1. makes the sample bag (``rgbt-seg make-sample-bag``) if it is missing;
+2. starts the real ``segment_node`` process with the demo checkpoint and the sample rig's
+   registration;
+3. plays the bag's camera topics over DDS with their original timing (the project's
+   :class:`~rgbt_seg_ros.player.BagPlayer`; on a robot: ``ros2 bag play`` + ``ros2 launch``);
+4. records the node's outputs and writes ``overlay.gif``, ``contact_sheet.png`` and
+   ``metrics.json`` (live latency p50/p95, drops, mIoU against the bag's ground truth).
+
+Latency here is label arrival minus the moment the player published that RGB image (the bag's
+header stamps are from the recording, not from now).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bags import read_messages, stamp_to_ns
+from .data.sample_bag import GT_TOPIC, RGB_INFO_TOPIC, RGB_TOPIC, THERMAL_INFO_TOPIC, THERMAL_TOPIC, write_sample_bag
+from .imaging import image_to_numpy
+from .params import load_param_file, write_param_file
+from .render import colorize, contact_sheet, thermal_to_rgb
+from .resources import share_path
+
+
+class DemoError(RuntimeError):
+    """The demo could not run; the text says what to do."""
+
+
+def _status(diagnostics, suffix: str) -> dict | None:
+    for arr in reversed(diagnostics):
+        for st in arr.status:
+            if st.name.endswith(suffix):
+                return {"level": st.level[0], "message": st.message, **{kv.key: kv.value for kv in st.values}}
+    return None
+
+
+def run_demo(
+    out_dir: str | Path = "demo_out",
+    checkpoint: str | Path | None = None,
+    frames: int = 60,
+    device: str = "cpu",
+    domain_id: int | None = None,
+    startup_timeout: float = 180.0,
+    log=print,
+) -> dict:
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.executors import SingleThreadedExecutor
+    from sensor_msgs.msg import Image
+
+    from .checkpoint import read_checkpoint_config
+    from .classes import DatasetInfo
+    from .player import BagPlayer
+    from .training.metrics import ConfusionMatrix, json_safe
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(checkpoint) if checkpoint else share_path("models", "demo")
+    if not (checkpoint / "model.safetensors").exists():
+        raise DemoError(
+            f"demo checkpoint {checkpoint} is missing model.safetensors; train it as models/demo/TRAINING.md "
+            "says, or pass --checkpoint DIR"
+        )
+    info = DatasetInfo.from_dict(read_checkpoint_config(checkpoint)["classes"], source=str(checkpoint))
+    sample = out / "sample"
+    if not (sample / "bag").exists():
+        log(f"writing the sample bag ({frames} frames at 10 Hz) to {sample}/bag ...")
+        write_sample_bag(sample, frames=frames, fps=10.0, drop_rate=0.05, seed=0)
+    gt = {
+        stamp_to_ns(m.msg.header.stamp): image_to_numpy(m.msg).copy() for m in read_messages(sample / "bag", [GT_TOPIC])
+    }
+    rgb_stamps = [stamp_to_ns(m.msg.header.stamp) for m in read_messages(sample / "bag", [RGB_TOPIC])]
+
+    params = load_param_file(share_path("config", "segment.yaml"))
+    params.update(
+        {
+            "model.checkpoint": str(checkpoint),
+            "model.device": device,
+            "registration.mode": "homography",
+            "registration.file": str((sample / "calibration.yaml").resolve()),
+            "thermal.mode": "linear",
+            "thermal.scale": 0.01,
+            "thermal.min": 250.0,
+            "thermal.max": 330.0,
+            "output.labels": True,
+            "output.overlay": True,
+            "output.thermal_registered": True,
+            "sync.max_wait": 0.05,
+        }
+    )
+    params_file = write_param_file(out / "params.yaml", params)
+
+    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")  # the node and this process must agree
+    domain_id = domain_id if domain_id is not None else 20 + os.getpid() % 80
+    env = dict(
+        os.environ, ROS_DOMAIN_ID=str(domain_id), AMENT_PREFIX_PATH=os.environ.get("AMENT_PREFIX_PATH", sys.prefix)
+    )
+    node_log = open(out / "segment_node.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "segment_node"), "--ros-args", "--params-file", str(params_file)],
+        env=env,
+        stdout=node_log,
+        stderr=subprocess.STDOUT,
+    )
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    node = rclpy.create_node("rgbt_seg_demo", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    received: dict[str, dict[int, tuple[float, np.ndarray]]] = {"labels": {}, "overlay": {}, "thermal_registered": {}}
+    diagnostics: list = []
+
+    def recorder(name):
+        def record(msg):
+            received[name][stamp_to_ns(msg.header.stamp)] = (time.monotonic(), image_to_numpy(msg).copy())
+
+        return record
+
+    for name in received:
+        node.create_subscription(Image, f"/rgbt_seg/{name}", recorder(name), 50)
+    node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 20)
+
+    def spin(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=max(0.0, min(0.01, end - time.monotonic())))
+
+    published_at: dict[int, float] = {}
+    try:
+        log(f"starting segment_node (checkpoint {checkpoint}, {device}) ...")
+        deadline = time.monotonic() + startup_timeout
+        while (_status(diagnostics, "pipeline") or {}).get("model", "loading") == "loading":
+            if proc.poll() is not None:
+                raise DemoError(f"segment_node exited with {proc.returncode}; see {out / 'segment_node.log'}")
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"segment_node sent no diagnostics within {startup_timeout:g} s; see {out / 'segment_node.log'}"
+                )
+            spin(0.2)
+        status = _status(diagnostics, "pipeline")
+        if status["model"].startswith("failed"):
+            raise DemoError(f"segment_node could not load the model: {status['model']}")
+        player = BagPlayer(node, sample / "bag", [RGB_TOPIC, THERMAL_TOPIC, RGB_INFO_TOPIC, THERMAL_INFO_TOPIC], qos=10)
+        rgb_index = iter(rgb_stamps)
+
+        def on_publish(topic, _raw, wall):
+            if topic == RGB_TOPIC:
+                published_at[next(rgb_index)] = wall
+
+        spin(1.0)  # let the player's publishers be discovered
+        log(f"playing {len(rgb_stamps)} RGB frames over DDS with their original timing ...")
+        t0 = time.monotonic()
+        player.play(spin, on_publish)
+        play_s = time.monotonic() - t0
+        spin(3.0)  # the last frames and one more diagnostics message
+        final = _status(diagnostics, "pipeline") or {}
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        node_log.close()
+
+    labels = received["labels"]
+    latencies = [(arr - published_at[s]) * 1e3 for s, (arr, _) in labels.items() if s in published_at]
+    cm = ConfusionMatrix(info.num_classes, info.ignore_index)
+    for stamp, (_, pred) in labels.items():
+        if stamp in gt:
+            cm.update(pred, gt[stamp])
+    seg = cm.as_json(info.class_names)
+    metrics = json_safe(
+        {
+            "checkpoint": str(checkpoint),
+            "model": final.get("model", ""),
+            "frames_published": len(published_at),
+            "frames_segmented": len(labels),
+            "play_seconds": play_s,
+            "latency_ms": {
+                "p50": statistics.median(latencies) if latencies else None,
+                "p95": float(np.percentile(latencies, 95)) if latencies else None,
+            },
+            "model_time_p50_ms": float(final.get("model time p50 (ms)", "nan")),
+            "overhead_over_model": float(final.get("overhead / model", "nan")),
+            "drops": final.get("drops", ""),
+            "miou": seg["miou"],
+            "per_class_iou": {k: v["iou"] for k, v in seg["per_class"].items()},
+            "ground_truth_frames": sum(1 for s in labels if s in gt),
+        }
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_pictures(out, received, gt, info)
+    return metrics
+
+
+def _write_pictures(out: Path, received: dict, gt: dict, info) -> None:
+    from PIL import Image as PilImage
+
+    overlays = [img for _, (_, img) in sorted(received["overlay"].items())]
+    if not overlays:
+        return
+    frames = [PilImage.fromarray(o).resize((320, round(o.shape[0] * 320 / o.shape[1]))) for o in overlays]
+    frames[0].save(out / "overlay.gif", save_all=True, append_images=frames[1:], duration=200, loop=0)
+    stamps = sorted(s for s in received["overlay"] if s in gt)[:: max(1, len(received["overlay"]) // 6)][:6]
+    tiles, captions = [], []
+    for s in stamps:
+        thermal = received["thermal_registered"].get(s)
+        row = [
+            received["overlay"][s][1],
+            thermal_to_rgb(thermal[1].astype(np.float32) / 255.0)
+            if thermal is not None
+            else np.zeros_like(received["overlay"][s][1]),
+            colorize(received["labels"][s][1], info.palette)
+            if s in received["labels"]
+            else np.zeros_like(received["overlay"][s][1]),
+            colorize(gt[s], info.palette),
+        ]
+        tiles += row
+        captions += ["overlay", "thermal (registered)", "prediction", "ground truth"]
+    if tiles:
+        import cv2
+
+        sheet = contact_sheet(tiles, cols=4, captions=captions, tile_width=240)
+        cv2.imwrite(str(out / "contact_sheet.png"), sheet[:, :, ::-1])
