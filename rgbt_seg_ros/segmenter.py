@@ -60,6 +60,26 @@ def resolve_device(device: str | torch.device) -> torch.device:
     raise ValueError(f"unknown device '{name}'; expected auto, cpu, cuda or cuda:N")
 
 
+def normalize_batch(
+    normalization: dict, rgb: torch.Tensor, thermal: torch.Tensor, rgb_range: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model-side normalisation of a batch, shared by the Segmenter and the trainer.
+
+    ``normalization`` is a model config's ``normalization`` section (or a whole config that has
+    one): ``rgb: {mean: [3], std: [3]}`` for RGB in [0, 1] and ``thermal: {mean: [1], std: [1]}``
+    for thermal in [0, 1]. ``rgb`` (B, 3, H, W) is given in [0, ``rgb_range``] (255 for uint8
+    pixels converted to float), ``thermal`` (B, 1, H, W) in [0, 1]. Returns ``(rgb, thermal)``
+    normalised; masking thermal with ``valid`` is left to the caller (after any padding).
+    """
+    norm = normalization.get("normalization", normalization)
+    dev = rgb.device
+    rgb_mean = torch.tensor(norm["rgb"]["mean"], device=dev).view(1, 3, 1, 1) * rgb_range
+    rgb_std = torch.tensor(norm["rgb"]["std"], device=dev).view(1, 3, 1, 1) * rgb_range
+    th_mean = float(norm["thermal"]["mean"][0])
+    th_std = float(norm["thermal"]["std"][0])
+    return (rgb - rgb_mean) / rgb_std, (thermal - th_mean) / th_std
+
+
 def fit_size(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> tuple[int, int]:
     """Largest (h, w) with the source aspect ratio that fits into ``dst_hw``."""
     scale = min(dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1])
@@ -86,11 +106,7 @@ class Segmenter:
         self._info = dataset_info
         self._model = model.to(self._device).eval()
         self._input_size = (int(cfg["input_size"][0]), int(cfg["input_size"][1]))
-        norm = cfg["normalization"]
-        self._rgb_mean = torch.tensor(norm["rgb"]["mean"], device=self._device).view(1, 3, 1, 1) * 255.0
-        self._rgb_std = torch.tensor(norm["rgb"]["std"], device=self._device).view(1, 3, 1, 1) * 255.0
-        self._th_mean = float(norm["thermal"]["mean"][0])
-        self._th_std = float(norm["thermal"]["std"][0])
+        self._normalization = cfg["normalization"]
         self._label_dtype = np.uint8 if dataset_info.num_classes <= 255 else np.uint16
         if warmup:
             self.warmup()
@@ -207,8 +223,7 @@ class Segmenter:
             anti = nh < h
             rgb_t = F.interpolate(rgb_t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=anti)
             th_t = F.interpolate(th_t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=anti)
-        rgb_t = (rgb_t - self._rgb_mean) / self._rgb_std
-        th_t = (th_t - self._th_mean) / self._th_std
+        rgb_t, th_t = normalize_batch(self._normalization, rgb_t, th_t, rgb_range=255.0)
         valid_t = None
         if valid is not None:
             valid_t = torch.from_numpy(np.ascontiguousarray(valid)).to(dev)[None, None].float()
