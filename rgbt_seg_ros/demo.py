@@ -15,10 +15,7 @@ header stamps are from the recording, not from now).
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import numpy as np
 from .bags import read_messages, stamp_to_ns
 from .data.sample_bag import GT_TOPIC, RGB_INFO_TOPIC, RGB_TOPIC, THERMAL_INFO_TOPIC, THERMAL_TOPIC, write_sample_bag
 from .imaging import image_to_numpy
+from .node_session import NodeSession, NodeSessionError
 from .params import load_param_file, write_param_file
 from .render import colorize, contact_sheet, thermal_to_rgb
 from .resources import share_path
@@ -34,14 +32,6 @@ from .resources import share_path
 
 class DemoError(RuntimeError):
     """The demo could not run; the text says what to do."""
-
-
-def _status(diagnostics, suffix: str) -> dict | None:
-    for arr in reversed(diagnostics):
-        for st in arr.status:
-            if st.name.endswith(suffix):
-                return {"level": st.level[0], "message": st.message, **{kv.key: kv.value for kv in st.values}}
-    return None
 
 
 def run_demo(
@@ -53,9 +43,6 @@ def run_demo(
     startup_timeout: float = 180.0,
     log=print,
 ) -> dict:
-    import rclpy
-    from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.executors import SingleThreadedExecutor
     from sensor_msgs.msg import Image
 
     from .checkpoint import read_checkpoint_config
@@ -100,25 +87,8 @@ def run_demo(
     )
     params_file = write_param_file(out / "params.yaml", params)
 
-    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")  # the node and this process must agree
-    domain_id = domain_id if domain_id is not None else 20 + os.getpid() % 80
-    env = dict(
-        os.environ, ROS_DOMAIN_ID=str(domain_id), AMENT_PREFIX_PATH=os.environ.get("AMENT_PREFIX_PATH", sys.prefix)
-    )
-    node_log = open(out / "segment_node.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "segment_node"), "--ros-args", "--params-file", str(params_file)],
-        env=env,
-        stdout=node_log,
-        stderr=subprocess.STDOUT,
-    )
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=domain_id)
-    node = rclpy.create_node("rgbt_seg_demo", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
     received: dict[str, dict[int, tuple[float, np.ndarray]]] = {"labels": {}, "overlay": {}, "thermal_registered": {}}
-    diagnostics: list = []
+    published_at: dict[int, float] = {}
 
     def recorder(name):
         def record(msg):
@@ -126,53 +96,28 @@ def run_demo(
 
         return record
 
-    for name in received:
-        node.create_subscription(Image, f"/rgbt_seg/{name}", recorder(name), 50)
-    node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 20)
-
-    def spin(seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            executor.spin_once(timeout_sec=max(0.0, min(0.01, end - time.monotonic())))
-
-    published_at: dict[int, float] = {}
     try:
-        log(f"starting segment_node (checkpoint {checkpoint}, {device}) ...")
-        deadline = time.monotonic() + startup_timeout
-        while (_status(diagnostics, "pipeline") or {}).get("model", "loading") == "loading":
-            if proc.poll() is not None:
-                raise DemoError(f"segment_node exited with {proc.returncode}; see {out / 'segment_node.log'}")
-            if time.monotonic() > deadline:
-                raise DemoError(
-                    f"segment_node sent no diagnostics within {startup_timeout:g} s; see {out / 'segment_node.log'}"
-                )
-            spin(0.2)
-        status = _status(diagnostics, "pipeline")
-        if status["model"].startswith("failed"):
-            raise DemoError(f"segment_node could not load the model: {status['model']}")
-        player = BagPlayer(node, sample / "bag", [RGB_TOPIC, THERMAL_TOPIC, RGB_INFO_TOPIC, THERMAL_INFO_TOPIC], qos=10)
-        rgb_index = iter(rgb_stamps)
+        with NodeSession(params_file, out / "segment_node.log", domain_id=domain_id, client_name="rgbt_seg_demo") as s:
+            for name in received:
+                s.node.create_subscription(Image, f"/rgbt_seg/{name}", recorder(name), 50)
+            log(f"starting segment_node (checkpoint {checkpoint}, {device}) ...")
+            s.wait_until_loaded(startup_timeout)
+            player = BagPlayer(s.node, sample / "bag", [RGB_TOPIC, THERMAL_TOPIC, RGB_INFO_TOPIC, THERMAL_INFO_TOPIC])
+            rgb_index = iter(rgb_stamps)
 
-        def on_publish(topic, _raw, wall):
-            if topic == RGB_TOPIC:
-                published_at[next(rgb_index)] = wall
+            def on_publish(topic, _raw, wall):
+                if topic == RGB_TOPIC:
+                    published_at[next(rgb_index)] = wall
 
-        spin(1.0)  # let the player's publishers be discovered
-        log(f"playing {len(rgb_stamps)} RGB frames over DDS with their original timing ...")
-        t0 = time.monotonic()
-        player.play(spin, on_publish)
-        play_s = time.monotonic() - t0
-        spin(3.0)  # the last frames and one more diagnostics message
-        final = _status(diagnostics, "pipeline") or {}
-    finally:
-        node.destroy_node()
-        rclpy.shutdown(context=context)
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        node_log.close()
+            s.spin(1.0)  # let the player's publishers be discovered
+            log(f"playing {len(rgb_stamps)} RGB frames over DDS with their original timing ...")
+            t0 = time.monotonic()
+            player.play(s.spin, on_publish)
+            play_s = time.monotonic() - t0
+            s.spin(3.0)  # the last frames and one more diagnostics message
+            final = s.status("pipeline") or {}
+    except NodeSessionError as exc:
+        raise DemoError(str(exc)) from exc
 
     labels = received["labels"]
     latencies = [(arr - published_at[s]) * 1e3 for s, (arr, _) in labels.items() if s in published_at]

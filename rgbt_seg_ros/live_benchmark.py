@@ -16,10 +16,7 @@ latency stays near one model forward).
 
 from __future__ import annotations
 
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +25,7 @@ import numpy as np
 import yaml
 
 from .imaging import fill_image_msg
+from .node_session import NodeSession, NodeSessionError
 from .params import write_param_file
 
 
@@ -52,14 +50,6 @@ def make_random_checkpoint(config: str, out_dir: Path, input_size=None, dataset=
     return out_dir
 
 
-def _status(diagnostics, suffix: str) -> dict | None:
-    for arr in reversed(diagnostics):
-        for st in arr.status:
-            if st.name.endswith(suffix):
-                return {"level": st.level[0], "message": st.message, **{kv.key: kv.value for kv in st.values}}
-    return None
-
-
 def bench_node(
     checkpoint: Path,
     rate_hz: float = 10.0,
@@ -69,17 +59,11 @@ def bench_node(
     domain_id: int | None = None,
     startup_timeout: float = 120.0,
 ) -> dict:
-    # both participants must use the same Fast DDS transports (DESIGN.md: large-data transport for images)
-    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
-    import rclpy
-    from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
     from .data.synthetic import SceneGenerator
 
-    domain_id = domain_id if domain_id is not None else 100 + os.getpid() % 100
     work = Path(tempfile.mkdtemp(prefix="rgbt_bench_node_"))
     gen = SceneGenerator(seed=0, rgb_size=tuple(size), thermal_size=(size[0] * 512 // 480, size[1]))
     (work / "calibration.yaml").write_text(yaml.safe_dump(gen.calibration_dict()))
@@ -98,70 +82,44 @@ def bench_node(
             "sync.max_wait": 0.05,
         },
     )
-    env = dict(
-        os.environ,
-        ROS_DOMAIN_ID=str(domain_id),
-        FASTDDS_BUILTIN_TRANSPORTS="LARGE_DATA",
-        AMENT_PREFIX_PATH=os.environ.get("AMENT_PREFIX_PATH", sys.prefix),
-    )
-    node_exe = str(Path(sys.executable).parent / "segment_node")
-    proc = subprocess.Popen(
-        [node_exe, "--ros-args", "--params-file", str(params)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=domain_id)
-    node = rclpy.create_node("bench_node_client", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    arrivals: list[tuple[int, int]] = []  # (stamp ns, arrival ns)
-    diagnostics: list = []
-    node.create_subscription(
-        Image,
-        "/rgbt_seg/labels",
-        lambda m: arrivals.append(
-            (m.header.stamp.sec * 10**9 + m.header.stamp.nanosec, node.get_clock().now().nanoseconds)
-        ),
-        50,
-    )
-    node.create_subscription(Image, "/rgbt_seg/overlay", lambda m: None, 5)
-    node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 20)
-    rgb_pub = node.create_publisher(Image, "/rgb/image_raw", qos_profile_sensor_data)
-    th_pub = node.create_publisher(Image, "/thermal/image_raw", qos_profile_sensor_data)
     sample = gen.sample(0, "day")
     rgb_msg = fill_image_msg(Image(), np.ascontiguousarray(sample.rgb[:, :, ::-1]), "bgr8")
     th_msg = fill_image_msg(Image(), sample.thermal, "mono16")
     rgb_msg.header.frame_id, th_msg.header.frame_id = "rgb_camera_optical_frame", "thermal_camera_optical_frame"
-
-    def publish():
-        now = node.get_clock().now()
-        rgb_msg.header.stamp = now.to_msg()
-        th_msg.header.stamp = now.to_msg()
-        rgb_pub.publish(rgb_msg)
-        th_pub.publish(th_msg)
-
-    def spin_for(duration):
-        end = time.monotonic() + duration
-        while time.monotonic() < end:
-            executor.spin_once(timeout_sec=max(0.0, min(0.005, end - time.monotonic())))
-
+    arrivals: list[tuple[int, int]] = []  # (stamp ns, arrival ns)
     period = 1.0 / rate_hz
-    try:
+    with NodeSession(params, work / "segment_node.log", domain_id=domain_id, client_name="bench_node_client") as s:
+        node = s.node
+        node.create_subscription(
+            Image,
+            "/rgbt_seg/labels",
+            lambda m: arrivals.append(
+                (m.header.stamp.sec * 10**9 + m.header.stamp.nanosec, node.get_clock().now().nanoseconds)
+            ),
+            50,
+        )
+        node.create_subscription(Image, "/rgbt_seg/overlay", lambda m: None, 5)
+        rgb_pub = node.create_publisher(Image, "/rgb/image_raw", qos_profile_sensor_data)
+        th_pub = node.create_publisher(Image, "/thermal/image_raw", qos_profile_sensor_data)
+
+        def publish():
+            now = node.get_clock().now().to_msg()
+            rgb_msg.header.stamp = now
+            th_msg.header.stamp = now
+            rgb_pub.publish(rgb_msg)
+            th_pub.publish(th_msg)
+
+        s.wait_until_loaded(startup_timeout)
         deadline = time.monotonic() + startup_timeout
-        while not arrivals:  # warm-up: the node loads the model and answers
-            if proc.poll() is not None:
-                raise RuntimeError(f"segment_node exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        while not arrivals:  # warm-up: the first frames through the whole graph
+            s.check_alive()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"segment_node published no labels within {startup_timeout:g} s; last diagnostics: "
-                                   f"{_status(diagnostics, 'pipeline')} {_status(diagnostics, 'rgb camera')}")
+                raise NodeSessionError(f"segment_node published no labels within {startup_timeout:g} s")
             publish()
-            spin_for(period)
-        spin_for(2.0)
+            s.spin(period)
+        s.spin(2.0)
         arrivals.clear()
-        diagnostics.clear()
+        s.diagnostics.clear()
         sent = 0
         t_start = time.monotonic()
         next_t = t_start
@@ -169,20 +127,12 @@ def bench_node(
             publish()
             sent += 1
             next_t += period
-            spin_for(max(0.0, next_t - time.monotonic()))
+            s.spin(max(0.0, next_t - time.monotonic()))
         received_during = len(arrivals)
-        spin_for(3.0)  # let the last frame and a diagnostics message arrive
+        s.spin(3.0)  # the last frame and a diagnostics message
         after_stop = len(arrivals) - received_during
-    finally:
-        node.destroy_node()
-        rclpy.shutdown(context=context)
-        proc.terminate()
-        try:
-            proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        pipe = s.status("pipeline") or {}
     latencies = [(arr - st) / 1e6 for st, arr in arrivals]
-    pipe = _status(diagnostics, "pipeline") or {}
     return {
         "checkpoint": str(checkpoint),
         "size": list(size),
