@@ -106,6 +106,7 @@ def test_pairs_come_back_as_labels_and_overlays_with_the_rgb_header(node_and_cli
     assert (overlay.height, overlay.width, overlay.encoding) == (H, W, "rgb8")
     conf = image_to_numpy(client.received["confidence"][0][1])
     assert conf.dtype == np.float32 and 0.0 < conf.min() and conf.max() <= 1.0
+
     def processed():
         status = client.latest_status("pipeline")
         return status is not None and int(status["processed"]) >= 3
@@ -239,3 +240,23 @@ def test_overload_drops_old_pairs_instead_of_queueing(tmp_path, ros_env):
     finally:
         client.close()
         print(stop(proc)[-3000:])
+
+
+def test_reset_service_clears_statistics(node_and_client):
+    from std_srvs.srv import Trigger
+
+    proc, client = node_and_client
+    wait_until_ready(client, proc)
+    assert client.wait_for(
+        lambda: int((client.latest_status("pipeline") or {"processed": "0"})["processed"]) > 0, 10, proc
+    )
+    cli = client.node.create_client(Trigger, "/rgbt_seg/reset")
+    assert cli.wait_for_service(timeout_sec=10.0)
+    future = cli.call_async(Trigger.Request())
+    client.executor.spin_until_future_complete(future, timeout_sec=10.0)
+    assert future.result() is not None and future.result().success
+    client.diagnostics.clear()
+    assert client.wait_for(lambda: client.latest_status("pipeline") is not None, 5, proc)
+    status = client.latest_status("pipeline")
+    assert status["processed"] == "0" and status["paired"] == "0"
+    assert client.latest_status("rgb camera")["received"] == "0"
