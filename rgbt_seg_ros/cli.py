@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("calibrate", "fit the thermal->RGB homography from checkerboard images; write calibration YAML"),
     "replay": ("replay", "run the node's pipeline over a bag: output bag, metrics.json, report.md"),
     "demo": ("demo", "the live demo: segment_node + demo checkpoint over the sample bag; GIF, contact sheet"),
+    "export-onnx": ("export_onnx", "export a checkpoint's model forward to ONNX (opset 17); onnxruntime parity check"),
     "bench": ("bench", "benchmarks that print figures: model (forward time, GFLOP, matmul ratio)"),
 }
 

@@ -1,4 +1,10 @@
-"""``rgbt-seg bench model``: parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s.
+"""``rgbt-seg bench``: benchmarks that print figures (markdown) and write them as JSON (``--json``).
+
+``model`` (this module): parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s;
+``node`` (``live_benchmark.py``): the live node over DDS; ``pipeline`` and ``memory``
+(``pipeline_benchmark.py``): per-stage time of a frame and RSS over N pairs.
+
+``bench model``: parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s.
 
 The model is built from its config with random weights when no SAM2 checkpoint is given
 (the compute is the same); the trainable count is then reported for the configured freezing.
@@ -59,6 +65,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     n.add_argument("--seconds", type=float, default=20.0, help="measured duration (default 20)")
     n.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     n.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    pl = sub.add_parser("pipeline", help="per-stage ms of one frame at 640x480 and 1280x720 (node's objects)")
+    _model_source_arguments(pl, default_config="models/sartm_tiny.yaml")
+    pl.add_argument(
+        "--sizes",
+        nargs="+",
+        default=["480x640", "720x1280"],
+        metavar="HxW",
+        help="camera image sizes, height x width (default 480x640 720x1280)",
+    )
+    pl.add_argument("--repeats", type=int, default=10, help="timed frames per size (default 10)")
+    pl.add_argument("--warmup", type=int, default=2, help="untimed frames per size first (default 2)")
+    pl.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="inference precision")
+    pl.add_argument(
+        "--profile", type=int, default=0, metavar="ROWS", help="also print the torch profiler's top ROWS operators"
+    )
+    mem = sub.add_parser("memory", help="RSS over N pairs of the node's per-frame path (leak check)")
+    _model_source_arguments(mem, default_config="models/sartm_micro.yaml")
+    mem.add_argument("--pairs", type=int, default=2000, help="measured pairs (default 2000)")
+    mem.add_argument("--warmup", type=int, default=50, help="pairs before the reference RSS is taken (default 50)")
+    mem.add_argument("--size", default="480x640", metavar="HxW", help="camera image size (default 480x640)")
+    mem.add_argument("--samples", type=int, default=20, help="RSS samples along the run (default 20)")
+
+
+def _model_source_arguments(p: argparse.ArgumentParser, default_config: str) -> None:
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: random weights)")
+    p.add_argument(
+        "--config", default=default_config, help=f"model config for random weights (default {default_config})"
+    )
+    p.add_argument(
+        "--model-size", type=int, nargs=2, metavar=("H", "W"), default=None, help="model input size (random weights)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'480x640' -> (480, 640): height x width."""
+    try:
+        h, w = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"image size '{text}' must be HEIGHTxWIDTH, e.g. 480x640") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size '{text}' must be positive")
+    return h, w
 
 
 def _explicit_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
@@ -228,6 +279,8 @@ def markdown(result: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.target == "node":
         return run_node(args)
+    if args.target in ("pipeline", "memory"):
+        return run_pipeline_or_memory(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -272,6 +325,47 @@ def run_node(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(live_benchmark.markdown(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def run_pipeline_or_memory(args: argparse.Namespace) -> int:
+    from .. import pipeline_benchmark as pb
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_size = tuple(args.model_size) if args.model_size else None
+    try:
+        if args.target == "pipeline":
+            sizes = [parse_size(s) for s in args.sizes]
+            seg = pb.load_segmenter(args.checkpoint, args.config, model_size, args.device, args.precision)
+            result = pb.bench_pipeline(
+                checkpoint=args.checkpoint,
+                config=args.config,
+                sizes=sizes,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                segmenter=seg,
+            )
+            print(pb.markdown_pipeline(result))
+            if args.profile:
+                print(pb.profile_model(seg, rows=args.profile))
+        else:
+            result = pb.bench_memory(
+                checkpoint=args.checkpoint,
+                config=args.config,
+                model_size=model_size,
+                pairs=args.pairs,
+                size=parse_size(args.size),
+                warmup=args.warmup,
+                samples=args.samples,
+                device=args.device,
+                progress=lambda n, rss: print(f"  {n} pairs: RSS {rss:.1f} MB", file=sys.stderr, flush=True),
+            )
+            print(pb.markdown_memory(result))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     _write_json(args.json, result)
     return 0
 
