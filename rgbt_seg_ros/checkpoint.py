@@ -140,7 +140,10 @@ def read_checkpoint_config(ckpt_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: a checkpoint directory holds {CONFIG_FILE} and {MODEL_FILE}")
     with open(path) as f:
-        config = yaml.safe_load(f)
+        try:
+            config = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML (damaged checkpoint?): {exc}") from None
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{path}: expected format '{CHECKPOINT_FORMAT}', found {found!r}")
@@ -208,9 +211,12 @@ def load_checkpoint(
     tensor_path = d / MODEL_FILE
     if not tensor_path.is_file():
         raise FileNotFoundError(f"{tensor_path} does not exist")
-    with safe_open(str(tensor_path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(tensor_path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises SafetensorError (not a ValueError) for damaged files
+        raise ValueError(f"{tensor_path} is not a readable safetensors file (truncated or damaged?): {exc}") from None
     if meta.get("backend") not in (None, name):
         raise ValueError(f"{tensor_path} holds a '{meta['backend']}' model but {CONFIG_FILE} says '{name}'")
     if meta.get("num_classes") is not None and int(meta["num_classes"]) != dataset_info.num_classes:
