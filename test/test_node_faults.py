@@ -186,19 +186,18 @@ def test_a_stalled_rgb_camera_is_reported_and_output_resumes(launch, micro_check
     proc, client = launch(**{"model.checkpoint": str(micro_checkpoint), "stale_timeout": 0.5})
     wait_until_ready(client, proc)
     base = now_ns(client) + 10_000_000_000
-    for i in range(15):  # RGB stalls for 1.5 s; thermal keeps coming
+    for i in range(25):  # RGB stalls for 2.5 s; thermal keeps coming (diagnostics arrive meanwhile)
         _, thermal = scene(i)
         th = fill_image_msg(Image(), thermal, "mono16")
         th.header.stamp.sec, th.header.stamp.nanosec = divmod(base + i * 100_000_000, 1_000_000_000)
         client.thermal_pub.publish(th)
         client.spin(0.1)
     n_stalled = len(client.received["labels"])
-    client.spin(1.0)
     rgb_cam = client.latest_status("rgb camera")
     assert rgb_cam["level"] == 1 and "stale" in rgb_cam["message"]
     assert client.latest_status("thermal camera")["level"] == 0
     assert len(client.received["labels"]) == n_stalled  # nothing to segment without RGB
-    for i in range(15, 45):  # RGB is back
+    for i in range(25, 55):  # RGB is back
         client.publish_pair(*scene(i), base + i * 100_000_000)
         client.spin(0.1)
         if len(client.received["labels"]) >= n_stalled + 3:
