@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-sample-dataset": ("make_sample_dataset", "write a small synthetic dataset in a benchmark's layout"),
     "pairs": ("pairs", "pair a bag's RGB and thermal stamps with the node's synchronizer; counts and CSV"),
     "calibrate": ("calibrate", "fit the thermal->RGB homography from checkerboard images; write calibration YAML"),
+    "train": ("train", "train a model config on a dataset (DDP under torchrun)"),
+    "evaluate": ("evaluate", "score a checkpoint on a dataset split; JSON, markdown, plots"),
     "replay": ("replay", "run the node's pipeline over a bag: output bag, metrics.json, report.md"),
     "demo": ("demo", "the live demo: segment_node + demo checkpoint over the sample bag; GIF, contact sheet"),
     "export-onnx": ("export_onnx", "export a checkpoint's model forward to ONNX (opset 17); onnxruntime parity check"),

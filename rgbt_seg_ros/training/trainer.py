@@ -1,0 +1,779 @@
+"""The training loop behind ``rgbt-seg train``: seeded, exactly resumable, single process or DDP.
+
+A run is described by two dicts: the **model config** (``models/*.yaml``, resolved by
+:func:`rgbt_seg_ros.models.resolve_model_config`) and the **train config** (``TRAIN_DEFAULTS``
+below; from ``--train-config FILE.yaml`` and the command-line flags). The train config's
+``model:`` section overrides model-config keys (e.g. ``{output: {combine: s0}}``), so one model
+YAML serves several experiments.
+
+What one step does: a batch of augmented items (:mod:`.transforms`, each item's randomness drawn
+from ``(seed, epoch, index)``, so workers, ranks and resumption never change it) is normalised
+with :func:`rgbt_seg_ros.segmenter.normalize_batch` (the Segmenter's own function), run through
+the model, scored with :class:`.losses.SartmLoss` (eq. 15) and optimised with AdamW (no weight
+decay on biases and 1-D parameters, as the paper's code); the learning rate follows a linear
+warm-up then a poly(0.9) decay (:class:`WarmupPolySchedule`).
+
+Outputs under ``OUT``::
+
+    OUT/last/    checkpoint (model.safetensors + config.yaml, the format of checkpoint.py)
+                 + train_state.pt (optimizer, RNG states, step, best mIoU; torch.load(weights_only=True))
+                 + train_config.yaml
+    OUT/best/    checkpoint with the best validation mIoU (+ metrics.json)
+    OUT/metrics.jsonl          one JSON object per logged step and per validation
+    OUT/model_config.yaml      the resolved model config (with the SAM2 path), used by --resume
+    OUT/train_config.yaml      the train config
+    OUT/tensorboard/           scalars, when the ``tensorboard`` package is installed
+
+Checkpoint directories are written to a temporary directory and renamed into place, so a crash
+while saving leaves the previous ``last/`` intact.
+
+Exact resumption: ``last/`` holds the trained tensors, the AdamW state, the step and epoch, the
+python / numpy / torch (and CUDA) RNG states and the prototype memory of the loss. Resuming
+from a mid-epoch stop skips the batches the epoch had already served (the epoch's order is a
+function of the seed and the epoch). On CPU, N steps in one go and N/2 + resume + N/2 give
+bit-identical weights (``test/test_trainer.py``).
+
+Distributed: started by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the
+environment) the trainer joins a process group (``nccl`` on CUDA, ``gloo`` on CPU), wraps the
+model in DistributedDataParallel and the data in a DistributedSampler; ``batch_size`` is per
+process; validation is sharded and the confusion matrices summed; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from ..classes import DatasetInfo, load_dataset_info
+from ..models import build_model, load_model_config, resolve_model_config
+from ..segmenter import PRECISIONS, fit_size, normalize_batch, resolve_device
+from .datasets import DATASET_KINDS, DatasetError, build_dataset
+from .losses import PAPER_WEIGHTS, SartmLoss
+from .transforms import build_train_transform, resize_item
+
+TRAIN_STATE_FILE = "train_state.pt"
+TRAIN_CONFIG_FILE = "train_config.yaml"
+MODEL_CONFIG_FILE = "model_config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+#: Every train-config key with its default (``--train-config`` files may set any of them).
+TRAIN_DEFAULTS: dict = {
+    "dataset": None,  # pst900 | mfnet | fmb | folder | synthetic
+    "data": None,  # dataset root (not for synthetic)
+    "classes": None,  # class file name or path; default: the dataset kind's (folder needs it)
+    "dataset_options": {},  # build_dataset keywords (synthetic: count, seed, size, conditions; pst900: thermal_dir)
+    "val_dataset_options": {},  # overrides of dataset_options for the validation set
+    "train_split": "train",
+    "val_split": "val",  # null: no validation
+    "epochs": 50,
+    "max_steps": None,  # total optimiser steps (the schedule's length); default epochs x steps per epoch
+    "stop_after_steps": None,  # stop (and save last/) after this many steps; the schedule is unchanged
+    "batch_size": 2,  # per process
+    "lr": 1.0e-4,
+    "weight_decay": 0.01,
+    "betas": [0.9, 0.999],
+    "warmup_steps": None,  # default: warmup_fraction of the total steps
+    "warmup_fraction": 0.05,
+    "warmup_start": 1.0e-3,  # warm-up starts at lr * warmup_start
+    "poly_power": 0.9,
+    "min_lr": 0.0,
+    "grad_clip": None,  # max gradient L2 norm, or null
+    "seed": 0,
+    "num_workers": 0,
+    "device": "auto",  # auto | cpu | cuda | cuda:N (DDP on CUDA uses cuda:LOCAL_RANK)
+    "precision": "fp32",  # fp32 | bf16 | fp16 (autocast; CUDA only, CPU always trains in fp32)
+    "fit_to_input": True,  # resize each image to fit the model's input size (as the Segmenter does) before augmenting
+    "transform": {},  # build_train_transform options; crop_size defaults to the model's input_size
+    "modalities": "rgbt",  # rgbt | rgb (thermal blanked: thermal = 0, valid = 0, in training and validation)
+    "loss": {
+        "weights": list(PAPER_WEIGHTS),  # w0 CE(S0), w1 CE(S1), w2 L_cr, w3 L_se
+        "ohem_thresh": 0.7,
+        "min_kept_fraction": 1.0 / 16.0,
+        "feature_level": "sfm",
+        "temperature": 1.0,
+        "cr_temperature": 1.0,
+    },
+    "val_every": 1,  # epochs between validations
+    "val_max_items": None,
+    "save_every": 1,  # epochs between last/ checkpoints (last/ is also written at the end and at a stop)
+    "log_every": 10,  # steps between metrics.jsonl rows
+    "progress": None,  # tqdm bar: null = when stderr is a terminal
+    "tensorboard": True,  # also write TensorBoard scalars when the package is installed
+    "sam2_checkpoint": None,  # official SAM2 weights (overrides the model config's encoder.checkpoint)
+    "model": {},  # overrides merged into the model config
+}
+
+
+class TrainConfigError(ValueError):
+    """A train config that cannot be used; the text names the key and what was expected."""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_train_config(cfg: dict | None) -> dict:
+    """Merge over ``TRAIN_DEFAULTS`` and check it; unknown keys are errors."""
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise TrainConfigError(f"train config has unknown key(s) {unknown}; expected some of {sorted(TRAIN_DEFAULTS)}")
+    loss_unknown = sorted(set(cfg.get("loss") or {}) - set(TRAIN_DEFAULTS["loss"]))
+    if loss_unknown:
+        raise TrainConfigError(f"train config loss has unknown key(s) {loss_unknown}")
+    out = _merge(TRAIN_DEFAULTS, cfg)
+    if out["dataset"] not in DATASET_KINDS:
+        raise TrainConfigError(f"unknown dataset '{out['dataset']}'; expected one of {', '.join(DATASET_KINDS)}")
+    if out["dataset"] != "synthetic" and not out["data"]:
+        raise TrainConfigError(f"dataset '{out['dataset']}' needs a data folder (--data DIR)")
+    if out["dataset"] == "folder" and not out["classes"]:
+        raise TrainConfigError("dataset 'folder' needs a class file (--classes NAME or path to a class YAML)")
+    for key in ("epochs", "batch_size"):
+        if not isinstance(out[key], int) or out[key] < 1:
+            raise TrainConfigError(f"train config '{key}' must be an integer >= 1, got {out[key]!r}")
+    for key in ("max_steps", "stop_after_steps", "warmup_steps"):
+        if out[key] is not None and (not isinstance(out[key], int) or out[key] < 0):
+            raise TrainConfigError(f"train config '{key}' must be null or an integer >= 0, got {out[key]!r}")
+    if not float(out["lr"]) > 0:
+        raise TrainConfigError(f"train config 'lr' must be > 0, got {out['lr']!r}")
+    if out["modalities"] not in ("rgbt", "rgb"):
+        raise TrainConfigError(f"train config 'modalities' must be 'rgbt' or 'rgb', got {out['modalities']!r}")
+    if out["precision"] not in PRECISIONS:
+        raise TrainConfigError(f"train config 'precision' must be one of {', '.join(PRECISIONS)}")
+    weights = out["loss"]["weights"]
+    if not isinstance(weights, (list, tuple)) or len(weights) != 4:
+        raise TrainConfigError(f"train config loss.weights must list 4 values (w0..w3), got {weights!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- schedule, optimiser
+
+
+@dataclass(frozen=True)
+class WarmupPolySchedule:
+    """Linear warm-up from ``lr * warmup_start`` to ``lr`` over ``warmup_steps``, then
+    ``min_lr + (lr - min_lr) * (1 - t)^power`` with t going from 0 to 1 over the remaining steps."""
+
+    lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    warmup_start: float = 1e-3
+    power: float = 0.9
+    min_lr: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            frac = self.warmup_start + (1.0 - self.warmup_start) * step / max(1, self.warmup_steps)
+            return self.lr * frac
+        span = max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + (self.lr - self.min_lr) * (1.0 - t) ** self.power
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: with weight decay, and without (biases, norms, 1-D tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": float(weight_decay)}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+# --------------------------------------------------------------------------- seeding and RNG state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def rng_state() -> dict:
+    """All global RNG states as tensors (loadable with ``torch.load(weights_only=True)``)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": torch.tensor(py[1], dtype=torch.int64),
+        "python_version": int(py[0]),
+        "python_gauss": py[2],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_gauss"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- data
+
+
+class AugmentedDataset(Dataset):
+    """A dataset's items, fitted to the model's input size and augmented with a per-item generator
+    seeded by ``(seed, epoch, index)``: the same batch content whatever the workers, ranks or resumption."""
+
+    def __init__(self, base: Dataset, transform, seed: int, fit_size_hw: tuple[int, int] | None) -> None:
+        self.base = base
+        self.transform = transform
+        self.seed = int(seed)
+        self.fit_hw = fit_size_hw
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.base[index]
+        if self.fit_hw is not None:
+            h, w = item["labels"].shape[-2:]
+            nh, nw = fit_size((h, w), self.fit_hw)
+            if (nh, nw) != (h, w):
+                item = resize_item(item, (nh, nw))
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        item = self.transform(item, rng)
+        item.pop("name", None)  # strings are not needed by the step; keep collation cheap
+        return item
+
+
+class EpochSampler(Sampler):
+    """The epoch's index order (shuffled by seed and epoch; a DistributedSampler's shard under DDP),
+    optionally skipping the first ``skip`` indices (resuming in the middle of an epoch)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
+        self.dist = (
+            DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+            if world_size > 1
+            else None
+        )
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = int(epoch), int(skip)
+
+    def indices(self) -> list[int]:
+        if self.dist is not None:
+            self.dist.set_epoch(self.epoch)
+            order = list(self.dist)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        return order[self.skip :]
+
+    def per_epoch(self) -> int:
+        return len(self.dist) if self.dist is not None else self.n
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return max(0, self.per_epoch() - self.skip)
+
+
+def dataset_info_for_training(cfg: dict) -> DatasetInfo:
+    if cfg["classes"]:
+        return load_dataset_info(cfg["classes"])
+    return load_dataset_info(cfg["dataset"])
+
+
+def _dataset(cfg: dict, info: DatasetInfo, split: str, options: dict, input_size) -> Dataset:
+    opts = copy.deepcopy(options)
+    if cfg["dataset"] == "synthetic":
+        opts.setdefault("size", list(input_size))
+        opts["size"] = tuple(opts["size"])
+    try:
+        return build_dataset(cfg["dataset"], cfg["data"], split, info, **opts)
+    except (DatasetError, FileNotFoundError) as exc:
+        raise DatasetError(f"{cfg['dataset']} {split} set: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the process group described by torchrun's environment (no-op for a single process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local)
+
+
+# --------------------------------------------------------------------------- checkpoints on disk
+
+
+def _atomic_dir_write(target: Path, write) -> None:
+    """Write a directory via ``write(tmp_dir)``, then swap it into ``target`` (the old one survives a crash)."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_last(out_dir: Path) -> Path | None:
+    """``OUT/last``, or the previous one kept aside by an interrupted save."""
+    for name in ("last", ".last.old"):
+        d = Path(out_dir) / name
+        if (d / TRAIN_STATE_FILE).is_file():
+            return d
+    return None
+
+
+def _peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Train one model; see the module docstring.
+
+    ``model_config``: path or dict (a model YAML); ``train_config``: dict over ``TRAIN_DEFAULTS``;
+    ``text_embeddings``: class-name embeddings (default: computed by the text teacher when the
+    model uses language guidance); ``resume``: continue from ``out_dir/last``.
+    """
+
+    def __init__(
+        self,
+        model_config: str | Path | dict,
+        train_config: dict,
+        out_dir: str | Path,
+        text_embeddings: torch.Tensor | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.cfg = resolve_train_config(train_config)
+        cfg = self.cfg
+        self.out = Path(out_dir).expanduser()
+        self.dist = init_distributed(str(cfg["device"]))
+        self.device = self._device()
+
+        raw = load_model_config(model_config)
+        raw = _merge(raw, cfg["model"])
+        if cfg["sam2_checkpoint"]:
+            raw.setdefault("encoder", {})["checkpoint"] = str(cfg["sam2_checkpoint"])
+        self.info = dataset_info_for_training(cfg)
+        raw.pop("dataset", None)
+        raw["classes"] = self.info.to_dict()
+        self.model_cfg = resolve_model_config(raw)
+        self.input_size = tuple(self.model_cfg["input_size"])
+
+        seed_everything(int(cfg["seed"]))
+        lang = self.model_cfg.get("language") or {}
+        if text_embeddings is None and lang.get("enabled"):
+            from .text_teacher import class_text_embeddings
+
+            text_embeddings = class_text_embeddings(self.info.class_names, backend=lang.get("text_encoder", "minilm"))
+        self.text_embeddings = text_embeddings
+        self.model = build_model(self.model_cfg, self.info, text_embeddings).to(self.device)
+        self.base_weights = (self.model_cfg.get("encoder") or {}).get("checkpoint")
+
+        # data
+        transform_cfg = {"crop_size": list(self.input_size), "ignore_index": self.info.ignore_index}
+        transform_cfg.update(cfg["transform"] or {})
+        self.transform = build_train_transform(transform_cfg)
+        base = _dataset(cfg, self.info, cfg["train_split"], cfg["dataset_options"], self.input_size)
+        self.train_set = AugmentedDataset(
+            base, self.transform, int(cfg["seed"]), self.input_size if cfg["fit_to_input"] else None
+        )
+        self.val_set = None
+        if cfg["val_split"]:
+            val_opts = _merge(cfg["dataset_options"], cfg["val_dataset_options"])
+            self.val_set = _dataset(cfg, self.info, cfg["val_split"], val_opts, self.input_size)
+        self.sampler = EpochSampler(len(self.train_set), int(cfg["seed"]), self.dist.rank, self.dist.world_size)
+        self.loader = DataLoader(
+            self.train_set,
+            batch_size=int(cfg["batch_size"]),
+            sampler=self.sampler,
+            num_workers=int(cfg["num_workers"]),
+            worker_init_fn=_worker_init,
+            drop_last=False,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.steps_per_epoch = math.ceil(self.sampler.per_epoch() / int(cfg["batch_size"]))
+        self.total_steps = int(cfg["max_steps"] or cfg["epochs"] * self.steps_per_epoch)
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        warmup = cfg["warmup_steps"]
+        if warmup is None:
+            warmup = int(round(float(cfg["warmup_fraction"]) * self.total_steps))
+        self.schedule = WarmupPolySchedule(
+            float(cfg["lr"]),
+            self.total_steps,
+            min(int(warmup), self.total_steps),
+            float(cfg["warmup_start"]),
+            float(cfg["poly_power"]),
+            float(cfg["min_lr"]),
+        )
+
+        # loss and optimiser
+        lc = cfg["loss"]
+        self.loss = SartmLoss(
+            weights=tuple(float(w) for w in lc["weights"]),
+            ignore_index=self.info.ignore_index,
+            ohem_thresh=float(lc["ohem_thresh"]),
+            min_kept_fraction=float(lc["min_kept_fraction"]),
+            feature_level=lc["feature_level"],
+            temperature=float(lc["temperature"]),
+            cr_temperature=float(lc["cr_temperature"]),
+        )
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, float(cfg["weight_decay"])), lr=float(cfg["lr"]), betas=tuple(cfg["betas"])
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and cfg["precision"] == "fp16")
+        self.step = 0
+        self.best_miou = -1.0
+        self.history: list[dict] = []
+        self.seen_indices: list[int] = []  # training item indices this process consumed (tests, DDP checks)
+
+        if resume:
+            self._resume()
+        self.net = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+
+        self._writer = None
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._write_yaml(self.out / TRAIN_CONFIG_FILE, self.cfg)
+            self._write_yaml(self.out / MODEL_CONFIG_FILE, self.model_cfg)
+            if cfg["tensorboard"]:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._writer = SummaryWriter(str(self.out / "tensorboard"))
+                except ImportError:
+                    self._writer = None  # scalars still go to metrics.jsonl
+
+    # ------------------------------------------------------------------ helpers
+    def _device(self) -> torch.device:
+        name = str(self.cfg["device"])
+        if self.dist.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
+            torch.cuda.set_device(self.dist.local_rank)
+            return torch.device(f"cuda:{self.dist.local_rank}")
+        return resolve_device(name)
+
+    @staticmethod
+    def _write_yaml(path: Path, data: dict) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(data, f, sort_keys=False, default_flow_style=None)
+
+    def _autocast(self):
+        if self.device.type != "cuda" or self.cfg["precision"] == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast("cuda", dtype=PRECISIONS[self.cfg["precision"]])
+
+    def _log(self, row: dict) -> None:
+        self.history.append(row)
+        if not self.dist.is_main:
+            return
+        with open(self.out / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._writer is not None:
+            kind = row.get("type", "train")
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self._writer.add_scalar(f"{kind}/{k}", v, row["step"])
+
+    def _progress(self, total: int, initial: int):
+        show = self.cfg["progress"]
+        if show is None:
+            show = sys.stderr.isatty()
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, disable=not (show and self.dist.is_main), desc="train", leave=False)
+
+    # ------------------------------------------------------------------ state
+    def train_state(self) -> dict:
+        mem = self.loss.memory
+        return {
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "best_miou": float(self.best_miou),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "memory_prototypes": mem.prototypes.detach().cpu() if mem.prototypes is not None else None,
+            "memory_seen": mem.seen.detach().cpu() if mem.seen is not None else None,
+        }
+
+    def _save(self, name: str, extra: dict | None = None, with_state: bool = False) -> None:
+        from ..checkpoint import save_checkpoint
+
+        if not self.dist.is_main:
+            return
+
+        def write(tmp: Path) -> None:
+            save_checkpoint(self.model, self.model_cfg, self.info, tmp, base_weights_path=self.base_weights)
+            self._write_yaml(tmp / TRAIN_CONFIG_FILE, self.cfg)
+            if with_state:
+                torch.save(self.train_state(), tmp / TRAIN_STATE_FILE)
+            if extra is not None:
+                (tmp / "metrics.json").write_text(json.dumps(extra, indent=2) + "\n")
+
+        _atomic_dir_write(self.out / name, write)
+
+    def _resume(self) -> None:
+        from safetensors.torch import load_file
+
+        from ..checkpoint import MODEL_FILE, trained_state_dict
+
+        last = find_last(self.out)
+        if last is None:
+            raise FileNotFoundError(f"--resume: {self.out / 'last'} holds no {TRAIN_STATE_FILE}; nothing to resume")
+        tensors = load_file(str(last / MODEL_FILE))
+        expected = set(trained_state_dict(self.model))
+        if set(tensors) != expected:
+            diff = sorted(set(tensors) ^ expected)[:8]
+            raise ValueError(f"{last / MODEL_FILE} does not fit this model config (keys differ: {diff})")
+        self.model.load_state_dict(tensors, strict=False)
+        state = torch.load(last / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+        if int(state["total_steps"]) != self.total_steps:
+            warnings.warn(
+                f"resuming a run planned for {state['total_steps']} steps with {self.total_steps}: "
+                "the learning-rate schedule changes from here on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best_miou = float(state["best_miou"])
+        if state.get("memory_prototypes") is not None:
+            self.loss.memory.prototypes = state["memory_prototypes"].to(self.device)
+            self.loss.memory.seen = state["memory_seen"].to(self.device)
+        set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ one step
+    def batch_to_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self.device
+        nb = dev.type == "cuda"
+        rgb = batch["rgb"].to(dev, non_blocking=nb).float()
+        th = batch["thermal"].to(dev, non_blocking=nb).float()
+        valid = batch["valid"].to(dev, non_blocking=nb).float()
+        labels = batch["labels"].to(dev, non_blocking=nb).long()
+        if self.cfg["modalities"] == "rgb":
+            th = torch.zeros_like(th)
+            valid = torch.zeros_like(valid)
+        rgb, th = normalize_batch(self.model_cfg, rgb, th)
+        return rgb, th * valid, valid, labels
+
+    def train_step(self, batch: dict) -> dict:
+        self.net.train()
+        lr = self.schedule(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        rgb, th, valid, labels = self.batch_to_inputs(batch)
+        with self._autocast():
+            out = self.net(rgb, th, valid)
+        out = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+        total, comps = self.loss(out, labels)
+        if not math.isfinite(comps["total"]):
+            raise FloatingPointError(f"training loss is {comps['total']} at step {self.step}; lower the lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg["grad_clip"]:
+            self.scaler.unscale_(self.optimizer)
+            comps["grad_norm"] = float(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg["grad_clip"]))
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        comps["lr"] = lr
+        return comps
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict | None:
+        """mIoU on the validation set through the Segmenter (what the node does), sharded under DDP."""
+        if self.val_set is None:
+            return None
+        from ..segmenter import Segmenter
+        from .evaluation import SegmentationEvaluator, predict_item
+
+        n = len(self.val_set)
+        if self.cfg["val_max_items"]:
+            n = min(n, int(self.cfg["val_max_items"]))
+        precision = self.cfg["precision"] if self.device.type == "cuda" else "fp32"
+        seg = Segmenter(self.model, self.model_cfg, self.info, device=self.device, precision=precision, warmup=False)
+        ev = SegmentationEvaluator(self.info, max_overlays=0)
+        for i in range(self.dist.rank, n, self.dist.world_size):
+            item = self.val_set[i]
+            ev.update(item, predict_item(seg, item, blank_thermal=self.cfg["modalities"] == "rgb"))
+        if self.dist.enabled:
+            ev.all_reduce()
+        self.model.train()
+        res = ev.results()
+        return {"miou": res["miou"], "macc": res["macc"], "pixel_acc": res["pixel_acc"], "report": res}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        """Train until the planned steps (or ``stop_after_steps``); returns a summary dict."""
+        cfg = self.cfg
+        stop_at = self.total_steps
+        if cfg["stop_after_steps"] is not None:
+            stop_at = min(stop_at, int(cfg["stop_after_steps"]))
+        t_start = time.perf_counter()
+        bar = self._progress(stop_at, self.step)
+        last_val: dict | None = None
+        step_times: list[float] = []
+        try:
+            while self.step < stop_at:
+                epoch = self.step // self.steps_per_epoch
+                skip = (self.step % self.steps_per_epoch) * int(cfg["batch_size"])
+                self.sampler.set_epoch(epoch, skip)
+                self.train_set.epoch = epoch
+                self.seen_indices.extend(self.sampler.indices())
+                t0 = time.perf_counter()
+                for batch in self.loader:
+                    comps = self.train_step(batch)
+                    t1 = time.perf_counter()
+                    step_times.append(t1 - t0)
+                    t0 = t1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{comps['total']:.3f}", lr=f"{comps['lr']:.2e}")
+                    if self.step % int(cfg["log_every"]) == 0 or self.step == stop_at:
+                        row = {"type": "train", "step": self.step, "epoch": epoch, **comps}
+                        row["step_time_s"] = float(np.mean(step_times[-int(cfg["log_every"]) :]))
+                        row["peak_rss_mb"] = _peak_rss_mb()
+                        self._log(row)
+                    if self.step >= stop_at:
+                        break
+                epoch_done = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                finished = self.step >= self.total_steps
+                if epoch_done and self.val_set is not None and ((epoch + 1) % int(cfg["val_every"]) == 0 or finished):
+                    last_val = self.validate()
+                    row = {"type": "val", "step": self.step, "epoch": epoch}
+                    row.update({k: last_val[k] for k in ("miou", "macc", "pixel_acc")})
+                    row["per_class_iou"] = dict(
+                        zip(self.info.class_names, [_nan_to_none(v) for v in last_val["report"]["iou"]])
+                    )
+                    self._log(row)
+                    if last_val["miou"] > self.best_miou:
+                        self.best_miou = float(last_val["miou"])
+                        self._save("best", extra={"step": self.step, "epoch": epoch, **_json_metrics(last_val)})
+                if finished or self.step >= stop_at or (epoch_done and (epoch + 1) % int(cfg["save_every"]) == 0):
+                    self._save("last", with_state=True)
+        finally:
+            bar.close()
+        if self.dist.enabled:
+            for b in self.model.buffers():  # BatchNorm statistics differ per rank: take rank 0's
+                dist.broadcast(b, 0)
+            dist.barrier()
+        summary = {
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "epochs": self.epochs,
+            "wall_s": time.perf_counter() - t_start,
+            "step_time_s_median": float(np.median(step_times)) if step_times else None,
+            "best_miou": self.best_miou if self.best_miou >= 0 else None,
+            "last_val": _json_metrics(last_val) if last_val else None,
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+        if self.device.type == "cuda":
+            summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self._writer is not None:
+            self._writer.flush()
+        return summary
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self.dist.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _nan_to_none(v):
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _json_metrics(val: dict) -> dict:
+    rep = val["report"]
+    return {
+        "miou": _nan_to_none(val["miou"]),
+        "macc": _nan_to_none(val["macc"]),
+        "pixel_acc": _nan_to_none(val["pixel_acc"]),
+        "mf1": _nan_to_none(rep["mf1"]),
+        "conditions": rep.get("conditions", {}),
+    }

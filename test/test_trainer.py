@@ -1,0 +1,218 @@
+"""Trainer: learning on a fixed batch, exact resume, checkpoints, schedule, errors, the train CLI."""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rgbt_seg_ros.segmenter import Segmenter
+from rgbt_seg_ros.tools import train as train_tool
+from rgbt_seg_ros.training.trainer import (
+    TrainConfigError,
+    Trainer,
+    WarmupPolySchedule,
+    _atomic_dir_write,
+    find_last,
+    param_groups,
+    resolve_train_config,
+)
+
+MICRO = "models/sartm_micro.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIZE = [64, 96]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def text():
+    return torch.nn.functional.normalize(torch.randn(8, 384, generator=torch.Generator().manual_seed(0)), dim=1)
+
+
+def tiny_config(**over):
+    cfg = {
+        "dataset": "synthetic",
+        "dataset_options": {"count": 8, "size": SIZE},
+        "val_dataset_options": {"count": 4},
+        "epochs": 2,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "log_every": 1,
+        "progress": False,
+        "model": {"input_size": SIZE},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path, text):
+    cfg = tiny_config(max_steps=1000, warmup_steps=0, val_split=None, transform={"scale": False, "color_jitter": False})
+    tr = Trainer(MICRO, cfg, tmp_path / "run", text_embeddings=text)
+    batch = next(iter(tr.loader))
+    losses = [tr.train_step(batch)["total"] for _ in range(25)]
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+    assert tr.step == 25
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_mid_epoch_is_bit_identical(tmp_path, text):
+    cfg = tiny_config(val_split=None)  # 4 steps per epoch, 8 in all
+    straight = Trainer(MICRO, cfg, tmp_path / "a", text_embeddings=text)
+    straight.fit()
+    first = Trainer(MICRO, {**cfg, "stop_after_steps": 3}, tmp_path / "b", text_embeddings=text)
+    first.fit()
+    assert first.step == 3 and find_last(tmp_path / "b") is not None
+    state = torch.load(tmp_path / "b" / "last" / "train_state.pt", weights_only=True)
+    assert state["step"] == 3 and state["epoch"] == 0
+    torch.manual_seed(1234)  # resumption must restore every RNG, whatever happened in between
+    np.random.seed(99)
+    resumed = Trainer(MICRO, cfg, tmp_path / "b", text_embeddings=text, resume=True)
+    assert resumed.step == 3
+    resumed.fit()
+    assert resumed.step == straight.step == 8
+    a, b = _weights(straight.model), _weights(resumed.model)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    fa = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
+    fb = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    # and the resumed run did not simply start over: its first logged step is 4
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "train"] == list(range(1, 9))
+
+
+def test_best_and_last_checkpoints_load_in_the_segmenter(tmp_path, text):
+    out = tmp_path / "run"
+    tr = Trainer(MICRO, tiny_config(epochs=2), out, text_embeddings=text)
+    summary = tr.fit()
+    assert summary["steps"] == 8 and 0.0 <= summary["best_miou"] <= 1.0
+    for name in ("best", "last"):
+        seg = Segmenter.from_checkpoint(out / name, device="cpu", warmup=False)
+        assert seg.input_size == tuple(SIZE) and seg.dataset_info.name == "synthetic"
+        res = seg(np.zeros((48, 64, 3), np.uint8), np.zeros((48, 64), np.float32))
+        assert res.labels.shape == (48, 64)
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert best["miou"] == pytest.approx(summary["best_miou"])
+    assert set(best["conditions"]) == {"day", "night", "fog", "glare"}
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if r["type"] == "val"]
+    assert [r["epoch"] for r in vals] == [0, 1] and all(0 <= r["miou"] <= 1 for r in vals)
+    assert {"ce_s0", "ce_s1", "l_cr", "l_se", "lr", "step_time_s"} <= set(rows[0])
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["epochs"] == 2 and saved["loss"]["weights"] == [1.0, 0.008, 10000.0, 100.0]
+    # the loss saw per-modality features: L_cr is the cross-modal term, not the prototype memory
+    assert tr.loss.memory.prototypes is None
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    target = tmp_path / "last"
+    _atomic_dir_write(target, lambda d: (d / "train_state.pt").write_text("one"))
+
+    def crash(d):
+        (d / "train_state.pt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        _atomic_dir_write(target, crash)
+    assert (target / "train_state.pt").read_text() == "one"
+    target.rename(tmp_path / ".last.old")  # a crash between the two renames
+    assert find_last(tmp_path) == tmp_path / ".last.old"
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    s = WarmupPolySchedule(1e-3, total_steps=100, warmup_steps=10, warmup_start=0.01, power=0.9, min_lr=1e-6)
+    assert s(0) == pytest.approx(1e-5)
+    assert s(5) < s(9) < s(10) == pytest.approx(1e-3)
+    assert s(55) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5**0.9)
+    assert s(100) == pytest.approx(1e-6)
+    values = [s(i) for i in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.01)
+    assert [p.shape for p in decay["params"]] == [(4, 3)]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_bad_train_configs_are_named():
+    with pytest.raises(TrainConfigError, match="unknown dataset 'cityscapes'"):
+        resolve_train_config({"dataset": "cityscapes"})
+    with pytest.raises(TrainConfigError, match="needs a data folder"):
+        resolve_train_config({"dataset": "mfnet"})
+    with pytest.raises(TrainConfigError, match="unknown key"):
+        resolve_train_config({"dataset": "synthetic", "epoch": 3})
+    with pytest.raises(TrainConfigError, match="'folder' needs a class file"):
+        resolve_train_config({"dataset": "folder", "data": "x"})
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    train_tool.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_train_cli_runs_resumes_and_reports_errors(tmp_path, capsys):
+    cfg = yaml.safe_load(open(MICRO))
+    cfg["language"]["enabled"] = False  # no text teacher in this test (loading MiniLM takes seconds)
+    cfg["input_size"] = SIZE
+    model_yaml = tmp_path / "micro.yaml"
+    model_yaml.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    common = ["--config", str(model_yaml), "--dataset", "synthetic", "--out", str(out), "--synthetic-count", "4"]
+    argv = common + ["--synthetic-val-count", "2", "--epochs", "2", "--batch-size", "2", "--lr", "1e-3"]
+    assert train_tool.run(_parse(argv + ["--stop-after-steps", "2", "--no-progress"])) == 0
+    assert "trained 2/4 steps" in capsys.readouterr().out
+    assert train_tool.run(_parse(["--out", str(out), "--resume", "--no-progress"])) == 0
+    assert "trained 4/4 steps" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+    bad = train_tool.run(_parse(["--config", str(model_yaml), "--dataset", "mfnet", "--out", str(tmp_path / "x")]))
+    assert bad == 2 and "needs a data folder" in capsys.readouterr().err
+    missing = tmp_path / "nope"
+    argv = ["--config", str(model_yaml), "--dataset", "pst900", "--data", str(missing), "--out", str(tmp_path / "y")]
+    rc = train_tool.run(_parse(argv))
+    assert rc == 2 and f"{missing}: dataset root folder does not exist" in capsys.readouterr().err
+    rc = train_tool.run(_parse(["--config", str(tmp_path / "none.yaml"), "--dataset", "synthetic", "--out", str(out)]))
+    err = capsys.readouterr().err
+    assert rc == 2 and "none.yaml does not exist" in err and len(err.strip().splitlines()) == 1
+    rc = train_tool.run(_parse(["--out", str(tmp_path / "empty"), "--resume"]))
+    assert rc == 2 and "is" in capsys.readouterr().err
+
+
+REALDATA = REPO_ROOT.parent / "shared" / "realdata"
+
+
+@pytest.mark.skipif(not (REALDATA / "pst900" / "sample_102").is_dir(), reason="shared/realdata not present")
+def test_real_pst900_sample_trains(tmp_path):
+    """Smoke version of `python -m rgbt_seg_ros.training.experiments realdata` (which reaches > 90 % mIoU)."""
+    from rgbt_seg_ros.training.experiments import pst900_layout, realdata_train_config
+
+    root = pst900_layout(REALDATA, tmp_path / "pst900")
+    cfg = realdata_train_config("pst900", None, root, [96, 160], steps=1000)
+    cfg.update(val_split=None, warmup_steps=0, transform={"scale": False, "color_jitter": False, "flip": 0})
+    text = torch.nn.functional.normalize(torch.randn(5, 384, generator=torch.Generator().manual_seed(0)), dim=1)
+    tr = Trainer(MICRO, cfg, tmp_path / "run", text_embeddings=text)
+    batch = next(iter(tr.loader))
+    assert batch["rgb"].shape == (1, 3, 96, 160)  # 1280x720 fitted into 96x160 (90x160), padded
+    assert set(batch["labels"].unique().tolist()) <= {0, 1, 2, 3, 255}
+    losses = [tr.train_step(batch)["total"] for _ in range(15)]
+    assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
