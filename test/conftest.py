@@ -73,3 +73,22 @@ def write_params(path: Path, **overrides) -> Path:
         node[leaf] = value
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: one torch thread avoids sync overhead dominating."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def info():
+    """The synthetic class set (8 classes)."""
+    from rgbt_seg_ros.classes import load_dataset_info
+
+    return load_dataset_info("synthetic")

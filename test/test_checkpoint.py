@@ -14,23 +14,12 @@ from rgbt_seg_ros.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from rgbt_seg_ros.classes import load_dataset_info
 from rgbt_seg_ros.models import build_model, resolve_model_config
 
 MICRO = "models/sartm_micro.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def info():
-    return load_dataset_info("synthetic")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny tensors
 
 
 def trained_micro(info, seed=0, cfg=None):

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_micro_checkpoint
 from rgbt_seg_ros.classes import load_dataset_info
@@ -18,12 +17,7 @@ SYN = load_dataset_info("synthetic")
 FILES = ("metrics.json", "metrics.md", "confusion_matrix.png", "per_class_iou.png", "overlays.png")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny tensors
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from sensor_msgs.msg import Image
 
 from rgbt_seg_ros.imaging import ENCODINGS, ImageEncodingError, ThermalNormalizer, fill_image_msg
@@ -33,12 +32,7 @@ BASE = 1_700_000_000_000_000_000
 MS = 1_000_000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny tensors
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,12 @@ SHARE = Path(get_package_share_directory("rgbt_seg_ros"))
 def launch_description():
     include = IncludeLaunchDescription(
         PythonLaunchDescriptionSource(str(SHARE / "launch" / "segment.launch.py")),
-        launch_arguments={"checkpoint": str(SHARE / "models" / "demo"), "device": "cpu",
-                          "rgb_topic": "/lt/rgb", "thermal_topic": "/lt/thermal"}.items(),
+        launch_arguments={
+            "checkpoint": str(SHARE / "models" / "demo"),
+            "device": "cpu",
+            "rgb_topic": "/lt/rgb",
+            "thermal_topic": "/lt/thermal",
+        }.items(),
     )
     return LaunchDescription([include, launch_pytest.actions.ReadyToTest()])
 

@@ -15,17 +15,7 @@ from rgbt_seg_ros.models.vq import VectorQuantizer, VQAutoencoder
 MICRO = "models/fusionsam_micro.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def info():
-    return load_dataset_info("synthetic")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny tensors
 
 
 def make(info, seed=0, **lstg):

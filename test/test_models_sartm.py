@@ -24,18 +24,7 @@ from rgbt_seg_ros.models.sam2_encoder import build_image_encoder
 MICRO = "models/sartm_micro.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids sync overhead dominating."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def info():
-    return load_dataset_info("synthetic")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny tensors
 
 
 @pytest.fixture(scope="module")

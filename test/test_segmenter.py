@@ -12,12 +12,7 @@ from rgbt_seg_ros.segmenter import Segmenter, fit_size, resolve_device
 MICRO = "models/sartm_micro.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny tensors
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = [64, 96]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny tensors
 
 
 @pytest.fixture(scope="module")
