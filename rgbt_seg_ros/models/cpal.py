@@ -40,7 +40,7 @@ from torch import nn
 from ..classes import DatasetInfo
 from .cpal_blocks import GatedPerceptionModule, MultiModalCrossPrompter, UPerHead, attention_sublayer, dual_stream_block
 from .lora import MODALITY_ADAPTERS, activate_adapter, add_modality_lora
-from .registry import register_backend
+from .registry import check_rgbt_inputs, refuse_frozen_random, register_backend
 from .sam2_checkpoint import NO_MASK_KEY, PE_KEY, parts_to_official, read_official_state_dict
 from .sam2_encoder import image_encoder_config, split_fused_qkv
 from .sartm import SARTM
@@ -73,19 +73,6 @@ def build_hiera_trunk(name: str, overrides: dict | None = None) -> nn.Module:
     return instantiate(node, _convert_="all")
 
 
-def check_rgbt_inputs(rgb, thermal, valid, backend: str, multiple: int = 32) -> None:
-    """The forward contract's shapes: rgb (B, 3, H, W), thermal (B, 1, H, W), valid (B, 1, H, W) or None."""
-    if rgb.ndim != 4 or rgb.shape[1] != 3:
-        raise ValueError(f"rgb must be (B, 3, H, W), got {tuple(rgb.shape)}")
-    b, _, h, w = rgb.shape
-    if tuple(thermal.shape) != (b, 1, h, w):
-        raise ValueError(f"thermal must be (B, 1, H, W) = {(b, 1, h, w)}, got {tuple(thermal.shape)}")
-    if valid is not None and tuple(valid.shape) != (b, 1, h, w):
-        raise ValueError(f"valid must be (B, 1, H, W) = {(b, 1, h, w)} or None, got {tuple(valid.shape)}")
-    if h % multiple or w % multiple:
-        raise ValueError(f"{backend} input height and width must be multiples of {multiple}, got {h}x{w}")
-
-
 @register_backend("cpal", defaults=CPAL_DEFAULTS, size_multiple=32)
 class CPAL(nn.Module):
     """The CPAL RGB-T segmentation network. Build it with ``build_model(cfg, dataset_info)``.
@@ -97,12 +84,7 @@ class CPAL(nn.Module):
         super().__init__()
         enc_cfg = cfg["encoder"]
         base_path = enc_cfg.get("checkpoint")
-        if enc_cfg["freeze"] and not base_path:
-            raise ValueError(
-                "encoder.freeze is true but encoder.checkpoint is not set: a frozen random network cannot learn. "
-                "Give the official SAM2 checkpoint (e.g. sam2.1_hiera_tiny.pt) or set it to false "
-                "(as models/cpal_micro.yaml does)."
-            )
+        refuse_frozen_random(cfg, "models/cpal_micro.yaml", (("encoder", "freeze"),))
         self.num_classes = dataset_info.num_classes
         self.class_names = tuple(dataset_info.class_names)
 

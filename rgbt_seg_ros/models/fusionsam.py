@@ -45,10 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..classes import DatasetInfo
-from .cpal import check_rgbt_inputs
 from .fusionsam_blocks import FusionMaskEncoder, FusionMaskPrompting
 from .heads import SAM2MaskDecoderHead
-from .registry import register_backend
+from .registry import check_rgbt_inputs, refuse_frozen_random, register_backend
 from .sam2_checkpoint import official_to_parts, read_official_state_dict
 from .sam2_encoder import build_image_encoder
 from .sartm import SARTM
@@ -92,16 +91,9 @@ class FusionSAM(nn.Module):
         super().__init__()
         enc_cfg, dec_cfg, lstg = cfg["encoder"], cfg["decoder"], cfg["lstg"]
         base_path = enc_cfg.get("checkpoint")
-        for key, frozen in (
-            ("encoder.freeze", enc_cfg["freeze"]),
-            ("decoder.freeze_transformer", dec_cfg["freeze_transformer"]),
-        ):
-            if frozen and not base_path:
-                raise ValueError(
-                    f"{key} is true but encoder.checkpoint is not set: a frozen random network cannot learn. "
-                    "Give the official SAM2 checkpoint (e.g. sam2.1_hiera_tiny.pt) or set it to false "
-                    "(as models/fusionsam_micro.yaml does)."
-                )
+        refuse_frozen_random(
+            cfg, "models/fusionsam_micro.yaml", (("encoder", "freeze"), ("decoder", "freeze_transformer"))
+        )
         self.num_classes = dataset_info.num_classes
         self.class_names = tuple(dataset_info.class_names)
 

@@ -163,3 +163,32 @@ def build_model(cfg: dict, dataset_info: DatasetInfo, text_embeddings: torch.Ten
     """
     resolved = resolve_model_config(cfg)
     return backend_spec(resolved["backend"]).factory(resolved, dataset_info, text_embeddings)
+
+
+def check_rgbt_inputs(rgb, thermal, valid, backend: str, multiple: int = 32) -> None:
+    """The forward contract's shapes: rgb (B, 3, H, W), thermal (B, 1, H, W), valid (B, 1, H, W) or None."""
+    if rgb.ndim != 4 or rgb.shape[1] != 3:
+        raise ValueError(f"rgb must be (B, 3, H, W), got {tuple(rgb.shape)}")
+    b, _, h, w = rgb.shape
+    if tuple(thermal.shape) != (b, 1, h, w):
+        raise ValueError(f"thermal must be (B, 1, H, W) = {(b, 1, h, w)}, got {tuple(thermal.shape)}")
+    if valid is not None and tuple(valid.shape) != (b, 1, h, w):
+        raise ValueError(f"valid must be (B, 1, H, W) = {(b, 1, h, w)} or None, got {tuple(valid.shape)}")
+    if h % multiple or w % multiple:
+        raise ValueError(f"{backend} input height and width must be multiples of {multiple}, got {h}x{w}")
+
+
+def refuse_frozen_random(cfg: dict, micro_config: str, parts: tuple[tuple[str, str], ...]) -> None:
+    """Refuse freezing a part that has no base weights: a frozen random network cannot learn.
+
+    ``parts`` are (section, key) pairs of ``cfg``, e.g. ``(("encoder", "freeze"),)``.
+    """
+    if cfg["encoder"].get("checkpoint"):
+        return
+    for section, key in parts:
+        if cfg[section][key]:
+            raise ValueError(
+                f"{section}.{key} is true but encoder.checkpoint is not set: a frozen random network cannot learn. "
+                "Give the official SAM2 checkpoint (e.g. sam2.1_hiera_tiny.pt) or set it to false "
+                f"(as {micro_config} does)."
+            )

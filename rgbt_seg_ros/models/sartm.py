@@ -36,7 +36,7 @@ from ..classes import DatasetInfo
 from .fusion import FeatureFusionModule, FeatureRectifyModule, LanguageGuidedChannelAttention
 from .heads import AuxiliaryFPNHead, SAM2MaskDecoderHead
 from .lora import MODALITY_ADAPTERS, activate_adapter, add_modality_lora
-from .registry import register_backend
+from .registry import check_rgbt_inputs, refuse_frozen_random, register_backend
 from .sam2_checkpoint import (
     DECODER_SHARED_PARTS,
     Sam2Parts,
@@ -81,17 +81,7 @@ class SARTM(nn.Module):
         if out_cfg["combine"] not in COMBINE_MODES:
             raise ValueError(f"output.combine must be one of {', '.join(COMBINE_MODES)}, got {out_cfg['combine']!r}")
         base_path = enc_cfg.get("checkpoint")
-        frozen_parts = (
-            ("encoder.freeze", enc_cfg["freeze"]),
-            ("decoder.freeze_transformer", dec_cfg["freeze_transformer"]),
-        )
-        for key, frozen in frozen_parts:
-            if frozen and not base_path:
-                raise ValueError(
-                    f"{key} is true but encoder.checkpoint is not set: a frozen random network cannot learn. "
-                    "Give the official SAM2 checkpoint (e.g. sam2.1_hiera_tiny.pt) or set it to false "
-                    "(as models/sartm_micro.yaml does)."
-                )
+        refuse_frozen_random(cfg, "models/sartm_micro.yaml", (("encoder", "freeze"), ("decoder", "freeze_transformer")))
         self.num_classes = dataset_info.num_classes
         self.class_names = tuple(dataset_info.class_names)
         self.combine = out_cfg["combine"]
@@ -238,18 +228,6 @@ class SARTM(nn.Module):
         fpn = self.image_encoder(image)["backbone_fpn"]
         return self.sam_head.pyramid(fpn)
 
-    @staticmethod
-    def _check_inputs(rgb, thermal, valid) -> None:
-        if rgb.ndim != 4 or rgb.shape[1] != 3:
-            raise ValueError(f"rgb must be (B, 3, H, W), got {tuple(rgb.shape)}")
-        b, _, h, w = rgb.shape
-        if tuple(thermal.shape) != (b, 1, h, w):
-            raise ValueError(f"thermal must be (B, 1, H, W) = {(b, 1, h, w)}, got {tuple(thermal.shape)}")
-        if valid is not None and tuple(valid.shape) != (b, 1, h, w):
-            raise ValueError(f"valid must be (B, 1, H, W) = {(b, 1, h, w)} or None, got {tuple(valid.shape)}")
-        if h % 32 or w % 32:
-            raise ValueError(f"SARTM input height and width must be multiples of 32, got {h}x{w}")
-
     def forward(self, rgb: torch.Tensor, thermal: torch.Tensor, valid: torch.Tensor | None = None) -> dict:
         """Segment a batch of registered RGB-T pairs.
 
@@ -259,7 +237,7 @@ class SARTM(nn.Module):
         rectification, before fusion: the cross-modal L_cr compares their class prototypes) and
         ``text_embeddings`` (C, D).
         """
-        self._check_inputs(rgb, thermal, valid)
+        check_rgbt_inputs(rgb, thermal, valid, "SARTM")
         h, w = rgb.shape[-2:]
         if valid is not None:
             valid = valid.to(thermal.dtype)
