@@ -36,6 +36,7 @@ class BagMessage:
     msgtype: str
     log_time_ns: int  # receive (record) time
     msg: object  # deserialised rosbags dataclass
+    raw: bytes | memoryview | None = None  # the stored CDR bytes (ROS 2 bags; None for ROS 1)
 
 
 def _open(path: Path) -> AnyReader:
@@ -79,6 +80,7 @@ def read_messages(path: str | Path, topics: list[str] | None = None) -> Iterator
             connections = list(reader.connections)
         position = 0
         current = "?"
+        is_ros2 = bool(reader.is2)
         iterator = reader.messages(connections=connections)
         while True:
             try:
@@ -92,7 +94,13 @@ def read_messages(path: str | Path, topics: list[str] | None = None) -> Iterator
                     f"bag {path} is unreadable after message {position} (last topic {current}): {exc}"
                 ) from exc
             position += 1
-            yield BagMessage(topic=conn.topic, msgtype=conn.msgtype, log_time_ns=int(timestamp), msg=msg)
+            yield BagMessage(
+                topic=conn.topic,
+                msgtype=conn.msgtype,
+                log_time_ns=int(timestamp),
+                msg=msg,
+                raw=raw if is_ros2 else None,
+            )
     finally:
         reader.close()
 
@@ -172,12 +180,7 @@ class BagWriter:
 
     def write(self, topic: str, msg, log_time_ns: int) -> None:
         msgtype = msg.__msgtype__
-        conn = self._connections.get(topic)
-        if conn is None:
-            conn = self._writer.add_connection(topic, msgtype, typestore=TYPESTORE)
-            self._connections[topic] = conn
-        self._writer.write(conn, int(log_time_ns), TYPESTORE.serialize_cdr(msg, msgtype))
-        self.count += 1
+        self.write_raw(topic, msgtype, TYPESTORE.serialize_cdr(msg, msgtype), log_time_ns)
 
     def write_raw(self, topic: str, msgtype: str, rawdata: bytes | memoryview, log_time_ns: int) -> None:
         """Copy an already-serialised CDR message (e.g. input topics passed through by replay)."""

@@ -286,10 +286,13 @@ def _message_counts(bag: Path) -> dict[str, int]:
 
 
 def _pass_through(writer: BagWriter, m) -> bool:
-    """Copy an input message into the output bag (images re-encoded: also converts ROS 1 messages)."""
+    """Copy an input message into the output bag: ROS 2 CDR bytes as stored, ROS 1 messages converted."""
     msg = m.msg
     try:
-        if m.msgtype.endswith("/Image"):
+        if m.raw is not None:
+            writer.write_raw(m.topic, m.msgtype, m.raw, m.log_time_ns)
+            return True
+        if m.msgtype.endswith("/Image"):  # ROS 1 image: rebuild it as a ROS 2 message
             arr = image_to_numpy(msg)
             writer.write(
                 m.topic,

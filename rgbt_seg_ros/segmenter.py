@@ -18,6 +18,7 @@ is asked for (bf16 autocast is slower than fp32 on the CPUs this was measured on
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     raise ValueError(f"unknown device '{name}'; expected auto, cpu, cuda or cuda:N")
 
 
+@functools.lru_cache(maxsize=16)
+def _normalization_constants(rgb_mean, rgb_std, th_mean, th_std, rgb_range, device, inference):
+    """Mean/std tensors built once per device (not per frame: on CUDA each would be a host-to-device copy)."""
+    mean = torch.tensor(rgb_mean, device=device).view(1, 3, 1, 1) * rgb_range
+    std = torch.tensor(rgb_std, device=device).view(1, 3, 1, 1) * rgb_range
+    return mean, std, th_mean, th_std
+
+
 def normalize_batch(
     normalization: dict, rgb: torch.Tensor, thermal: torch.Tensor, rgb_range: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,11 +81,15 @@ def normalize_batch(
     normalised; masking thermal with ``valid`` is left to the caller (after any padding).
     """
     norm = normalization.get("normalization", normalization)
-    dev = rgb.device
-    rgb_mean = torch.tensor(norm["rgb"]["mean"], device=dev).view(1, 3, 1, 1) * rgb_range
-    rgb_std = torch.tensor(norm["rgb"]["std"], device=dev).view(1, 3, 1, 1) * rgb_range
-    th_mean = float(norm["thermal"]["mean"][0])
-    th_std = float(norm["thermal"]["std"][0])
+    rgb_mean, rgb_std, th_mean, th_std = _normalization_constants(
+        tuple(norm["rgb"]["mean"]),
+        tuple(norm["rgb"]["std"]),
+        float(norm["thermal"]["mean"][0]),
+        float(norm["thermal"]["std"][0]),
+        float(rgb_range),
+        rgb.device,
+        torch.is_inference_mode_enabled(),
+    )
     return (rgb - rgb_mean) / rgb_std, (thermal - th_mean) / th_std
 
 
@@ -217,6 +230,8 @@ class Segmenter:
         H, W = self._input_size
         nh, nw = fit_size((h, w), (H, W))
         dev = self._device
+        if not rgb.flags.writeable:  # a zero-copy view of a message buffer: torch wants writable memory
+            rgb = rgb.copy()
         rgb_t = torch.from_numpy(np.ascontiguousarray(rgb)).to(dev).permute(2, 0, 1)[None].float()
         th_t = torch.from_numpy(np.ascontiguousarray(thermal, dtype=np.float32)).to(dev)[None, None]
         if (nh, nw) != (h, w):
