@@ -116,6 +116,28 @@ def test_best_and_last_checkpoints_load_in_the_segmenter(tmp_path, text):
     assert tr.loss.memory.prototypes is None
 
 
+def test_tensorboard_scalars_match_metrics_jsonl(tmp_path, text):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    tr = Trainer(MICRO, tiny_config(epochs=1), out, text_embeddings=text)
+    tr.fit()
+    tr.close()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/total", "train/ce_s0", "train/lr", "val/miou", "val/pixel_acc"} <= tags
+    train_rows = [r for r in rows if r["type"] == "train"]
+    events = acc.Scalars("train/total")
+    assert [e.step for e in events] == [r["step"] for r in train_rows]
+    assert [e.value for e in events] == pytest.approx([r["total"] for r in train_rows], rel=1e-6)
+    val = [r for r in rows if r["type"] == "val"][-1]
+    assert acc.Scalars("val/miou")[-1].value == pytest.approx(val["miou"], rel=1e-6)
+    present = {name for name, v in val["per_class_iou"].items() if v is not None}
+    assert present and {f"val/iou/{name}" for name in present} <= tags
+
+
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path):
     target = tmp_path / "last"
     _atomic_dir_write(target, lambda d: (d / "train_state.pt").write_text("one"))

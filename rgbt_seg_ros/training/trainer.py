@@ -521,8 +521,11 @@ class Trainer:
                     from torch.utils.tensorboard import SummaryWriter
 
                     self._writer = SummaryWriter(str(self.out / "tensorboard"))
-                except ImportError:
-                    self._writer = None  # scalars still go to metrics.jsonl
+                except ImportError as e:  # a robot install without tensorboard: scalars still go to metrics.jsonl
+                    warnings.warn(
+                        f"TensorBoard scalars are off ({e}); metrics.jsonl has them", RuntimeWarning, stacklevel=2
+                    )
+                    self._writer = None
 
     # ------------------------------------------------------------------ helpers
     def _device(self) -> torch.device:
@@ -549,10 +552,8 @@ class Trainer:
         with open(self.out / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._writer is not None:
-            kind = row.get("type", "train")
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self._writer.add_scalar(f"{kind}/{k}", v, row["step"])
+            for tag, v in tensorboard_scalars(row):
+                self._writer.add_scalar(tag, v, row["step"])
 
     def _progress(self, total: int, initial: int):
         show = self.cfg["progress"]
@@ -761,6 +762,23 @@ class Trainer:
             self._writer.close()
         if self.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def tensorboard_scalars(row: dict) -> list[tuple[str, float]]:
+    """The TensorBoard (tag, value) pairs of a metrics row: ``train/total``, ``val/miou``, and one
+    ``val/iou/<class>`` per class with an IoU (classes absent from labels and predictions have none)."""
+    kind = row.get("type", "train")
+    out = []
+    for k, v in row.items():
+        if k in ("step", "epoch", "type"):
+            continue
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            out.append((f"{kind}/{k}", float(v)))
+        elif k == "per_class_iou" and isinstance(v, dict):
+            out.extend((f"{kind}/iou/{name}", float(x)) for name, x in v.items() if x is not None)
+    return out
 
 
 def _nan_to_none(v):
