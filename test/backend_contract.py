@@ -12,6 +12,9 @@ thermal-only parameter) and inherits these checks:
   gradient reaches a thermal-specific parameter;
 * ``aux_losses`` (where a backend returns them, in training mode) are finite scalars with a
   gradient;
+* the project's Trainer trains it without warnings: the logged loss components are the
+  backend's ``loss_terms`` plus its ``aux_losses``, the total is their weighted sum, and the
+  optimiser moves a thermal-only parameter (and a parameter only the aux losses reach);
 * checkpoint round trip through ``save_checkpoint`` / ``load_checkpoint`` is bit-exact, with
   and without base weights (and through ``export_standalone``);
 * CPU inference through ``Segmenter(model, cfg, info, device="cpu")`` on numpy images.
@@ -59,6 +62,8 @@ class BackendCase:
     randomize: Callable[[torch.nn.Module], None] = field(default=_no_change)
     #: the backend returns aux_losses in training mode
     has_aux_losses: bool = False
+    #: a parameter that only the aux losses reach (None: no aux losses)
+    aux_only_param: str | None = None
 
 
 def pair(b=1, h=64, w=96, seed=0):
@@ -231,6 +236,48 @@ class BackendContract:
         model.zero_grad()
         sum(aux.values()).backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+    def test_trains_in_the_trainer_on_its_loss_terms(self, info, tmp_path):
+        import json
+        import warnings
+
+        from rgbt_seg_ros.models import LOSS_TERMS
+        from rgbt_seg_ros.training.trainer import Trainer
+
+        cfg = {
+            "dataset": "synthetic",
+            "dataset_options": {"count": 4, "size": [64, 96]},
+            "val_split": None,
+            "max_steps": 2,
+            "batch_size": 2,
+            "lr": 1e-2,
+            "warmup_steps": 0,
+            "log_every": 1,
+            "progress": False,
+            "tensorboard": False,
+            "model": {"input_size": [64, 96]},
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no "term skipped" warnings
+            tr = Trainer(self.case.config, cfg, tmp_path / "run", text_embeddings=text_for(info))
+            before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+            tr.fit()
+        rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        row = rows[0]
+        terms = set(tr.loss_terms) & set(LOSS_TERMS)
+        bookkeeping = {"type", "step", "epoch", "total", "lr", "step_time_s", "peak_rss_mb", "grad_norm"}
+        aux = set(row) - set(LOSS_TERMS) - bookkeeping
+        assert terms and terms <= set(row)
+        assert not (set(LOSS_TERMS) - terms) & set(row), "a term the backend does not support was computed"
+        assert bool(aux) == self.case.has_aux_losses
+        weight = dict(zip(LOSS_TERMS, tr.loss.weights))
+        assert row["total"] == pytest.approx(
+            sum(weight[t] * row[t] for t in terms) + sum(row[k] for k in aux), rel=1e-5
+        )
+        params = dict(tr.model.named_parameters())
+        moved = [self.case.thermal_param] + ([self.case.aux_only_param] if self.case.aux_only_param else [])
+        for name in moved:
+            assert not torch.equal(params[name].detach(), before[name]), f"{name} did not train"
 
     def test_checkpoint_round_trip_is_bit_exact(self, info, tmp_path):
         model, cfg = self.trained(info)

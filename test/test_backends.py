@@ -57,6 +57,7 @@ FUSIONSAM_CASE = BackendCase(
     thermal_param="lstg.thermal.encoder.0.weight",
     freeze_with_base=_encoder_freeze,
     has_aux_losses=True,
+    aux_only_param="lstg.rgb.decoder.0.weight",  # the reconstruction loss is all that reaches the VQ decoder
 )
 
 

@@ -213,12 +213,31 @@ def test_sartm_loss_skips_missing_terms_with_one_warning_each():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call must not warn again
         loss(out, labels)
-    # A backend with only logits (and no features) still trains on its logits.
+    # A backend with only logits (and no features) trains on its logits; the trainer zeroes the
+    # weights of the terms it lacks (models.backend_loss_terms), so nothing warns.
     only_logits = {"logits": torch.randn(1, 4, 64, 64, requires_grad=True)}
-    with pytest.warns(RuntimeWarning) as record:
-        total, parts = SartmLoss()(only_logits, labels)
-    assert any("uses 'logits'" in str(r.message) for r in record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        total, parts = SartmLoss(weights=(1.0, 0.0, 0.0, 0.0))(only_logits, labels)
     assert set(parts) == {"ce_s0", "total"} and total.requires_grad
+    assert float(total) == pytest.approx(parts["ce_s0"])
+
+
+def test_sartm_loss_adds_backend_aux_losses_as_they_are():
+    labels = torch.randint(0, 4, (1, 32, 32), generator=torch.Generator().manual_seed(7))
+    logits = torch.randn(1, 4, 32, 32, requires_grad=True)
+    rec = (logits**2).mean() * 0.5
+    out = {"logits": logits, "aux_losses": {"lstg_rec": rec, "lstg_commit": torch.tensor(0.25)}}
+    total, parts = SartmLoss(weights=(1.0, 0.0, 0.0, 0.0))(out, labels)
+    assert set(parts) == {"ce_s0", "lstg_rec", "lstg_commit", "total"}
+    assert float(total.detach()) == pytest.approx(parts["ce_s0"] + float(rec.detach()) + 0.25, rel=1e-6)
+    total.backward()
+    assert logits.grad is not None
+    ce_only = SartmLoss(weights=(1.0, 0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="'ce_s1' clashes"):
+        ce_only({"logits": logits, "aux_losses": {"ce_s1": rec}}, labels)
+    with pytest.raises(ValueError, match="'bad' must be a scalar"):
+        ce_only({"logits": logits, "aux_losses": {"bad": torch.ones(3)}}, labels)
 
 
 def test_sartm_loss_zero_weights_skip_silently_and_bad_settings_are_rejected():

@@ -7,7 +7,9 @@ importing this package registers the built-in backends.
 from .cpal import CPAL  # noqa: F401  (registers the "cpal" backend)
 from .fusionsam import FusionSAM  # noqa: F401  (registers the "fusionsam" backend)
 from .registry import (
+    LOSS_TERMS,
     available_backends,
+    backend_loss_terms,
     build_model,
     dataset_info_for,
     load_model_config,
@@ -17,8 +19,10 @@ from .registry import (
 from .sartm import SARTM
 
 __all__ = [
+    "LOSS_TERMS",
     "SARTM",
     "available_backends",
+    "backend_loss_terms",
     "build_model",
     "dataset_info_for",
     "load_model_config",

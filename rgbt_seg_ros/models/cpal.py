@@ -80,6 +80,9 @@ class CPAL(nn.Module):
     ``text_embeddings`` is accepted for the common factory signature and not used.
     """
 
+    #: one segmentation output (``logits``, the UPerHead's): CE only; no aux head, no prototype features
+    loss_terms = ("ce_s0",)
+
     def __init__(self, cfg: dict, dataset_info: DatasetInfo, text_embeddings: torch.Tensor | None = None):
         super().__init__()
         enc_cfg = cfg["encoder"]

@@ -87,6 +87,9 @@ class FusionSAM(nn.Module):
     ``text_embeddings`` is accepted for the common factory signature and not used.
     """
 
+    #: one segmentation output (``logits``): CE only; the LSTG losses come in ``aux_losses``
+    loss_terms = ("ce_s0",)
+
     def __init__(self, cfg: dict, dataset_info: DatasetInfo, text_embeddings: torch.Tensor | None = None):
         super().__init__()
         enc_cfg, dec_cfg, lstg = cfg["encoder"], cfg["decoder"], cfg["lstg"]

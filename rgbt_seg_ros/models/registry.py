@@ -8,6 +8,12 @@ A backend registers itself with one decorator line::
 and is built by name from its YAML config with :func:`build_model`. Every backend is called
 as ``forward(rgb, thermal, valid=None) -> dict`` with at least ``logits`` (B, C, H, W).
 
+Training: the trainer's loss (``training/losses.py``, paper eq. 11-15) has four terms, ``ce_s0``,
+``ce_s1``, ``l_cr`` and ``l_se``. A backend whose output lacks what some need (``s1``, the
+per-modality ``features``) names the ones it supports in a class attribute ``loss_terms``; the
+trainer gives the others weight 0 (:func:`backend_loss_terms`). Backend-specific losses come in
+the output's ``aux_losses`` dict (weighted scalars, training mode only) and are added to the total.
+
 Config keys shared by all backends (see models/README.md for the full schema):
 ``backend``, ``dataset`` (class-file name or path) or ``classes`` (inline class list),
 ``input_size`` [H, W], ``normalization`` {rgb: {mean, std}, thermal: {mean, std}}.
@@ -55,6 +61,18 @@ class BackendSpec:
 
 
 _BACKENDS: dict[str, BackendSpec] = {}
+
+#: The trainer's loss terms (training/losses.py), in weight order w0..w3.
+LOSS_TERMS: tuple[str, ...] = ("ce_s0", "ce_s1", "l_cr", "l_se")
+
+
+def backend_loss_terms(model: nn.Module) -> tuple[str, ...]:
+    """The loss terms a built model's output supports (all four unless its class narrows them)."""
+    terms = tuple(getattr(model, "loss_terms", LOSS_TERMS))
+    unknown = sorted(set(terms) - set(LOSS_TERMS))
+    if unknown:
+        raise ValueError(f"{type(model).__name__}.loss_terms names unknown term(s) {unknown}; known: {LOSS_TERMS}")
+    return terms
 
 
 def register_backend(name: str, defaults: dict | None = None, size_multiple: int = 32):

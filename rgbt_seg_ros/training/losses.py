@@ -293,13 +293,16 @@ def _pick_level(value, level: str, key: str):
 class SartmLoss(nn.Module):
     """Eq. 15 on a model output dict; returns ``(total, components)`` with float components.
 
-    Reads ``out["s0"]`` (falls back to ``out["logits"]``), ``out["s1"]``, ``out["features"]``
-    (a tensor or a dict of levels, ``feature_level`` picks one; the paper's f is the fused
+    Reads ``out["s0"]`` (``out["logits"]`` for backends with one segmentation output), ``out["s1"]``,
+    ``out["features"]`` (a tensor or a dict of levels, ``feature_level`` picks one; the paper's f is the fused
     semantic feature map, ``sfm``), optionally ``out["features_rgb"]`` / ``out["features_thermal"]``
     for the cross-modal L_cr, and the text embeddings from the ``text_embeddings`` argument,
     ``out["text_embeddings"]`` or the constructor. A term whose inputs are missing is skipped
     with a one-time warning naming the key; a zero weight skips the term silently.
-    Components: ``ce_s0``, ``ce_s1``, ``l_cr``, ``l_se`` (unweighted, those computed) and ``total``.
+    A backend's own losses in ``out["aux_losses"]`` (a dict of already weighted scalars, e.g.
+    FusionSAM's LSTG reconstruction and commitment) are added to the total as they are.
+    Components: ``ce_s0``, ``ce_s1``, ``l_cr``, ``l_se`` (unweighted, those computed), each
+    ``aux_losses`` entry under its own name, and ``total``.
     """
 
     def __init__(
@@ -343,11 +346,10 @@ class SartmLoss(nn.Module):
         labels = labels.long()
         terms: dict[str, torch.Tensor] = {}
         s0 = out.get("s0")
-        if s0 is None:
+        if s0 is None:  # single-output backends (CPAL, FusionSAM): the first CE term is on their logits
             s0 = out.get("logits")
             if s0 is None:
                 raise ValueError("model output has neither 's0' nor 'logits': nothing to train the segmentation on")
-            self._warn_once("s0", "model output has no 's0'; the first cross-entropy term uses 'logits' instead")
         if w0 > 0:
             terms["ce_s0"] = self.ohem(s0, labels)
         if w1 > 0:
@@ -390,6 +392,14 @@ class SartmLoss(nn.Module):
                     terms["l_se"] = res["l_se"]
         weight_of = {"ce_s0": w0, "ce_s1": w1, "l_cr": w2, "l_se": w3}
         total = sum((weight_of[k] * v for k, v in terms.items()), start=s0.sum() * 0.0)
+        aux = out.get("aux_losses") or {}
+        for name, v in aux.items():
+            if name in weight_of or name == "total":
+                raise ValueError(f"model aux_losses entry '{name}' clashes with a loss term of the same name")
+            if not isinstance(v, torch.Tensor) or v.numel() != 1:
+                raise ValueError(f"model aux_losses entry '{name}' must be a scalar tensor, got {type(v).__name__}")
+            total = total + v.float().reshape(())
         components = {k: float(v.detach()) for k, v in terms.items()}
+        components.update({k: float(v.detach()) for k, v in aux.items()})
         components["total"] = float(total.detach())
         return total, components

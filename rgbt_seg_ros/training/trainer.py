@@ -61,7 +61,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..classes import DatasetInfo, load_dataset_info
-from ..models import build_model, load_model_config, resolve_model_config
+from ..models import LOSS_TERMS, backend_loss_terms, build_model, load_model_config, resolve_model_config
 from ..segmenter import PRECISIONS, fit_size, normalize_batch, resolve_device
 from .datasets import DATASET_KINDS, DatasetError, build_dataset
 from .losses import PAPER_WEIGHTS, SartmLoss
@@ -484,8 +484,10 @@ class Trainer:
 
         # loss and optimiser
         lc = cfg["loss"]
+        # a backend with one segmentation output (CPAL, FusionSAM) trains on the terms it supports
+        self.loss_terms = backend_loss_terms(self.model)
         self.loss = SartmLoss(
-            weights=tuple(float(w) for w in lc["weights"]),
+            weights=tuple(float(w) if t in self.loss_terms else 0.0 for t, w in zip(LOSS_TERMS, lc["weights"])),
             ignore_index=self.info.ignore_index,
             ohem_thresh=float(lc["ohem_thresh"]),
             min_kept_fraction=float(lc["min_kept_fraction"]),
