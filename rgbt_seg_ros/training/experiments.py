@@ -1,6 +1,7 @@
 """Reproducible experiments behind the README's training evidence (not part of ``make test``).
 
     python -m rgbt_seg_ros.training.experiments ablation --out runs/ablation [--steps 1500]
+    python -m rgbt_seg_ros.training.experiments backends --out runs/backends [--steps 1000]
     python -m rgbt_seg_ros.training.experiments realdata --out runs/realdata [--realdata ../shared/realdata]
     python -m rgbt_seg_ros.training.experiments step-bench --config models/sartm_micro.yaml --size 480 640 --batch 2
 
@@ -9,6 +10,10 @@ with every term; thermal blanked in training and test; without the auxiliary hea
 language losses L_cr and L_se), then the Segmenter on a held-out synthetic ``test`` split
 (scenes of another seed than train and val) per condition. Writes ``OUT/<variant>/`` runs,
 ``OUT/<variant>/eval/`` reports and ``OUT/ablation.json`` / ``OUT/ablation.md``.
+
+``backends``: SARTM, CPAL and FusionSAM (their micro configs) trained at the same budget as the
+ablation (data, seed, steps, batch, lr), then evaluated on the same held-out test split per
+condition. Writes ``OUT/<backend>/`` runs and ``OUT/backends.json`` / ``OUT/backends.md``.
 
 ``realdata``: the real-format path end to end: trains on the PST900 sample (``pst900`` layout)
 and on the MFNet figure tiles (``folder`` layout, MFNet classes), each read through symlinks
@@ -120,6 +125,54 @@ def ablation_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- backends
+
+BACKEND_CONFIGS = {
+    "sartm": "models/sartm_micro.yaml",
+    "cpal": "models/cpal_micro.yaml",
+    "fusionsam": "models/fusionsam_micro.yaml",
+}
+
+
+def run_backends(args) -> int:
+    from ..segmenter import Segmenter
+    from .datasets import build_dataset
+    from .evaluation import evaluate
+    from .trainer import Trainer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.backends or list(BACKEND_CONFIGS):
+        cfg = _ablation_base(args.steps, args.batch, list(args.size))
+        run_dir = out / name
+        t0 = time.perf_counter()
+        trainer = Trainer(BACKEND_CONFIGS[name], cfg, run_dir)
+        summary = trainer.fit()
+        trainer.close()
+        wall = time.perf_counter() - t0
+        seg = Segmenter.from_checkpoint(run_dir / "last", device="cpu")
+        test = build_dataset(
+            "synthetic", None, "test", seg.dataset_info, count=args.test_count, seed=0, size=tuple(args.size)
+        )
+        doc = evaluate(seg, test, out_dir=run_dir / "eval", title=f"backend {name}", progress=False)
+        results[name] = {
+            "config": BACKEND_CONFIGS[name],
+            "params": seg.model.parameter_counts(),
+            "train_wall_s": round(wall, 1),
+            "steps": summary["steps"],
+            "median_step_s": summary["step_time_s_median"],
+            "loss_terms": list(trainer.loss_terms),
+            "test_miou": doc["miou"],
+            "conditions": {c: v["miou"] for c, v in doc["conditions"].items()},
+        }
+        (out / "backends.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(name, json.dumps(results[name]["conditions"]), flush=True)
+    (out / "backends.md").write_text(ablation_markdown(results))
+    print(ablation_markdown(results))
+    return 0
+
+
 # --------------------------------------------------------------------------- real data
 
 
@@ -158,18 +211,44 @@ def mfnet_tiles_layout(realdata: Path, root: Path) -> Path:
 
 
 REALDATA_RUNS = {
-    # name: (dataset kind, classes, model input size, training crop (None: the input size), layout builder)
+    # name: dataset kind, classes, model input size, training crop (None: the input size), layout builder, and
+    # overrides of the train config (realdata_train_config).
     # PST900: the model runs on the full 1280x720 frame (padded to 736x1280) and trains on 384x640 crops at
     # native resolution; at a 256x448 input the stride-4 logits are too coarse for the small hand drill.
-    "pst900_sample": ("pst900", None, [736, 1280], [384, 640], lambda r, d: pst900_layout(r, d, copies=4)),
-    "mfnet_tiles": ("folder", "mfnet", [192, 256], None, mfnet_tiles_layout),
+    "pst900_sample": {
+        "kind": "pst900",
+        "classes": None,
+        "size": [736, 1280],
+        "crop": [384, 640],
+        "layout": lambda r, d: pst900_layout(r, d, copies=4),
+    },
+    # MFNet tiles: 380x285 and 160x120 figure crops whose smallest objects (cones, bikes, car stops) cover
+    # 100-1500 pixels. The input is 288x384 so the 380x285 tiles run at their native scale (at 192x256 a cone
+    # is 4 logit cells); the 17 tiles are fitted with flips and a mild scale jitter only.
+    "mfnet_tiles": {
+        "kind": "folder",
+        "classes": "mfnet",
+        "size": [288, 384],
+        "crop": None,
+        "layout": mfnet_tiles_layout,
+        "overrides": {"batch_size": 4, "lr": 1.0e-3, "transform": {"scale": [0.9, 1.1]}},
+    },
 }
 
 
 def realdata_train_config(
-    kind: str, classes, root: Path, size: list[int], steps: int, crop: list[int] | None = None
+    kind: str,
+    classes,
+    root: Path,
+    size: list[int],
+    steps: int,
+    crop: list[int] | None = None,
+    overrides: dict | None = None,
+    val_every: int = 1_000_000,
 ) -> dict:
-    return {
+    from .trainer import _merge
+
+    base = {
         "dataset": kind,
         "data": str(root),
         "classes": classes,
@@ -179,7 +258,7 @@ def realdata_train_config(
         "batch_size": 2,
         "lr": 2.0e-3,
         "warmup_steps": 20,
-        "val_every": 1_000_000,  # validate once, at the end
+        "val_every": val_every,  # epochs; by default once, at the end
         "save_every": 1_000_000,  # last/ once, at the end (an epoch is one step here)
         "log_every": 25,
         "progress": False,
@@ -191,6 +270,7 @@ def realdata_train_config(
         },
         "model": {"input_size": size},
     }
+    return _merge(base, overrides or {})
 
 
 def run_realdata(args) -> int:
@@ -200,15 +280,24 @@ def run_realdata(args) -> int:
     out = Path(args.out)
     results = {}
     for name in args.runs or list(REALDATA_RUNS):
-        kind, classes, size, crop, layout = REALDATA_RUNS[name]
-        root = layout(realdata, out / "data" / name)
-        cfg = realdata_train_config(kind, classes, root, size, args.steps, crop)
+        run = REALDATA_RUNS[name]
+        root = run["layout"](realdata, out / "data" / name)
+        cfg = realdata_train_config(
+            run["kind"],
+            run["classes"],
+            root,
+            run["size"],
+            args.steps,
+            run["crop"],
+            run.get("overrides"),
+            args.val_every,
+        )
         t0 = time.perf_counter()
         trainer = Trainer(args.config, cfg, out / name)
         summary = trainer.fit()
         trainer.close()
         results[name] = {
-            "dataset": kind,
+            "dataset": run["kind"],
             "images": len(trainer.train_set),
             "steps": summary["steps"],
             "wall_s": round(time.perf_counter() - t0, 1),
@@ -289,12 +378,20 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--size", type=int, nargs=2, default=[96, 128])
     a.add_argument("--test-count", type=int, default=128)
     a.add_argument("--variants", nargs="*", choices=list(ABLATION_VARIANTS))
+    b = sub.add_parser("backends", help="SARTM, CPAL and FusionSAM micro at the ablation's budget")
+    b.add_argument("--out", required=True)
+    b.add_argument("--steps", type=int, default=1000)
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--size", type=int, nargs=2, default=[96, 128])
+    b.add_argument("--test-count", type=int, default=128)
+    b.add_argument("--backends", nargs="*", choices=list(BACKEND_CONFIGS))
     r = sub.add_parser("realdata", help="train on the PST900 sample and the MFNet tiles; training mIoU")
     r.add_argument("--out", required=True)
     r.add_argument("--config", default="models/sartm_micro.yaml")
     r.add_argument("--realdata", default=str(REPO_DEFAULT_REALDATA))
     r.add_argument("--steps", type=int, default=400)
     r.add_argument("--runs", nargs="*", choices=list(REALDATA_RUNS))
+    r.add_argument("--val-every", type=int, default=1_000_000, help="epochs between validations (default: at the end)")
     s = sub.add_parser("step-bench", help="training step time and peak memory on random data")
     s.add_argument("--config", default="models/sartm_micro.yaml")
     s.add_argument("--dataset", default=None)
@@ -303,12 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps", type=int, default=3)
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--random-init", action="store_true", help="unfreeze encoder and decoder (no SAM2 weights)")
-    for q in (a, r):
+    for q in (a, b, r):
         q.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return {"ablation": run_ablation, "realdata": run_realdata, "step-bench": run_step_bench}[args.what](args)
+    runs = {"ablation": run_ablation, "backends": run_backends, "realdata": run_realdata, "step-bench": run_step_bench}
+    return runs[args.what](args)
 
 
 if __name__ == "__main__":
