@@ -161,6 +161,82 @@ def test_each_adapter_only_acts_on_its_modality(info, text):
     assert (before["logits"] - after["logits"]).abs().max() > 1e-4
 
 
+def _two_pass_and_batched(model, *inputs):
+    model.batched_inference = False
+    a = model(*inputs)
+    model.batched_inference = True
+    return a, model(*inputs)
+
+
+def test_batched_modalities_equal_two_passes(info, text):
+    """Eval mode runs [rgb; thermal] through the trunk once, each half with its adapter merged into a
+    fused qkv weight: the same function as the two peft passes, to float rounding."""
+    model = make_micro(info, text).eval()
+    randomize_lora(model)
+    rgb, th = pair(2, seed=3)
+    valid = torch.ones(2, 1, 64, 96)
+    valid[1, :, :, :40] = 0
+    with torch.no_grad():
+        a, b = _two_pass_and_batched(model, rgb, th, valid)
+    assert model.batched_inference and model.image_encoder.trunk.blocks[0].attn._group_w is None  # restored
+    for key in ("logits", "s0", "s1"):
+        assert (a[key] - b[key]).abs().max() < 1e-4, key
+    for key in ("features_rgb", "features_thermal"):
+        for level in a[key]:
+            assert (a[key][level] - b[key][level]).abs().max() < 1e-4, (key, level)
+    assert torch.equal(a["logits"].argmax(1), b["logits"].argmax(1))
+
+
+def test_batched_merged_weights_follow_weight_changes(info, text):
+    """The merged-LoRA cache is keyed on the source tensors' versions: new weights are never stale,
+    and each half of the batch uses its own modality's adapter."""
+    from rgbt_seg_ros.models.lora import modality_batch
+
+    model = make_micro(info, text).eval()
+    rgb, th = pair()
+
+    def encode_both():
+        with torch.no_grad(), modality_batch(model.image_encoder.trunk):
+            return model.image_encoder(torch.cat([rgb, th.expand(-1, 3, -1, -1)]))["backbone_fpn"]
+
+    first = encode_both()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B.rgb." in name:
+                p.add_(0.5)
+    second = encode_both()
+    for a, b in zip(first, second):
+        assert torch.equal(a[1:], b[1:])  # the thermal half does not use the rgb adapter
+        assert (a[:1] - b[:1]).abs().max() > 1e-4  # the rgb half sees the new rgb adapter at once
+    # loading another state dict (copy_ into the same tensors) also refreshes the merged weights
+    other = make_micro(info, text, seed=5).eval()
+    randomize_lora(other, seed=7)
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        a, b = _two_pass_and_batched(model, rgb, th)
+        ref = other(rgb, th)
+    assert (b["logits"] - ref["logits"]).abs().max() < 1e-4 and (a["logits"] - b["logits"]).abs().max() < 1e-4
+
+
+def test_batched_gradients_equal_two_pass_gradients(info, text):
+    """In eval mode with gradients on (attribution, BN-frozen fine-tuning) the merge is in the graph."""
+    model = make_micro(info, text).eval()
+    randomize_lora(model)
+    rgb, th = pair(seed=4)
+    grads = []
+    for flag in (False, True):
+        model.batched_inference = flag
+        model.zero_grad()
+        model(rgb, th)["logits"].logsumexp(1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if ".lora_" in n})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-6), name
+    attn = model.image_encoder.trunk.blocks[0].attn
+    with pytest.raises(ValueError, match="group qkv weight must be"):
+        attn.set_group_weights(torch.zeros(2, 3, 3))
+
+
 def test_invalid_thermal_pixels_do_not_contribute(info, text):
     model = make_micro(info, text).eval()
     randomize_lora(model)

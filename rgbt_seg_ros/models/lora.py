@@ -10,12 +10,21 @@ peft's ``set_adapter`` also flips ``requires_grad`` of the inactive adapters. Do
 between the two forward passes of one training step would drop the gradient of the adapter
 used first, so :func:`activate_adapter` restores every LoRA parameter's ``requires_grad``
 right after switching, before anything is computed.
+
+Inference runs both modalities in one trunk pass instead (:func:`modality_batch`): the batch
+is ``[rgb; thermal]`` and every attention projects each half with one fused qkv weight that
+has that modality's LoRA merged in (W + scale * B @ A, peft's own ``get_delta_weight``). The
+merged weights are cached per attention and recomputed when any source tensor changes (its
+``_version`` counter or identity), so loading new weights never leaves a stale cache. The
+batched pass computes the same function as the two passes (tested to float rounding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
+import torch
 from torch import nn
 
 MODALITY_ADAPTERS = ("rgb", "thermal")
@@ -89,3 +98,61 @@ def activate_adapter(module: nn.Module, name: str) -> None:
 def adapter_parameter_names(module: nn.Module, name: str) -> list[str]:
     """Names (relative to ``module``) of the parameters of LoRA adapter ``name``."""
     return [n for n, _ in module.named_parameters() if f".lora_A.{name}." in n or f".lora_B.{name}." in n]
+
+
+def _linear_weight(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of a q/k/v projection with LoRA ``adapter`` merged in (plain Linears as they are)."""
+    base = getattr(layer, "base_layer", None)
+    if base is None:
+        return layer.weight, layer.bias
+    if adapter not in layer.lora_A:
+        raise ValueError(f"unknown LoRA adapter '{adapter}'; known: {sorted(layer.lora_A)}")
+    if layer.use_dora.get(adapter) or getattr(layer, "lora_bias", {}).get(adapter):
+        raise ValueError("modality_batch supports plain LoRA only (no DoRA, no LoRA bias)")
+    return base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype), base.bias
+
+
+def _sources(attn: nn.Module) -> list[torch.Tensor]:
+    return [p for lin in (attn.q, attn.k, attn.v) for p in lin.parameters()]
+
+
+def _merge(attn: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    weights, biases = [], []
+    for adapter in adapters:
+        parts = [_linear_weight(lin, adapter) for lin in (attn.q, attn.k, attn.v)]
+        weights.append(torch.cat([w for w, _ in parts], dim=0))
+        biases.append(torch.cat([b if b is not None else torch.zeros_like(w[:, 0]) for w, b in parts], dim=0))
+    return torch.stack(weights).contiguous(), torch.stack(biases).contiguous()
+
+
+def _group_weights(attn: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in _sources(attn)):
+        return _merge(attn, adapters)  # differentiable: gradients reach W, A and B as in the two passes
+    key = (adapters, tuple((id(t), t._version, t.device, t.dtype) for t in _sources(attn)))
+    cached = getattr(attn, "_merged_lora_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    with torch.no_grad():
+        weight, bias = _merge(attn, adapters)
+    attn._merged_lora_cache = (key, weight, bias)
+    return weight, bias
+
+
+@contextlib.contextmanager
+def modality_batch(trunk: nn.Module, adapters: tuple[str, ...] = MODALITY_ADAPTERS):
+    """Within the block, the trunk takes a batch of ``len(adapters)`` equal contiguous groups
+    (``[rgb; thermal]``) and projects each group's q, k, v with its own adapter merged in.
+
+    With gradients enabled the merge is part of the graph (so LoRA still learns); without, the
+    merged weights are cached. LoRA dropout cannot be merged: SARTM uses this in eval mode only.
+    """
+    attns = [block.attn for block in trunk.blocks]
+    if not all(hasattr(a, "set_group_weights") for a in attns):
+        raise RuntimeError("modality_batch needs split q/k/v attention (sam2_encoder.split_fused_qkv)")
+    try:
+        for attn in attns:
+            attn.set_group_weights(*_group_weights(attn, tuple(adapters)))
+        yield trunk
+    finally:
+        for attn in attns:
+            attn.set_group_weights(None)

@@ -13,6 +13,13 @@ value projections only (the SARTM paper) needs them as separate layers, so
 :func:`split_fused_qkv` replaces every block's attention by :class:`SplitQKVAttention`, which
 holds three Linears with the rows of the fused weight and computes the same attention.
 Official checkpoints are remapped accordingly on load (see ``sam2_checkpoint.py``).
+
+For inference the three projections can also run as one fused matmul per *group* of the batch
+(:meth:`SplitQKVAttention.set_group_weights`): the batch is split into M equal, contiguous
+groups and group m is projected with its own (3 * dim_out, dim) weight. Hiera's window
+partitioning keeps the batch order (windows of sample 0, then of sample 1, ...), so a batch
+``[rgb; thermal]`` stays two contiguous halves in every block. ``lora.modality_batch`` uses
+this to run both modalities, each with its own LoRA merged in, through the trunk in one pass.
 """
 
 from __future__ import annotations
@@ -116,6 +123,30 @@ class SplitQKVAttention(nn.Module):
         self.k = nn.Linear(dim, dim_out)
         self.v = nn.Linear(dim, dim_out)
         self.proj = nn.Linear(dim_out, dim_out)
+        self._group_w: torch.Tensor | None = None  # (M, 3 * dim_out, dim): per-group fused qkv weight
+        self._group_b: torch.Tensor | None = None  # (M, 1, 3 * dim_out)
+
+    def set_group_weights(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
+        """Use one fused qkv projection per batch group (``weight`` (M, 3 * dim_out, dim), ``bias``
+        (M, 3 * dim_out)) instead of the q, k, v Linears; None restores the Linears."""
+        if weight is None:
+            self._group_w = self._group_b = None
+            return
+        if weight.ndim != 3 or tuple(weight.shape[1:]) != (3 * self.dim_out, self.dim):
+            raise ValueError(f"group qkv weight must be (M, {3 * self.dim_out}, {self.dim}), got {tuple(weight.shape)}")
+        self._group_w = weight
+        self._group_b = None if bias is None else bias.reshape(weight.shape[0], 1, -1)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._group_w is None:
+            return self.q(x), self.k(x), self.v(x)
+        groups = self._group_w.shape[0]
+        if x.shape[0] % groups:
+            raise ValueError(f"batch of {x.shape[0]} windows does not split into {groups} equal modality groups")
+        xg = x.reshape(groups, -1, self.dim)
+        w_t = self._group_w.transpose(1, 2)
+        qkv = torch.bmm(xg, w_t) if self._group_b is None else torch.baddbmm(self._group_b, xg, w_t)
+        return qkv.reshape(*x.shape[:-1], 3 * self.dim_out).chunk(3, dim=-1)
 
     @classmethod
     def from_fused(cls, attn: nn.Module) -> SplitQKVAttention:
@@ -131,9 +162,10 @@ class SplitQKVAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
-        q = self.q(x).reshape(b, h * w, self.num_heads, -1)
-        k = self.k(x).reshape(b, h * w, self.num_heads, -1)
-        v = self.v(x).reshape(b, h * w, self.num_heads, -1)
+        q, k, v = self._qkv(x)
+        q = q.reshape(b, h * w, self.num_heads, -1)
+        k = k.reshape(b, h * w, self.num_heads, -1)
+        v = v.reshape(b, h * w, self.num_heads, -1)
         if self.q_pool is not None:
             # Q pooling at stage changes: (B, H, W, C) -> (B, C, H, W) -> pool -> back.
             q = self.q_pool(q.reshape(b, h, w, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

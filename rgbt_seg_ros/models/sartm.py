@@ -35,7 +35,7 @@ from torch import nn
 from ..classes import DatasetInfo
 from .fusion import FeatureFusionModule, FeatureRectifyModule, LanguageGuidedChannelAttention
 from .heads import AuxiliaryFPNHead, SAM2MaskDecoderHead
-from .lora import MODALITY_ADAPTERS, activate_adapter, add_modality_lora
+from .lora import MODALITY_ADAPTERS, activate_adapter, add_modality_lora, modality_batch
 from .registry import check_rgbt_inputs, refuse_frozen_random, register_backend
 from .sam2_checkpoint import (
     DECODER_SHARED_PARTS,
@@ -54,7 +54,9 @@ SARTM_DEFAULTS = {
         "checkpoint": None,  # official SAM2 weights (.pt, state dict under "model") or .safetensors
         "freeze": True,
     },
-    "lora": {"rank": 16, "alpha": 16.0, "dropout": 0.0, "targets": ["q", "v"]},
+    # batched_inference: in eval mode both modalities go through the trunk as one batch, each half
+    # with its own LoRA merged into a fused qkv weight (lora.modality_batch); false: two passes.
+    "lora": {"rank": 16, "alpha": 16.0, "dropout": 0.0, "targets": ["q", "v"], "batched_inference": True},
     "decoder": {"depth": 2, "mlp_dim": 2048, "num_heads": 8, "freeze_transformer": True},
     "fusion": {"heads": [1, 2, 8], "reduction": 1, "lambda_c": 0.5, "lambda_s": 0.5},
     "language": {"enabled": True, "text_dim": 384, "hidden": 64, "text_encoder": "minilm"},
@@ -98,6 +100,7 @@ class SARTM(nn.Module):
             self._load_base(official_to_parts(read_official_state_dict(base_path), source=str(base_path)), base_path)
 
         lora_cfg = cfg["lora"]
+        self.batched_inference = bool(lora_cfg["batched_inference"])
         add_modality_lora(
             self.image_encoder.trunk, lora_cfg["rank"], lora_cfg["alpha"], lora_cfg["dropout"], lora_cfg["targets"]
         )
@@ -242,8 +245,18 @@ class SARTM(nn.Module):
         if valid is not None:
             valid = valid.to(thermal.dtype)
             thermal = thermal * valid
-        feats_rgb = self._encode(rgb, MODALITY_ADAPTERS[0])
-        feats_th = self._encode(thermal.expand(-1, 3, -1, -1), MODALITY_ADAPTERS[1])
+        thermal3 = thermal.expand(-1, 3, -1, -1)
+        if self.batched_inference and not self.training:
+            # one trunk pass over [rgb; thermal], each half with its own LoRA (same maths as two passes)
+            with modality_batch(self.image_encoder.trunk, MODALITY_ADAPTERS):
+                fpn = self.image_encoder(torch.cat([rgb, thermal3.to(rgb.dtype)], dim=0))["backbone_fpn"]
+            both = self.sam_head.pyramid(fpn)
+            b = rgb.shape[0]
+            feats_rgb = tuple(f[:b] for f in both)
+            feats_th = tuple(f[b:] for f in both)
+        else:
+            feats_rgb = self._encode(rgb, MODALITY_ADAPTERS[0])
+            feats_th = self._encode(thermal3, MODALITY_ADAPTERS[1])
 
         fused, rect_rgb, rect_th = [], [], []
         for level, (f_rgb, f_th) in enumerate(zip(feats_rgb, feats_th)):
