@@ -101,6 +101,12 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "model.precision", "fp32", "inference precision (fp16/bf16 autocast on CUDA)", choices=("fp32", "fp16", "bf16")
     ),
+    ParamSpec(
+        "model.compile",
+        "none",
+        "torch.compile mode (CUDA deployments; compiles once at start-up, static shapes)",
+        choices=("none", "default", "reduce-overhead", "max-autotune"),
+    ),
     # outputs
     ParamSpec("output.labels", True, "publish ~/labels (mono8 class ids; mono16 beyond 255 classes)", dynamic=True),
     ParamSpec("output.overlay", True, "publish ~/overlay (rgb8, RGB blended with the palette)", dynamic=True),

@@ -112,10 +112,10 @@ def segmenter_from_params(params: dict[str, Any]):
     """Load the model the parameters name: a checkpoint directory, else a model config (+ SAM2 weights)."""
     from .segmenter import Segmenter  # torch import: only when a model is really needed
 
-    device, precision = params["model.device"], params["model.precision"]
+    device, precision, compile_mode = params["model.device"], params["model.precision"], params["model.compile"]
     if params["model.checkpoint"]:
         return Segmenter.from_checkpoint(
-            resolve_data_file(params["model.checkpoint"]), device=device, precision=precision
+            resolve_data_file(params["model.checkpoint"]), device=device, precision=precision, compile=compile_mode
         )
     sam2 = params["model.sam2_checkpoint"] or None
     return Segmenter.from_config(
@@ -124,6 +124,7 @@ def segmenter_from_params(params: dict[str, Any]):
         sam2_checkpoint=sam2,
         device=device,
         precision=precision,
+        compile=compile_mode,
     )
 
 

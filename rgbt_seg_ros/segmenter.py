@@ -14,6 +14,14 @@ resizes the logits to the RGB image's size and returns the arg-max labels and th
 softmax probability as confidence. Inference runs under ``torch.inference_mode`` and, on
 CUDA, under autocast for fp16/bf16. On CPU the model runs in fp32 unless another precision
 is asked for (bf16 autocast is slower than fp32 on the CPUs this was measured on).
+
+Deployment options for CUDA (usable, but not worth it, on CPU):
+
+* ``compile``: ``none`` (default) or a ``torch.compile`` mode (``default``, ``reduce-overhead``,
+  ``max-autotune``). Shapes are static (every frame is resized and padded to ``input_size``),
+  so the model compiles once, during warm-up; a failure there raises an error naming the option.
+* On CUDA the images are uploaded through reused page-locked (pinned) host buffers with
+  non-blocking copies (:class:`HostStaging`); on CPU the numpy arrays are used in place.
 """
 
 from __future__ import annotations
@@ -30,6 +38,32 @@ import torch.nn.functional as F
 from .classes import DatasetInfo
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+class HostStaging:
+    """Reused host buffers for host-to-device uploads, one per (name, shape, dtype).
+
+    ``pin=True`` (CUDA) allocates them page-locked so that ``.to(device, non_blocking=True)`` is
+    a DMA copy that does not block the host; a new frame size allocates a new buffer once.
+    """
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = bool(pin)
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, name: str, array: np.ndarray) -> torch.Tensor:
+        src = torch.from_numpy(np.ascontiguousarray(array))
+        key = (name, tuple(src.shape), src.dtype)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=self.pin)
+            self._buffers = {k: v for k, v in self._buffers.items() if k[0] != name}  # one size per name
+            self._buffers[key] = buf
+        # Safe to overwrite: the Segmenter reads its results back with .cpu() at the end of every
+        # call, which waits for the stream, so the previous frame's copy has finished.
+        buf.copy_(src)
+        return buf
 
 
 @dataclass
@@ -110,9 +144,13 @@ class Segmenter:
         device: str | torch.device = "auto",
         precision: str = "fp32",
         warmup: bool = True,
+        compile: str = "none",
+        compile_backend: str = "inductor",
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; expected one of {', '.join(PRECISIONS)}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode '{compile}'; expected one of {', '.join(COMPILE_MODES)}")
         self._device = resolve_device(device)
         self._precision = precision
         self._cfg = cfg
@@ -121,8 +159,22 @@ class Segmenter:
         self._input_size = (int(cfg["input_size"][0]), int(cfg["input_size"][1]))
         self._normalization = cfg["normalization"]
         self._label_dtype = np.uint8 if dataset_info.num_classes <= 255 else np.uint16
-        if warmup:
+        self._staging = HostStaging(pin=True) if self._device.type == "cuda" else None
+        self._compile = compile
+        self._forward = self._model
+        if compile == "none":
+            if warmup:
+                self.warmup()
+            return
+        try:  # compiles during the warm-up call (static shapes: once)
+            mode = None if compile == "default" else compile
+            self._forward = torch.compile(self._model, mode=mode, backend=compile_backend, dynamic=False)
             self.warmup()
+        except Exception as exc:
+            raise RuntimeError(
+                f"torch.compile (mode '{compile}', backend '{compile_backend}') failed on {self._device}: "
+                f"{type(exc).__name__}: {exc}. Set model.compile to none to run uncompiled."
+            ) from exc
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -133,13 +185,14 @@ class Segmenter:
         precision: str = "fp32",
         warmup: bool = True,
         sam2_checkpoint: str | Path | None = None,
+        compile: str = "none",
     ) -> Segmenter:
         """Load a trained checkpoint directory (see ``checkpoint.py``)."""
         from .checkpoint import load_checkpoint
 
         dev = resolve_device(device)
         model, cfg, info = load_checkpoint(ckpt_dir, device=dev, sam2_checkpoint=sam2_checkpoint)
-        return cls(model, cfg, info, device=dev, precision=precision, warmup=warmup)
+        return cls(model, cfg, info, device=dev, precision=precision, warmup=warmup, compile=compile)
 
     @classmethod
     def from_config(
@@ -151,6 +204,7 @@ class Segmenter:
         precision: str = "fp32",
         warmup: bool = True,
         text_embeddings: torch.Tensor | None = None,
+        compile: str = "none",
     ) -> Segmenter:
         """Build an untrained model from a model config (+ optional official SAM2 weights).
 
@@ -169,7 +223,7 @@ class Segmenter:
 
             text_embeddings = class_text_embeddings(info.class_names, backend=lang.get("text_encoder", "minilm"))
         model = build_model(cfg, info, text_embeddings)
-        return cls(model, cfg, info, device=device, precision=precision, warmup=warmup)
+        return cls(model, cfg, info, device=device, precision=precision, warmup=warmup, compile=compile)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -196,6 +250,10 @@ class Segmenter:
     @property
     def model(self) -> torch.nn.Module:
         return self._model
+
+    @property
+    def compile_mode(self) -> str:
+        return self._compile
 
     @property
     def config(self) -> dict:
@@ -230,10 +288,15 @@ class Segmenter:
         H, W = self._input_size
         nh, nw = fit_size((h, w), (H, W))
         dev = self._device
-        if not rgb.flags.writeable:  # a zero-copy view of a message buffer: torch wants writable memory
-            rgb = rgb.copy()
-        rgb_t = torch.from_numpy(np.ascontiguousarray(rgb)).to(dev).permute(2, 0, 1)[None].float()
-        th_t = torch.from_numpy(np.ascontiguousarray(thermal, dtype=np.float32)).to(dev)[None, None]
+        if self._staging is not None:  # CUDA: pinned buffers, asynchronous copies
+            rgb_t = self._staging("rgb", rgb).to(dev, non_blocking=True).permute(2, 0, 1)[None].float()
+            th_host = self._staging("thermal", np.asarray(thermal, dtype=np.float32))
+            th_t = th_host.to(dev, non_blocking=True)[None, None]
+        else:
+            if not rgb.flags.writeable:  # a zero-copy view of a message buffer: torch wants writable memory
+                rgb = rgb.copy()
+            rgb_t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+            th_t = torch.from_numpy(np.ascontiguousarray(thermal, dtype=np.float32))[None, None]
         if (nh, nw) != (h, w):
             anti = nh < h
             rgb_t = F.interpolate(rgb_t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=anti)
@@ -241,7 +304,10 @@ class Segmenter:
         rgb_t, th_t = normalize_batch(self._normalization, rgb_t, th_t, rgb_range=255.0)
         valid_t = None
         if valid is not None:
-            valid_t = torch.from_numpy(np.ascontiguousarray(valid)).to(dev)[None, None].float()
+            if self._staging is not None:
+                valid_t = self._staging("valid", valid).to(dev, non_blocking=True)[None, None].float()
+            else:
+                valid_t = torch.from_numpy(np.ascontiguousarray(valid))[None, None].float()
             if (nh, nw) != (h, w):
                 valid_t = F.interpolate(valid_t, size=(nh, nw), mode="nearest")
         if (nh, nw) != (H, W):
@@ -272,7 +338,7 @@ class Segmenter:
             self._sync()
             t1 = time.perf_counter()
             with self._autocast():
-                logits = self._model(rgb_t, th_t, valid_t)["logits"]
+                logits = self._forward(rgb_t, th_t, valid_t)["logits"]
             self._sync()
             t2 = time.perf_counter()
             logits = logits[:, :, :nh, :nw].float()

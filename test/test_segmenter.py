@@ -144,3 +144,35 @@ def test_from_config_refuses_frozen_random_encoder():
         Segmenter.from_config(
             "models/sartm_tiny.yaml", dataset="mfnet", device="cpu", text_embeddings=torch.zeros(9, 384)
         )
+
+
+def test_torch_compile_option_traces_the_model_and_keeps_the_results(ckpt_dir, seg):
+    """``compile`` wraps the model in torch.compile and compiles during warm-up. The ``eager`` backend
+    runs TorchDynamo's graph capture of the whole model (the part that breaks on unsupported Python)
+    without inductor's C++ code generation, which takes minutes on this CPU."""
+    from rgbt_seg_ros.checkpoint import load_checkpoint
+
+    model, cfg, info = load_checkpoint(ckpt_dir)
+    compiled = Segmenter(model, cfg, info, device="cpu", compile="default", compile_backend="eager")
+    assert compiled.compile_mode == "default" and compiled._forward is not compiled.model
+    rgb, th = frame(120, 160, seed=5)
+    a, b = compiled(rgb, th), seg(rgb, th)
+    assert np.array_equal(a.labels, b.labels) and np.allclose(a.confidence, b.confidence, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
+        Segmenter(model, cfg, info, device="cpu", compile="fast")
+    with pytest.raises(RuntimeError, match="Set model.compile to none"):
+        Segmenter(model, cfg, info, device="cpu", compile="default", compile_backend="no_such_backend")
+
+
+def test_host_staging_reuses_one_buffer_per_input_and_size():
+    from rgbt_seg_ros.segmenter import HostStaging
+
+    staging = HostStaging(pin=False)  # pin=True needs CUDA; the reuse logic is the same
+    a = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    first = staging("rgb", a)
+    ptr = first.data_ptr()
+    second = staging("rgb", a[::-1])  # a non-contiguous view is copied in, not aliased
+    assert second.data_ptr() == ptr and np.array_equal(second.numpy(), a[::-1])
+    assert staging("thermal", np.zeros((2, 2), np.float32)).data_ptr() != ptr
+    bigger = staging("rgb", np.ones((4, 4, 3), np.uint8))
+    assert bigger.shape == (4, 4, 3) and len(staging._buffers) == 2  # the old rgb size was dropped
