@@ -251,3 +251,29 @@ def test_sartm_loss_zero_weights_skip_silently_and_bad_settings_are_rejected():
         SartmLoss(feature_level="ifp")(out, labels)
     with pytest.raises(ValueError, match="4 finite values"):
         SartmLoss(weights=(1.0, 2.0, 3.0))
+
+
+def test_median_frequency_class_weights_by_hand():
+    from rgbt_seg_ros.training.losses import median_frequency_weights
+
+    # frequencies 0.7, 0.2, 0.1 (class 3 absent): median 0.2 -> 0.2/0.7, 1, 2; absent -> 1
+    w = median_frequency_weights([700, 200, 100, 0])
+    assert w == pytest.approx([0.2 / 0.7, 1.0, 2.0, 1.0], rel=1e-5)
+    assert median_frequency_weights([10_000, 1000, 1], max_weight=10.0)[2] == 10.0  # 1000x -> capped
+    with pytest.raises(ValueError, match="no labelled pixels"):
+        median_frequency_weights([0, 0])
+
+
+def test_class_weighted_ohem_is_the_weighted_mean_over_kept_pixels():
+    logits = torch.zeros(1, 2, 1, 4)  # uniform: CE log 2
+    labels = torch.tensor([[[0, 0, 1, 255]]])
+    ohem = OhemCrossEntropy(thresh=1.0, class_weights=torch.tensor([1.0, 3.0]))  # thresh 1: every pixel is hard
+    logits[0, 0, 0, 0] = 1.0  # pixel 0 (class 0) easier: CE = log(1 + e^-1)
+    ce0 = math.log(1 + math.exp(-1.0))
+    expected = (ce0 + math.log(2) + 3 * math.log(2)) / 5
+    assert float(ohem(logits, labels)) == pytest.approx(expected, rel=1e-6)
+    assert float(OhemCrossEntropy(thresh=1.0)(logits, labels)) == pytest.approx((ce0 + 2 * math.log(2)) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="finite values > 0"):
+        OhemCrossEntropy(class_weights=torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="3 class weights for a model with 2"):
+        OhemCrossEntropy(class_weights=torch.tensor([1.0, 1.0, 1.0]))(logits, labels)

@@ -138,6 +138,22 @@ def test_tensorboard_scalars_match_metrics_jsonl(tmp_path, text):
     assert present and {f"val/iou/{name}" for name in present} <= tags
 
 
+def test_auto_class_weights_come_from_the_training_labels(tmp_path, text):
+    from rgbt_seg_ros.training.losses import median_frequency_weights
+
+    tr = Trainer(
+        MICRO, tiny_config(val_split=None, loss={"class_weights": "auto"}), tmp_path / "a", text_embeddings=text
+    )
+    counts = np.zeros(8, np.int64)
+    for i in range(len(tr.train_set.base)):
+        counts += np.bincount(np.asarray(tr.train_set.base[i]["labels"]).ravel(), minlength=8)[:8]
+    assert tr.class_weights == median_frequency_weights(counts)
+    assert torch.equal(tr.loss.ohem.class_weights, torch.tensor(tr.class_weights))
+    assert max(tr.class_weights) > 1.0 > min(tr.class_weights)  # rare classes up, background down
+    with pytest.raises(TrainConfigError, match="loss.class_weights must be null, 'auto' or 8 values"):
+        Trainer(MICRO, tiny_config(loss={"class_weights": [1.0, 2.0]}), tmp_path / "b", text_embeddings=text)
+
+
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path):
     target = tmp_path / "last"
     _atomic_dir_write(target, lambda d: (d / "train_state.pt").write_text("one"))

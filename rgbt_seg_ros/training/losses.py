@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,7 +76,13 @@ def _resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class OhemCrossEntropy(nn.Module):
     """Online hard example mining cross-entropy (eq. 11); see the module docstring for the rule."""
 
-    def __init__(self, ignore_index: int = 255, thresh: float = 0.7, min_kept_fraction: float = 1.0 / 16.0) -> None:
+    def __init__(
+        self,
+        ignore_index: int = 255,
+        thresh: float = 0.7,
+        min_kept_fraction: float = 1.0 / 16.0,
+        class_weights: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         if not 0.0 < thresh <= 1.0:
             raise ValueError(f"OHEM thresh must be in (0, 1], got {thresh}")
@@ -84,6 +91,11 @@ class OhemCrossEntropy(nn.Module):
         self.ignore_index = int(ignore_index)
         self.thresh = float(thresh)
         self.min_kept_fraction = float(min_kept_fraction)
+        if class_weights is not None:
+            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+            if class_weights.ndim != 1 or not bool((class_weights > 0).all() & torch.isfinite(class_weights).all()):
+                raise ValueError(f"class weights must be a list of finite values > 0, got {class_weights.tolist()}")
+        self.class_weights = class_weights
 
     def select(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel cross-entropy (B, H, W) at label size and the boolean mask of kept pixels."""
@@ -120,7 +132,28 @@ class OhemCrossEntropy(nn.Module):
         ce, kept = self.select(logits, labels)
         if not bool(kept.any()):
             return logits.sum() * 0.0  # nothing labelled: zero, but still part of the graph
-        return ce[kept].mean()
+        if self.class_weights is None:
+            return ce[kept].mean()
+        # Class-weighted mean over the kept pixels (the hard-pixel choice itself is unweighted).
+        w = self.class_weights.to(ce.device)
+        if w.numel() != logits.shape[1]:
+            raise ValueError(f"{w.numel()} class weights for a model with {logits.shape[1]} classes")
+        pw = w[labels.long()[kept]]
+        return (ce[kept] * pw).sum() / pw.sum()
+
+
+def median_frequency_weights(pixel_counts, max_weight: float = 10.0) -> list[float]:
+    """Median-frequency balancing (Eigen & Fergus 2015): ``w_c = median(f) / f_c`` over the classes
+    present in the training labels, capped at ``max_weight``; absent classes get 1.0."""
+    counts = np.asarray(pixel_counts, dtype=np.float64)
+    present = counts > 0
+    if not present.any():
+        raise ValueError("no labelled pixels in the training set: cannot compute class weights")
+    freq = counts / counts.sum()
+    med = float(np.median(freq[present]))
+    weights = np.ones_like(freq)
+    weights[present] = np.minimum(med / freq[present], float(max_weight))
+    return [round(float(x), 6) for x in weights]
 
 
 # --------------------------------------------------------------------------- prototypes
@@ -316,6 +349,7 @@ class SartmLoss(nn.Module):
         cr_temperature: float = 1.0,
         memory_momentum: float = 0.9,
         text_embeddings: torch.Tensor | None = None,
+        class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         weights = tuple(float(w) for w in weights)
@@ -325,7 +359,7 @@ class SartmLoss(nn.Module):
             raise ValueError(f"temperatures must be > 0, got {temperature}, {cr_temperature}")
         self.weights = weights
         self.ignore_index = int(ignore_index)
-        self.ohem = OhemCrossEntropy(ignore_index, ohem_thresh, min_kept_fraction)
+        self.ohem = OhemCrossEntropy(ignore_index, ohem_thresh, min_kept_fraction, class_weights)
         self.feature_level = feature_level
         self.temperature = float(temperature)
         self.cr_temperature = float(cr_temperature)

@@ -64,7 +64,7 @@ from ..classes import DatasetInfo, load_dataset_info
 from ..models import LOSS_TERMS, backend_loss_terms, build_model, load_model_config, resolve_model_config
 from ..segmenter import PRECISIONS, fit_size, normalize_batch, resolve_device
 from .datasets import DATASET_KINDS, DatasetError, build_dataset
-from .losses import PAPER_WEIGHTS, SartmLoss
+from .losses import PAPER_WEIGHTS, SartmLoss, median_frequency_weights
 from .transforms import build_train_transform, resize_item
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -108,6 +108,8 @@ TRAIN_DEFAULTS: dict = {
         "feature_level": "sfm",
         "temperature": 1.0,
         "cr_temperature": 1.0,
+        # null | auto (median-frequency balancing over the training labels, capped at 10) | one value per class
+        "class_weights": None,
     },
     "val_every": 1,  # epochs between validations
     "val_max_items": None,
@@ -486,6 +488,7 @@ class Trainer:
         lc = cfg["loss"]
         # a backend with one segmentation output (CPAL, FusionSAM) trains on the terms it supports
         self.loss_terms = backend_loss_terms(self.model)
+        self.class_weights = self._class_weights(lc["class_weights"], base)
         self.loss = SartmLoss(
             weights=tuple(float(w) if t in self.loss_terms else 0.0 for t, w in zip(LOSS_TERMS, lc["weights"])),
             ignore_index=self.info.ignore_index,
@@ -494,6 +497,7 @@ class Trainer:
             feature_level=lc["feature_level"],
             temperature=float(lc["temperature"]),
             cr_temperature=float(lc["cr_temperature"]),
+            class_weights=None if self.class_weights is None else torch.tensor(self.class_weights),
         )
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, float(cfg["weight_decay"])), lr=float(cfg["lr"]), betas=tuple(cfg["betas"])
@@ -530,6 +534,27 @@ class Trainer:
                     self._writer = None
 
     # ------------------------------------------------------------------ helpers
+    def _class_weights(self, setting, base: Dataset) -> list[float] | None:
+        """loss.class_weights: None, explicit per-class values, or ``auto`` from the training labels."""
+        n = self.info.num_classes
+        if setting is None:
+            return None
+        if setting == "auto":
+            counts = np.zeros(n, dtype=np.int64)
+            for i in range(len(base)):
+                labels = np.asarray(base[i]["labels"])
+                labels = labels[labels != self.info.ignore_index]
+                counts += np.bincount(labels.ravel().astype(np.int64), minlength=n)[:n]
+            weights = median_frequency_weights(counts)
+            if self.dist.is_main:
+                print(f"class weights (median frequency): {dict(zip(self.info.class_names, weights))}", flush=True)
+            return weights
+        if not isinstance(setting, (list, tuple)) or len(setting) != n:
+            raise TrainConfigError(
+                f"train config loss.class_weights must be null, 'auto' or {n} values (one per class), got {setting!r}"
+            )
+        return [float(x) for x in setting]
+
     def _device(self) -> torch.device:
         name = str(self.cfg["device"])
         if self.dist.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
