@@ -22,12 +22,12 @@ default; LayerNorm is a native op from opset 17), which needs no extra package. 
   size ("Unsupported: ONNX export of operator adaptive pooling, since output_size is not
   constant"). :func:`static_interpolate_sizes` turns every ``size`` given to
   ``F.interpolate`` into Python ints during the export: exact for a static-shape graph.
-* The two LoRA adapters (``rgb``, ``thermal``) share the encoder's base weights and the
-  model switches adapters between its two encoder passes; the tracer records each pass with
-  its own active adapter, so the graph holds the base matmul plus that adapter's low-rank
-  update per pass (exact, no merging). Merging LoRA into the base Linears would need two
-  copies of the encoder (one per modality), doubling the weights, for a rank-16 update that
-  costs about 2 % of the encoder's FLOPs; it is not done.
+* The two LoRA adapters (``rgb``, ``thermal``) share the encoder's base weights. The model
+  is exported in eval mode, where SARTM runs both modalities as one batch through the trunk
+  with each half's LoRA merged into a fused qkv weight (``lora.modality_batch``): the graph
+  holds one (2, 3d, d) constant per block and a batched matmul, exact to float rounding. The
+  unmerged q/k/v weights are not in the graph, so the file holds the qkv weights twice (once
+  per modality) instead of the base plus two rank-r adapters.
 """
 
 from __future__ import annotations

@@ -466,3 +466,5 @@ def test_bench_model_reports_the_figures(tmp_path):
     assert 0 < result["ratio_to_matmul"] and result["matmul_gflops"] > 0
     table = markdown(result)
     assert "GFLOP per RGB-T pair" in table and "ratio to matmul" in table
+    assert result["forward_ms_two_pass"] > 0 and result["batched_vs_two_pass"] > 0
+    assert "batched / two-pass time" in table
