@@ -253,15 +253,14 @@ def test_sartm_loss_zero_weights_skip_silently_and_bad_settings_are_rejected():
         SartmLoss(weights=(1.0, 2.0, 3.0))
 
 
-def test_median_frequency_class_weights_by_hand():
-    from rgbt_seg_ros.training.losses import median_frequency_weights
+def test_enet_class_weights_by_hand():
+    from rgbt_seg_ros.training.losses import enet_class_weights
 
-    # frequencies 0.7, 0.2, 0.1 (class 3 absent): median 0.2 -> 0.2/0.7, 1, 2; absent -> 1
-    w = median_frequency_weights([700, 200, 100, 0])
-    assert w == pytest.approx([0.2 / 0.7, 1.0, 2.0, 1.0], rel=1e-5)
-    assert median_frequency_weights([10_000, 1000, 1], max_weight=10.0)[2] == 10.0  # 1000x -> capped
+    w = enet_class_weights([900, 100, 0])  # shares 0.9, 0.1, 0
+    assert w == pytest.approx([1 / math.log(1.92), 1 / math.log(1.12), 1 / math.log(1.02)], rel=1e-5)
+    assert w[0] < w[1] < w[2] <= 1 / math.log(1.02) + 1e-5  # rarer -> heavier, bounded
     with pytest.raises(ValueError, match="no labelled pixels"):
-        median_frequency_weights([0, 0])
+        enet_class_weights([0, 0])
 
 
 def test_class_weighted_ohem_is_the_weighted_mean_over_kept_pixels():

@@ -224,8 +224,8 @@ REALDATA_RUNS = {
     },
     # MFNet tiles: 380x285 and 160x120 figure crops whose smallest objects (cones, bikes, car stops) cover
     # 100-1500 pixels. The input is 288x384 so the 380x285 tiles run at their native scale (at 192x256 a cone
-    # is 4 logit cells); the 17 tiles are fitted with flips and a mild scale jitter only, and median-frequency
-    # class weights so that the rare classes (bike, curve, car stop, cone: < 2 % of the pixels) are not learnt last.
+    # is 4 logit cells); the 17 tiles are fitted with flips and a mild scale jitter only, and ENet class
+    # weights so that the rare classes (bike, curve, car stop, cone: < 2 % of the pixels) are not learnt last.
     "mfnet_tiles": {
         "kind": "folder",
         "classes": "mfnet",

@@ -64,7 +64,7 @@ from ..classes import DatasetInfo, load_dataset_info
 from ..models import LOSS_TERMS, backend_loss_terms, build_model, load_model_config, resolve_model_config
 from ..segmenter import PRECISIONS, fit_size, normalize_batch, resolve_device
 from .datasets import DATASET_KINDS, DatasetError, build_dataset
-from .losses import PAPER_WEIGHTS, SartmLoss, median_frequency_weights
+from .losses import PAPER_WEIGHTS, SartmLoss, enet_class_weights
 from .transforms import build_train_transform, resize_item
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -108,7 +108,7 @@ TRAIN_DEFAULTS: dict = {
         "feature_level": "sfm",
         "temperature": 1.0,
         "cr_temperature": 1.0,
-        # null | auto (median-frequency balancing over the training labels, capped at 10) | one value per class
+        # null | auto (ENet weighting 1 / ln(1.02 + share) from the training labels) | one value per class
         "class_weights": None,
     },
     "val_every": 1,  # epochs between validations
@@ -545,9 +545,10 @@ class Trainer:
                 labels = np.asarray(base[i]["labels"])
                 labels = labels[labels != self.info.ignore_index]
                 counts += np.bincount(labels.ravel().astype(np.int64), minlength=n)[:n]
-            weights = median_frequency_weights(counts)
+            weights = enet_class_weights(counts)
             if self.dist.is_main:
-                print(f"class weights (median frequency): {dict(zip(self.info.class_names, weights))}", flush=True)
+                named = dict(zip(self.info.class_names, weights))
+                print(f"class weights (ENet, from the training labels): {named}", flush=True)
             return weights
         if not isinstance(setting, (list, tuple)) or len(setting) != n:
             raise TrainConfigError(
