@@ -65,42 +65,47 @@ def _ablation_base(steps: int, batch: int, size: list[int]) -> dict:
     }
 
 
-def run_ablation(args) -> int:
+def _train_and_test(model_config: str, cfg: dict, run_dir: Path, args, title: str, blank: bool = False) -> dict:
+    """Train one run, then evaluate its last checkpoint on the held-out synthetic ``test`` split
+    (scenes of another seed than train and val) per condition; the common row of a results table."""
     from ..segmenter import Segmenter
     from .datasets import build_dataset
     from .evaluation import evaluate
     from .trainer import Trainer
 
+    t0 = time.perf_counter()
+    trainer = Trainer(model_config, cfg, run_dir)
+    summary = trainer.fit()
+    trainer.close()
+    wall = time.perf_counter() - t0
+    seg = Segmenter.from_checkpoint(run_dir / "last", device="cpu")
+    test = build_dataset(
+        "synthetic", None, "test", seg.dataset_info, count=args.test_count, seed=0, size=tuple(args.size)
+    )
+    doc = evaluate(seg, test, out_dir=run_dir / "eval", blank_thermal=blank, title=title, progress=False)
+    return {
+        "train_wall_s": round(wall, 1),
+        "steps": summary["steps"],
+        "median_step_s": summary["step_time_s_median"],
+        "params": seg.model.parameter_counts(),
+        "loss_terms": list(trainer.loss_terms),
+        "test_miou": doc["miou"],
+        "conditions": {c: v["miou"] for c, v in doc["conditions"].items()},
+        "per_class_iou_night": doc["conditions"].get("night", {}).get("per_class_iou"),
+        "per_class_iou_day": doc["conditions"].get("day", {}).get("per_class_iou"),
+    }
+
+
+def run_ablation(args) -> int:
+    from .trainer import _merge
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    variants = args.variants or list(ABLATION_VARIANTS)
-    for name in variants:
-        from .trainer import _merge
-
+    for name in args.variants or list(ABLATION_VARIANTS):
         cfg = _merge(_ablation_base(args.steps, args.batch, list(args.size)), ABLATION_VARIANTS[name])
-        run_dir = out / name
-        t0 = time.perf_counter()
-        trainer = Trainer(args.config, cfg, run_dir)
-        summary = trainer.fit()
-        trainer.close()
-        wall = time.perf_counter() - t0
-        seg = Segmenter.from_checkpoint(run_dir / "last", device="cpu")
-        test = build_dataset(
-            "synthetic", None, "test", seg.dataset_info, count=args.test_count, seed=0, size=tuple(args.size)
-        )
         blank = cfg.get("modalities") == "rgb"
-        title = f"ablation {name}"
-        doc = evaluate(seg, test, out_dir=run_dir / "eval", blank_thermal=blank, title=title, progress=False)
-        results[name] = {
-            "train_wall_s": round(wall, 1),
-            "steps": summary["steps"],
-            "median_step_s": summary["step_time_s_median"],
-            "test_miou": doc["miou"],
-            "conditions": {c: v["miou"] for c, v in doc["conditions"].items()},
-            "per_class_iou_night": doc["conditions"].get("night", {}).get("per_class_iou"),
-            "per_class_iou_day": doc["conditions"].get("day", {}).get("per_class_iou"),
-        }
+        results[name] = _train_and_test(args.config, cfg, out / name, args, f"ablation {name}", blank)
         (out / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
         print(name, json.dumps(results[name]["conditions"]), flush=True)
     (out / "ablation.md").write_text(ablation_markdown(results))
@@ -135,37 +140,13 @@ BACKEND_CONFIGS = {
 
 
 def run_backends(args) -> int:
-    from ..segmenter import Segmenter
-    from .datasets import build_dataset
-    from .evaluation import evaluate
-    from .trainer import Trainer
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.backends or list(BACKEND_CONFIGS):
         cfg = _ablation_base(args.steps, args.batch, list(args.size))
-        run_dir = out / name
-        t0 = time.perf_counter()
-        trainer = Trainer(BACKEND_CONFIGS[name], cfg, run_dir)
-        summary = trainer.fit()
-        trainer.close()
-        wall = time.perf_counter() - t0
-        seg = Segmenter.from_checkpoint(run_dir / "last", device="cpu")
-        test = build_dataset(
-            "synthetic", None, "test", seg.dataset_info, count=args.test_count, seed=0, size=tuple(args.size)
-        )
-        doc = evaluate(seg, test, out_dir=run_dir / "eval", title=f"backend {name}", progress=False)
-        results[name] = {
-            "config": BACKEND_CONFIGS[name],
-            "params": seg.model.parameter_counts(),
-            "train_wall_s": round(wall, 1),
-            "steps": summary["steps"],
-            "median_step_s": summary["step_time_s_median"],
-            "loss_terms": list(trainer.loss_terms),
-            "test_miou": doc["miou"],
-            "conditions": {c: v["miou"] for c, v in doc["conditions"].items()},
-        }
+        row = _train_and_test(BACKEND_CONFIGS[name], cfg, out / name, args, f"backend {name}")
+        results[name] = {"config": BACKEND_CONFIGS[name], **row}
         (out / "backends.json").write_text(json.dumps(results, indent=2) + "\n")
         print(name, json.dumps(results[name]["conditions"]), flush=True)
     (out / "backends.md").write_text(ablation_markdown(results))
