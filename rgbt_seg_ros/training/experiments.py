@@ -207,6 +207,7 @@ REALDATA_RUNS = {
     # 100-1500 pixels. The input is 288x384 so the 380x285 tiles run at their native scale (at 192x256 a cone
     # is 4 logit cells); the 17 tiles are fitted with flips and a mild scale jitter only, and ENet class
     # weights so that the rare classes (bike, curve, car stop, cone: < 2 % of the pixels) are not learnt last.
+    # Measured with sartm_demo: 42.1 % training mIoU after 1000 steps (35.6 % at 500): below the 90 % target.
     "mfnet_tiles": {
         "kind": "folder",
         "classes": "mfnet",
