@@ -1,6 +1,6 @@
 """Reproducible experiments behind the README's training evidence (not part of ``make test``).
 
-    python -m rgbt_seg_ros.training.experiments ablation --out runs/ablation [--steps 1500]
+    python -m rgbt_seg_ros.training.experiments ablation --out runs/ablation [--steps 1000]
     python -m rgbt_seg_ros.training.experiments backends --out runs/backends [--steps 1000]
     python -m rgbt_seg_ros.training.experiments realdata --out runs/realdata [--realdata ../shared/realdata]
     python -m rgbt_seg_ros.training.experiments step-bench --config models/sartm_micro.yaml --size 480 640 --batch 2
@@ -359,20 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rgbt_seg_ros.training.experiments")
     sub = p.add_subparsers(dest="what", required=True)
     a = sub.add_parser("ablation", help="RGB-T vs RGB-only, aux head on/off, language losses on/off")
-    a.add_argument("--out", required=True)
     a.add_argument("--config", default="models/sartm_micro.yaml")
-    a.add_argument("--steps", type=int, default=1500)
-    a.add_argument("--batch", type=int, default=8)
-    a.add_argument("--size", type=int, nargs=2, default=[96, 128])
-    a.add_argument("--test-count", type=int, default=128)
     a.add_argument("--variants", nargs="*", choices=list(ABLATION_VARIANTS))
     b = sub.add_parser("backends", help="SARTM, CPAL and FusionSAM micro at the ablation's budget")
-    b.add_argument("--out", required=True)
-    b.add_argument("--steps", type=int, default=1000)
-    b.add_argument("--batch", type=int, default=8)
-    b.add_argument("--size", type=int, nargs=2, default=[96, 128])
-    b.add_argument("--test-count", type=int, default=128)
     b.add_argument("--backends", nargs="*", choices=list(BACKEND_CONFIGS))
+    for q in (a, b):  # the shared synthetic budget (README tables: 1000 steps of batch 8 at 96x128)
+        q.add_argument("--out", required=True)
+        q.add_argument("--steps", type=int, default=1000)
+        q.add_argument("--batch", type=int, default=8)
+        q.add_argument("--size", type=int, nargs=2, default=[96, 128])
+        q.add_argument("--test-count", type=int, default=128)
     r = sub.add_parser("realdata", help="train on the PST900 sample and the MFNet tiles; training mIoU")
     r.add_argument("--out", required=True)
     r.add_argument("--config", default="models/sartm_micro.yaml")
