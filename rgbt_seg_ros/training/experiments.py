@@ -204,10 +204,12 @@ REALDATA_RUNS = {
         "layout": lambda r, d: pst900_layout(r, d, copies=4),
     },
     # MFNet tiles: 380x285 and 160x120 figure crops whose smallest objects (cones, bikes, car stops) cover
-    # 100-1500 pixels. The input is 288x384 so the 380x285 tiles run at their native scale (at 192x256 a cone
-    # is 4 logit cells); the 17 tiles are fitted with flips and a mild scale jitter only, and ENet class
-    # weights so that the rare classes (bike, curve, car stop, cone: < 2 % of the pixels) are not learnt last.
-    # Measured with sartm_demo: 42.1 % training mIoU after 1000 steps (35.6 % at 500): below the 90 % target.
+    # 100-1500 pixels and whose curbs ("curve") are 2-4 pixel lines. The input is 288x384 so the 380x285 tiles
+    # run at their native scale (at 192x256 a cone is 4 logit cells). This is a fitting check, so the tiles are
+    # not augmented: training and validation see the same 17 inputs. Plain OHEM without class weights: ENet
+    # weights (up to 33x background) made the rare classes move first but flooded the background (74 % pixel
+    # accuracy at 400 steps) and the training mIoU oscillated; without them the rare classes come last but
+    # the fit is steady. Measured with sartm_demo: see the README ("Real formats").
     "mfnet_tiles": {
         "kind": "folder",
         "classes": "mfnet",
@@ -216,9 +218,8 @@ REALDATA_RUNS = {
         "layout": mfnet_tiles_layout,
         "overrides": {
             "batch_size": 4,
-            "lr": 2.0e-3,
-            "transform": {"scale": [0.9, 1.1]},
-            "loss": {"class_weights": "auto"},
+            "lr": 1.0e-3,
+            "transform": {"scale": False, "flip": 0.0},
         },
     },
 }
@@ -281,7 +282,7 @@ def run_realdata(args) -> int:
             args.val_every,
         )
         t0 = time.perf_counter()
-        trainer = Trainer(args.config, cfg, out / name)
+        trainer = Trainer(args.config, cfg, out / name, resume=args.resume)
         summary = trainer.fit()
         trainer.close()
         results[name] = {
@@ -376,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=400)
     r.add_argument("--runs", nargs="*", choices=list(REALDATA_RUNS))
     r.add_argument("--val-every", type=int, default=1_000_000, help="epochs between validations (default: at the end)")
+    r.add_argument("--resume", action="store_true", help="continue from OUT/NAME/last (--steps: new total)")
     s = sub.add_parser("step-bench", help="training step time and peak memory on random data")
     s.add_argument("--config", default="models/sartm_micro.yaml")
     s.add_argument("--dataset", default=None)
