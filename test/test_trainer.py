@@ -249,3 +249,20 @@ def test_real_pst900_sample_trains(tmp_path):
     assert set(batch["labels"].unique().tolist()) <= {0, 1, 2, 3, 255}
     losses = [tr.train_step(batch)["total"] for _ in range(15)]
     assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
+
+
+@pytest.mark.skipif(not (REALDATA / "mfnet_figure_tiles").is_dir(), reason="shared/realdata not present")
+def test_realdata_cli_resumes_the_mfnet_tiles_run(tmp_path):
+    """`experiments realdata --resume` continues OUT/NAME/last to the new --steps total (the README's
+    two-phase MFNet-tiles recipe), on the committed recipe with the micro model and 2 + 1 steps."""
+    from rgbt_seg_ros.training import experiments
+
+    args = ["realdata", "--out", str(tmp_path), "--runs", "mfnet_tiles", "--config", str(MICRO), "--threads", "1"]
+    assert experiments.main([*args, "--steps", "2"]) == 0
+    first = json.loads((tmp_path / "realdata.json").read_text())["mfnet_tiles"]
+    assert first["images"] == 17 and first["steps"] == 2 and 0.0 <= first["train_miou"] <= 1.0
+    with pytest.warns(RuntimeWarning, match="planned for 2 steps with 3"):
+        assert experiments.main([*args, "--steps", "3", "--resume"]) == 0
+    assert json.loads((tmp_path / "realdata.json").read_text())["mfnet_tiles"]["steps"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "mfnet_tiles" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "train"] == [2, 3]  # step 3 continued step 2, not a restart
