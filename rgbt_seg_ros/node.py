@@ -1,20 +1,32 @@
 """``segment_node``: synchronized RGB-thermal segmentation as a ROS 2 node.
 
-Data flow (DESIGN.md): subscription callbacks only convert (``imaging``), pair
+Data flow (docs/architecture.md): subscription callbacks only convert (``imaging``), pair
 (``sync.ApproximateTimePairer``) and hand the newest pair to a single-slot mailbox;
 one worker thread runs the shared :class:`~rgbt_seg_ros.pipeline.FramePipeline`
 (thermal normalisation -> registration -> segmenter -> render) and publishes. When
 the model is slower than the cameras, older pairs are replaced in the mailbox and
 counted as dropped, never queued, so latency stays bounded.
 
+Inputs are relative names that users remap, as image_pipeline's nodes do:
+``rgb/image`` and ``thermal/image`` (``sensor_msgs/Image``, or ``<name>/compressed``
+``sensor_msgs/CompressedImage`` with ``input.<camera>.transport: compressed``), and
+``rgb/camera_info`` / ``thermal/camera_info`` (registration.mode calibrated).
+
 Outputs (private namespace, RGB header and size): ``~/labels`` (mono8 / mono16),
 ``~/overlay`` (rgb8), optional ``~/confidence`` (32FC1), ``~/colored_labels`` (rgb8)
 and ``~/thermal_registered`` (mono8); outputs nobody subscribes to are not rendered.
-``/diagnostics`` at 1 Hz; ``~/reset`` (std_srvs/Trigger) clears pairing and statistics.
+``/diagnostics`` at 1 Hz on a steady (wall) clock, so sim time without ``/clock`` does
+not stall them; ``~/reset`` (std_srvs/Trigger) clears pairing and statistics.
+
+Two modes, one behaviour: ``segment_node`` configures and activates itself at start;
+``segment_node --managed`` is an ``rclpy.lifecycle`` node: configure loads and warms the
+model, activate creates the subscriptions and publishers, deactivate stops the work
+(the model stays loaded), cleanup frees the model (and GPU memory).
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
@@ -25,17 +37,20 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.clock import Clock, ClockType
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from .imaging import ImageEncodingError, fill_image_msg
-from .params import SPEC_BY_NAME, SPECS, validate
+from .params import INPUT_NAMES, SPEC_BY_NAME, SPECS, validate
 from .pipeline import (
     FramePipeline,
     LatestSlot,
     ThermalWatch,
+    demo_model_note,
     normalizer_from_params,
     registrar_from_camera_info,
     rgb_from_msg,
@@ -45,6 +60,7 @@ from .pipeline import thermal_from_msg as thermal_array_from_msg
 from .render import parse_palette
 from .sync import ApproximateTimePairer
 
+NODE_NAME = "rgbt_seg"
 OUTPUT_TOPICS = {
     "labels": "~/labels",
     "overlay": "~/overlay",
@@ -52,7 +68,18 @@ OUTPUT_TOPICS = {
     "colored_labels": "~/colored_labels",
     "thermal_registered": "~/thermal_registered",
 }
-RESTART_REASON = "changing {name} needs a restart of the node (model, registration, topics and QoS are fixed at start)"
+RESTART_REASON = "changing {name} needs a restart of the node (model, registration, inputs and QoS are fixed at start)"
+PARAM_TYPE_NAMES = {
+    1: "bool",
+    2: "integer",
+    3: "double",
+    4: "string",
+    5: "byte array",
+    6: "bool array",
+    7: "integer array",
+    8: "double array",
+    9: "string array",
+}
 
 
 def stamp_ns(header) -> int:
@@ -203,47 +230,144 @@ def _descriptor(spec) -> ParameterDescriptor:
     return desc
 
 
-class SegmentNode(Node):
-    def __init__(self, **kwargs) -> None:
-        super().__init__("rgbt_seg", **kwargs)
+class SegmentBehaviour:
+    """What ``segment_node`` does, for a plain :class:`Node` or a :class:`LifecycleNode` (mixin).
+
+    ``_setup`` runs once in the constructor (parameters, diagnostics, reset service);
+    ``_configure`` / ``_activate`` / ``_deactivate`` / ``_cleanup`` are the lifecycle steps,
+    which the plain node runs itself at start (configure + activate).
+    """
+
+    def _setup(self) -> None:
         self.param_errors: list[str] = []
+        self._warned: set[str] = set()
         self.p = self._declare_parameters()
         self.cameras = {"rgb": CameraMonitor(), "thermal": CameraMonitor()}
+        self.frame_ids = {"rgb": "", "thermal": ""}
         self.stats = PipelineStats()
         self._lock = threading.Lock()  # guards the pipeline settings changed by parameter callbacks
         self.pairer = self._make_pairer()
         self.slot = LatestSlot()
         self.rgb_only_active = False
         self.pipeline: FramePipeline | None = None
-        self.model_status = "loading"
+        self.model_status = "not loaded"
+        self.lifecycle_state = "unconfigured"
         self.registration_mode = self.p["registration.mode"]
         self.device = "?"
         self.thermal_watch = ThermalWatch(float(self.p["thermal_timeout"]))
         self._camera_infos: dict[str, CameraInfo] = {}
-
-        qos = self._qos()
-        self.create_subscription(Image, self.p["topics.rgb"], self._on_rgb, qos)
-        self.create_subscription(Image, self.p["topics.thermal"], self._on_thermal, qos)
-        if self.p["registration.mode"] == "calibrated":
-            self.create_subscription(CameraInfo, self.p["topics.rgb_info"], lambda m: self._on_info("rgb", m), qos)
-            self.create_subscription(
-                CameraInfo, self.p["topics.thermal_info"], lambda m: self._on_info("thermal", m), qos
-            )
-        self.pubs = {key: self.create_publisher(Image, topic, 5) for key, topic in OUTPUT_TOPICS.items()}
+        self._subs: list = []
+        self.pubs: dict = {}
+        self._poll_timer = None
+        self.worker: threading.Thread | None = None
+        self._running = False
+        # The names after remapping and namespacing, as the node really subscribes to them.
+        self.input_topics = {}
+        for key, name in INPUT_NAMES.items():
+            resolved = self.resolve_topic_name(name)
+            camera = key.split("_")[0]
+            if key in ("rgb", "thermal") and self.p[f"input.{camera}.transport"] == "compressed":
+                resolved += "/compressed"  # image_transport's convention: <base topic>/compressed
+            self.input_topics[key] = resolved
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_service(Trigger, "~/reset", self._on_reset)
-        self.create_timer(1.0, self._publish_diagnostics)
-        self.create_timer(0.02, self._on_poll)
+        self.create_timer(1.0, self._publish_diagnostics, clock=steady)
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._steady = steady
 
-        self._load_pipeline()
+    # ------------------------------------------------------------------ lifecycle steps
+    def _configure(self) -> bool:
+        """Load and warm up the model; False (with a logged reason) when it cannot be loaded."""
+        self.model_status = "loading"
+        what = self.p["model.checkpoint"] or self.p["model.config"]
+        self.get_logger().info(f"loading model {what} on {self.p['model.device']} ...")
+        t0 = time.monotonic()
+        try:
+            pipeline = FramePipeline.from_params(self.p)
+        except Exception as exc:  # bad checkpoint, config, calibration: keep running, report, segment nothing
+            self.model_status = f"failed: {exc}"
+            self.stats.model_failed(f"could not load the pipeline: {exc}")
+            self.get_logger().error(f"could not load the segmentation pipeline: {exc}")
+            return False
+        self.pipeline = pipeline
+        seg = pipeline.segmenter
+        self.device = str(seg.device)
+        if pipeline.registrar is None:
+            self.registration_mode = "calibrated (waiting for both camera_info topics)"
+        else:
+            self.registration_mode = pipeline.registrar.mode
+        self.model_status = (
+            f"{seg.backend} {seg.dataset_info.name} ({seg.dataset_info.num_classes} classes) "
+            f"{seg.input_size[0]}x{seg.input_size[1]} on {seg.device} {seg.precision}"
+        )
+        note = demo_model_note(seg)
+        if note:
+            self.get_logger().warning(note)
+        self.get_logger().info(f"ready: {self.model_status} (loaded and warmed up in {time.monotonic() - t0:.1f} s)")
+        return True
+
+    def _activate(self) -> None:
+        qos = self._qos()
+        types = {
+            cam: CompressedImage if self.p[f"input.{cam}.transport"] == "compressed" else Image
+            for cam in ("rgb", "thermal")
+        }
+        self._subs = [
+            self.create_subscription(types["rgb"], self.input_topics["rgb"], self._on_rgb, qos),
+            self.create_subscription(types["thermal"], self.input_topics["thermal"], self._on_thermal, qos),
+        ]
+        if self.p["registration.mode"] == "calibrated":
+            self._subs += [
+                self.create_subscription(
+                    CameraInfo, self.input_topics["rgb_info"], lambda m: self._on_info("rgb", m), qos
+                ),
+                self.create_subscription(
+                    CameraInfo, self.input_topics["thermal_info"], lambda m: self._on_info("thermal", m), qos
+                ),
+            ]
+        self.pubs = {key: self.create_publisher(Image, topic, 5) for key, topic in OUTPUT_TOPICS.items()}
+        self._poll_timer = self.create_timer(0.02, self._on_poll, clock=self._steady)
+        self.slot = LatestSlot()
         self._running = True
         self.worker = threading.Thread(target=self._work, name="rgbt_seg_worker", daemon=True)
         self.worker.start()
+        self.lifecycle_state = "active"
         self.get_logger().info(
-            f"rgb {self.p['topics.rgb']} + thermal {self.p['topics.thermal']} "
-            f"({self.p['qos.reliability']}, depth {self.p['qos.depth']}); model: {self.model_status}"
+            f"active: rgb {self.input_topics['rgb']} + thermal {self.input_topics['thermal']} "
+            f"({self.p['qos.reliability']}, depth {self.p['qos.depth']}) -> "
+            f"{self.resolve_topic_name('~/labels')}, {self.resolve_topic_name('~/overlay')}; model: {self.model_status}"
         )
+
+    def _deactivate(self) -> None:
+        self._stop_worker()
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        for pub in self.pubs.values():
+            self.destroy_publisher(pub)
+        if self._poll_timer is not None:
+            self.destroy_timer(self._poll_timer)
+        self._subs, self.pubs, self._poll_timer = [], {}, None
+        self.pairer.reset()
+        self.thermal_watch.reset()
+        self.rgb_only_active = False
+        self.lifecycle_state = "inactive"
+
+    def _cleanup(self) -> None:
+        self.pipeline = None
+        self.model_status = "not loaded"
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.lifecycle_state = "unconfigured"
+
+    def _stop_worker(self) -> None:
+        self._running = False
+        self.slot.close()
+        if self.worker is not None and self.worker.is_alive():
+            self.worker.join(timeout=10.0)
+        self.worker = None
 
     # ------------------------------------------------------------------ setup
     def _declare_parameters(self) -> dict:
@@ -252,7 +376,7 @@ class SegmentNode(Node):
             try:
                 value = self.declare_parameter(spec.name, spec.default, _descriptor(spec)).value
             except Exception as exc:  # out-of-range or wrongly typed override from the parameter file
-                text = f"parameter {spec.name}: {exc}; using the default {spec.default!r}"
+                text = f"parameter {spec.name}: {_readable(exc)}; using the default {spec.default!r}"
                 self.param_errors.append(text)
                 self.get_logger().error(text)
                 if not self.has_parameter(spec.name):
@@ -267,6 +391,11 @@ class SegmentNode(Node):
                 self.get_logger().error(text)
                 value = spec.default
             values[spec.name] = value
+        for name in getattr(self, "_parameter_overrides", {}):  # settings this node does not know
+            problem = validate(name, None) if name not in SPEC_BY_NAME and name != "use_sim_time" else None
+            if problem:
+                self.param_errors.append(problem)
+                self.get_logger().error(problem)
         return values
 
     def _qos(self) -> QoSProfile:
@@ -290,26 +419,13 @@ class SegmentNode(Node):
             on_warning=lambda text: self.get_logger().warning(text, throttle_duration_sec=5.0),
         )
 
-    def _load_pipeline(self) -> None:
-        try:
-            pipeline = FramePipeline.from_params(self.p)
-        except Exception as exc:  # bad checkpoint, config, calibration: keep running, report, segment nothing
-            self.model_status = f"failed: {exc}"
-            self.stats.model_failed(f"could not load the pipeline: {exc}")
-            self.get_logger().error(f"could not load the segmentation pipeline: {exc}")
-            return
-        self.pipeline = pipeline
-        seg = pipeline.segmenter
-        self.device = str(seg.device)
-        if pipeline.registrar is None:
-            self.registration_mode = "calibrated (waiting for both camera_info topics)"
-        self.model_status = (
-            f"{seg.backend} {seg.dataset_info.name} ({seg.dataset_info.num_classes} classes) "
-            f"{seg.input_size[0]}x{seg.input_size[1]} on {seg.device} {seg.precision}"
-        )
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.get_logger().warning(text)
 
     # ------------------------------------------------------------------ callbacks
-    def _on_rgb(self, msg: Image) -> None:
+    def _on_rgb(self, msg) -> None:
         now = time.monotonic()
         try:
             rgb = rgb_from_msg(msg, max_pixels=self._max_pixels())
@@ -317,6 +433,7 @@ class SegmentNode(Node):
             self._reject("rgb", "bad_image", str(exc))
             return
         self.cameras["rgb"].arrived(now)
+        self.frame_ids["rgb"] = msg.header.frame_id
         stamp = stamp_ns(msg.header)
         if self.thermal_watch.lost(now) and self.p["on_thermal_loss"] == "rgb_only":
             if not self.rgb_only_active:
@@ -326,7 +443,7 @@ class SegmentNode(Node):
             return
         self._hand_over_pairs(self.pairer.add_rgb(stamp, (msg.header, rgb), now_ns=time.monotonic_ns()), now)
 
-    def _on_thermal(self, msg: Image) -> None:
+    def _on_thermal(self, msg) -> None:
         now = time.monotonic()
         try:
             thermal = thermal_array_from_msg(msg, max_pixels=self._max_pixels())
@@ -337,6 +454,7 @@ class SegmentNode(Node):
             self._reject("thermal", "no_finite_pixel", "thermal image has no finite pixel (all NaN/inf)")
             return
         self.cameras["thermal"].arrived(now)
+        self.frame_ids["thermal"] = msg.header.frame_id
         self.thermal_watch.thermal_seen(now)
         if self.rgb_only_active:
             self.rgb_only_active = False
@@ -384,11 +502,15 @@ class SegmentNode(Node):
 
     # ------------------------------------------------------------------ worker
     def _wanted(self) -> set[str]:
-        return {k for k in OUTPUT_TOPICS if self.p[f"output.{k}"] and self.pubs[k].get_subscription_count() > 0}
+        pubs = self.pubs
+        return {
+            k for k in OUTPUT_TOPICS if self.p[f"output.{k}"] and k in pubs and pubs[k].get_subscription_count() > 0
+        }
 
     def _work(self) -> None:
+        slot = self.slot
         while self._running:
-            got = self.slot.get(timeout=0.2)
+            got = slot.get(timeout=0.2)
             if got is None:
                 continue
             (header, rgb, thermal, _dt), formed_at = got
@@ -406,10 +528,13 @@ class SegmentNode(Node):
                 self.get_logger().error(text, throttle_duration_sec=5.0)
                 self.get_logger().debug(traceback.format_exc())
                 continue
+            mismatch = self.pipeline.size_mismatch
+            if mismatch:
+                self._warn_once("size_mismatch", mismatch)
             try:
                 self._publish(header, result, wanted)
             except Exception as exc:  # the context goes away on shutdown (SIGINT/SIGTERM)
-                if not rclpy.ok(context=self.context):
+                if not rclpy.ok(context=self.context) or not self._running:
                     return
                 self.stats.model_failed(f"publishing failed: {exc}")
                 continue
@@ -490,29 +615,30 @@ class SegmentNode(Node):
     def _publish_diagnostics(self) -> None:
         now = time.monotonic()
         stale_after = float(self.p["stale_timeout"])
+        active = self.lifecycle_state == "active"
         statuses = []
         for name, cam in self.cameras.items():
             silent = cam.silent_for(now)
             stale = silent is None or silent > stale_after
-            level, message = (
-                (
-                    1,
-                    f"no message for {stale_after:g} s"
-                    if silent is None
-                    else f"stale: last message {silent:.1f} s ago",
+            if not active:
+                level, message = 0, f"not subscribed (node {self.lifecycle_state})"
+            elif stale:
+                level = 1
+                message = (
+                    f"no message for {stale_after:g} s" if silent is None else f"stale: last message {silent:.1f} s ago"
                 )
-                if stale
-                else (0, "ok")
-            )
+            else:
+                level, message = 0, "ok"
             values = {
-                "topic": self.p[f"topics.{name}"],
+                "topic": self.input_topics[name],
+                "frame_id": self.frame_ids[name],
                 "rate (Hz)": f"{cam.rate_hz(now, stale_after):.2f}",
                 "received": str(cam.received),
                 "rejected": str(sum(cam.rejected.values())),
                 "rejected by reason": ", ".join(f"{k}={v}" for k, v in sorted(cam.rejected.items())) or "none",
                 "last error": cam.last_error,
             }
-            statuses.append(self._status(f"{name} camera", level, message, values))
+            statuses.append(self._status(f"{name} camera", level, message, values, self.frame_ids[name]))
 
         snap = self.stats.snapshot(now)
         pst = self.pairer.stats
@@ -521,20 +647,34 @@ class SegmentNode(Node):
         drops["unmatched_thermal"] = pst.dropped_unmatched_thermal
         drops["overflow"] = pst.dropped_overflow_rgb + pst.dropped_overflow_thermal
         drops["rejected_stamp"] = pst.rejected_rgb + pst.rejected_thermal
-        if self.pipeline is None:
+        mismatch = self.pipeline.size_mismatch if self.pipeline is not None else None
+        if (
+            self.pipeline is None
+            and self.lifecycle_state == "unconfigured"
+            and not self.model_status.startswith("failed")
+        ):
+            level, message = 0, "unconfigured: model not loaded (configure the managed node)"
+        elif self.pipeline is None:
             level, message = 2, f"model not loaded: {self.model_status}"
+        elif not active:
+            level, message = 0, f"{self.lifecycle_state}: model loaded, not processing"
         elif snap["consecutive_model_errors"] > 0:
             level, message = 2, snap["last_error"]
         elif self.param_errors:
             level, message = 1, self.param_errors[-1]
+        elif mismatch:
+            level, message = 1, mismatch
         elif self.rgb_only_active:
             level, message = 1, "thermal lost: segmenting RGB only"
         else:
             level, message = 0, "ok"
         values = {
+            "state": self.lifecycle_state,
             "model": self.model_status,
             "device": self.device,
             "registration": self.registration_mode,
+            "inputs": f"{self.input_topics['rgb']}, {self.input_topics['thermal']}",
+            "outputs": self.resolve_topic_name("~/labels").rsplit("/", 1)[0] + "/{labels,overlay,...}",
             "mode": "rgb_only" if self.rgb_only_active else "rgb_thermal",
             "paired rate (Hz)": f"{snap['paired_hz']:.2f}",
             "processed rate (Hz)": f"{snap['processed_hz']:.2f}",
@@ -550,35 +690,107 @@ class SegmentNode(Node):
             "overhead p50 (ms)": f"{snap['overhead_p50_ms']:.2f}",
             "overhead / model": f"{snap['overhead_fraction']:.4f}",
             "pair |dt| p95 (ms)": f"{pst.dt_abs_percentile_ms(95):.2f}" if pst.paired else "nan",
+            "warnings": "; ".join(self.param_errors + ([mismatch] if mismatch else [])) or "none",
             "last error": snap["last_error"],
         }
-        statuses.append(self._status("pipeline", level, message, values))
+        pair_hw = "+".join(f for f in (self.frame_ids["rgb"], self.frame_ids["thermal"]) if f)
+        statuses.append(self._status("pipeline", level, message, values, pair_hw))
         arr = DiagnosticArray(status=statuses)
         arr.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(arr)
 
-    def _status(self, what: str, level: int, message: str, values: dict) -> DiagnosticStatus:
+    def _status(self, what: str, level: int, message: str, values: dict, hardware_id: str) -> DiagnosticStatus:
+        # diagnostic_updater's convention: "<fully qualified node name>: <task>", so two instances never collide.
         return DiagnosticStatus(
             level=bytes([level]),
-            name=f"{self.get_name()}: {what}",
-            hardware_id="rgbt_camera_pair",
+            name=f"{self.get_fully_qualified_name()}: {what}",
+            hardware_id=hardware_id or "unknown (no camera message yet)",
             message=message,
             values=[KeyValue(key=k, value=str(v)) for k, v in values.items()],
         )
 
+
+def _readable(exc: Exception) -> str:
+    """rclpy's parameter type errors with the type names instead of their numeric codes."""
+    text = str(exc)
+    for code, name in PARAM_TYPE_NAMES.items():
+        text = text.replace(f"'Type.{code}'", f"'{name}'").replace(f"'{code}'", f"'{name}'")
+    return text
+
+
+class SegmentNode(SegmentBehaviour, Node):
+    """The plain node: configures (loads the model) and activates itself at start."""
+
+    def __init__(self, **kwargs) -> None:
+        Node.__init__(self, NODE_NAME, **kwargs)
+        self._setup()
+        self._configure()
+        self._activate()
+
     def destroy_node(self) -> None:
-        self._running = False
-        self.slot.close()
-        if self.worker.is_alive():
-            self.worker.join(timeout=5.0)
+        self._stop_worker()
+        super().destroy_node()
+
+
+class ManagedSegmentNode(SegmentBehaviour, LifecycleNode):
+    """The managed node: drive it with ``ros2 lifecycle set /rgbt_seg configure|activate|...``."""
+
+    def __init__(self, **kwargs) -> None:
+        LifecycleNode.__init__(self, NODE_NAME, **kwargs)
+        self._setup()
+        self.get_logger().info("managed node: waiting for 'configure' (ros2 lifecycle set <node> configure)")
+
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        ok = self._configure()
+        if ok:
+            self.lifecycle_state = "inactive"
+        return TransitionCallbackReturn.SUCCESS if ok else TransitionCallbackReturn.FAILURE
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        self._activate()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        self._deactivate()
+        self.get_logger().info("inactive: subscriptions and publishers removed, model kept")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        self._cleanup()
+        self.get_logger().info("unconfigured: model unloaded")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        if self.lifecycle_state == "active":
+            self._deactivate()
+        self._cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state) -> TransitionCallbackReturn:
+        self._stop_worker()
+        return TransitionCallbackReturn.SUCCESS
+
+    def destroy_node(self) -> None:
+        self._stop_worker()
         super().destroy_node()
 
 
 def main(argv: list[str] | None = None) -> int:
-    rclpy.init(args=argv if argv is not None else sys.argv)
+    """``segment_node [--managed] [--ros-args ...]``."""
+    argv = list(argv if argv is not None else sys.argv)
+    plain_args = rclpy.utilities.remove_ros_args(argv)[1:]
+    managed = "--managed" in plain_args
+    unknown = [a for a in plain_args if a != "--managed"]
+    if unknown:
+        print(
+            f"segment_node: unknown argument(s) {' '.join(unknown)}; usage: segment_node [--managed] [--ros-args ...]",
+            file=sys.stderr,
+        )
+        return 2
+    rclpy.init(args=argv)
     node = None
     try:
-        node = SegmentNode()
+        node = ManagedSegmentNode() if managed else SegmentNode()
         rclpy.spin(node)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass

@@ -32,12 +32,20 @@ class ParamSpec:
 
 
 SPECS: tuple[ParamSpec, ...] = (
-    # topics
-    ParamSpec("topics.rgb", "/rgb/image_raw", "RGB image topic (sensor_msgs/Image: rgb8, bgr8, rgba8, bgra8, 8UC3)"),
-    ParamSpec("topics.thermal", "/thermal/image_raw", "thermal image topic (mono8, mono16, 8UC1, 16UC1, 32FC1)"),
-    ParamSpec("topics.rgb_info", "/rgb/camera_info", "RGB camera_info topic (used by registration.mode calibrated)"),
+    # inputs: the topics are the relative names rgb/image, thermal/image (+ camera_info), remapped as usual
     ParamSpec(
-        "topics.thermal_info", "/thermal/camera_info", "thermal camera_info topic (registration.mode calibrated)"
+        "input.rgb.transport",
+        "raw",
+        "RGB input: raw (sensor_msgs/Image on rgb/image) or compressed "
+        "(sensor_msgs/CompressedImage jpeg/png on rgb/image/compressed)",
+        choices=("raw", "compressed"),
+    ),
+    ParamSpec(
+        "input.thermal.transport",
+        "raw",
+        "thermal input: raw (sensor_msgs/Image on thermal/image) or compressed "
+        "(sensor_msgs/CompressedImage, 8- or 16-bit png, on thermal/image/compressed)",
+        choices=("raw", "compressed"),
     ),
     # QoS
     ParamSpec(
@@ -88,7 +96,7 @@ SPECS: tuple[ParamSpec, ...] = (
     # model
     ParamSpec(
         "model.checkpoint",
-        "",
+        "models/demo",
         "checkpoint directory (model.safetensors + config.yaml); relative paths are "
         "also looked up in the package share directory",
     ),
@@ -149,6 +157,26 @@ SPECS: tuple[ParamSpec, ...] = (
 
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
+# A bag directory may carry the node parameters that fit its rig (make-sample-bag writes one);
+# replay, demo and the launch file's bag:= use it when no other parameter file is given.
+BAG_PARAMS = "rgbt_seg_params.yaml"
+
+# Input topics are names to remap, not parameters (image_pipeline's convention).
+INPUT_NAMES = {
+    "rgb": "rgb/image",
+    "thermal": "thermal/image",
+    "rgb_info": "rgb/camera_info",
+    "thermal_info": "thermal/camera_info",
+}
+REMOVED = {
+    f"topics.{key}": (
+        f"topics.{key} is no longer a parameter: the node subscribes to the relative name '{name}'; "
+        f"remap it instead (--ros-args -r {name}:=/your/topic, or the launch argument "
+        f"{'rgb' if key.startswith('rgb') else 'thermal'}{'_info' if key.endswith('info') else ''}_topic)"
+    )
+    for key, name in INPUT_NAMES.items()
+}
+
 
 def defaults() -> dict[str, Any]:
     return {s.name: s.default for s in SPECS}
@@ -157,6 +185,8 @@ def defaults() -> dict[str, Any]:
 def validate(name: str, value: Any) -> str | None:
     """Return None when ``value`` is acceptable for parameter ``name``, else the reason."""
     spec = SPEC_BY_NAME.get(name)
+    if name in REMOVED:
+        return REMOVED[name]
     if spec is None:
         return f"unknown parameter '{name}'"
     if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -213,14 +243,19 @@ def load_param_file(path: str | Path, node_name: str = "rgbt_seg") -> dict[str, 
     return values
 
 
-def write_param_file(path: Path, overrides: dict) -> Path:
-    """A ROS 2 parameter file for ``segment_node`` with the defaults plus ``overrides`` (dotted names)."""
+def write_param_file(path: Path, overrides: dict, header: str = "", complete: bool = True) -> Path:
+    """A ROS 2 parameter file for ``segment_node``: the defaults plus ``overrides`` (dotted names).
+
+    ``complete=False`` writes only the overrides (the other parameters keep their defaults);
+    ``header`` is written first as comment lines.
+    """
     tree: dict = {}
-    for name, value in {**defaults(), **overrides}.items():
+    for name, value in ({**defaults(), **overrides} if complete else overrides).items():
         node = tree
         *parents, leaf = name.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    path.write_text(yaml.safe_dump({"/**": {"ros__parameters": tree}}, sort_keys=False))
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    path.write_text(comment + yaml.safe_dump({"/**": {"ros__parameters": tree}}, sort_keys=False))
     return path

@@ -17,7 +17,14 @@ import cv2
 import numpy as np
 import yaml
 
-from .imaging import COLOR_ENCODINGS, THERMAL_ENCODINGS, ThermalNormalizer, image_to_numpy, to_rgb
+from .imaging import (
+    COLOR_ENCODINGS,
+    THERMAL_ENCODINGS,
+    ThermalNormalizer,
+    compressed_to_numpy,
+    image_to_numpy,
+    to_rgb,
+)
 from .registration import ThermalRegistrar
 from .render import blend_overlay, colorize, parse_palette
 from .resources import resolve_data_file
@@ -37,14 +44,35 @@ class FrameResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+def is_compressed(msg) -> bool:
+    """A ``sensor_msgs/CompressedImage`` (rclpy or rosbags): it has ``format`` instead of ``encoding``."""
+    return hasattr(msg, "format") and not hasattr(msg, "encoding")
+
+
 def rgb_from_msg(msg, max_pixels: int | None = None) -> np.ndarray:
-    """An RGB camera message -> (H, W, 3) uint8 in RGB order (a view when the encoding is rgb8)."""
+    """An RGB camera message (raw or compressed) -> (H, W, 3) uint8 in RGB order (a view for raw rgb8)."""
+    if is_compressed(msg):
+        arr, encoding = compressed_to_numpy(msg, expected=COLOR_ENCODINGS, max_pixels=max_pixels)
+        return to_rgb(arr, encoding)
     return to_rgb(image_to_numpy(msg, expected=COLOR_ENCODINGS, max_pixels=max_pixels), str(msg.encoding))
 
 
 def thermal_from_msg(msg, max_pixels: int | None = None) -> np.ndarray:
-    """A thermal camera message -> (H, W) raw array (uint8, uint16 or float32)."""
+    """A thermal camera message (raw or compressed) -> (H, W) raw array (uint8, uint16 or float32)."""
+    if is_compressed(msg):
+        return compressed_to_numpy(msg, expected=THERMAL_ENCODINGS, max_pixels=max_pixels)[0]
     return image_to_numpy(msg, expected=THERMAL_ENCODINGS, max_pixels=max_pixels)
+
+
+def demo_model_note(segmenter) -> str | None:
+    """A one-time warning when the model only knows the synthetic demo scenes (the shipped default)."""
+    if segmenter.dataset_info.name != "synthetic":
+        return None
+    return (
+        f"the model ({segmenter.backend}, {segmenter.dataset_info.num_classes} synthetic classes) was trained on "
+        "the project's synthetic RGB-thermal scenes only: it is a demo and has never seen a real camera; set "
+        "model.checkpoint to a checkpoint trained on your data (README: Training)"
+    )
 
 
 def normalizer_from_params(params: dict[str, Any]) -> ThermalNormalizer:
@@ -145,6 +173,7 @@ class FramePipeline:
         self.overlay_alpha = float(overlay_alpha)
         self.num_classes = segmenter.dataset_info.num_classes
         self.palette = self._palette(palette)
+        self.size_mismatch: str | None = None  # set once: identity registration over differently sized images
 
     @classmethod
     def from_params(cls, params: dict[str, Any], segmenter=None) -> FramePipeline:
@@ -169,6 +198,12 @@ class FramePipeline:
         """Normalise and warp thermal into the RGB grid: (float32 [0, 1], valid bool)."""
         if self.registrar is None:
             raise RuntimeError("thermal registration is not ready (calibrated mode waits for both camera_info topics)")
+        if self.size_mismatch is None and self.registrar.mode == "identity" and thermal_raw.shape[:2] != rgb_hw:
+            self.size_mismatch = (
+                f"RGB is {rgb_hw[1]}x{rgb_hw[0]} but thermal is {thermal_raw.shape[1]}x{thermal_raw.shape[0]} under "
+                "identity registration: thermal is only resized, which misaligns the two unless the cameras share "
+                "one field of view; calibrate (rgbt-seg calibrate) and set registration.mode/registration.file"
+            )
         norm, finite = self.normalizer.normalize(thermal_raw)
         warped, valid = self.registrar.warp(norm, rgb_size=rgb_hw)
         if finite is not None:

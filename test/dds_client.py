@@ -11,13 +11,21 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 
-from rgbt_seg_ros.imaging import fill_image_msg
+from rgbt_seg_ros.imaging import fill_compressed_msg, fill_image_msg
 
 
 class DdsClient:
-    def __init__(self, domain_id: int, outputs=("labels", "overlay"), namespace: str = "/rgbt_seg") -> None:
+    def __init__(
+        self,
+        domain_id: int,
+        outputs=("labels", "overlay"),
+        namespace: str = "/rgbt_seg",
+        rgb_topic: str = "/rgb/image",
+        thermal_topic: str = "/thermal/image",
+        compressed: bool = False,
+    ) -> None:
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=domain_id)
         self.node = rclpy.create_node("test_client", context=self.context)
@@ -28,8 +36,10 @@ class DdsClient:
         for out in outputs:
             self.node.create_subscription(Image, f"{namespace}/{out}", self._recorder(out), 20)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 20)
-        self.rgb_pub = self.node.create_publisher(Image, "/rgb/image_raw", qos_profile_sensor_data)
-        self.thermal_pub = self.node.create_publisher(Image, "/thermal/image_raw", qos_profile_sensor_data)
+        self.compressed = compressed
+        msg_type, suffix = (CompressedImage, "/compressed") if compressed else (Image, "")
+        self.rgb_pub = self.node.create_publisher(msg_type, rgb_topic + suffix, qos_profile_sensor_data)
+        self.thermal_pub = self.node.create_publisher(msg_type, thermal_topic + suffix, qos_profile_sensor_data)
 
     def _recorder(self, name):
         def record(msg):
@@ -51,15 +61,20 @@ class DdsClient:
         rgb_encoding: str = "bgr8",
         thermal_encoding: str = "mono16",
     ) -> None:
-        msg = fill_image_msg(Image(), rgb, rgb_encoding)
+        msg = self._message(rgb, rgb_encoding, "jpeg")
         msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
         msg.header.frame_id = "rgb_camera_optical_frame"
         self.rgb_pub.publish(msg)
         if thermal is not None:
-            th = fill_image_msg(Image(), thermal, thermal_encoding)
+            th = self._message(thermal, thermal_encoding, "png")
             th.header.stamp.sec, th.header.stamp.nanosec = divmod(stamp_ns + thermal_offset_ns, 1_000_000_000)
             th.header.frame_id = "thermal_camera_optical_frame"
             self.thermal_pub.publish(th)
+
+    def _message(self, arr: np.ndarray, encoding: str, codec: str):
+        if self.compressed:
+            return fill_compressed_msg(CompressedImage(), arr, codec, encoding)
+        return fill_image_msg(Image(), arr, encoding)
 
     def wait_for(self, predicate, timeout: float, proc: subprocess.Popen | None = None) -> bool:
         end = time.monotonic() + timeout

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from rgbt_seg_ros.params import SPECS, load_param_file, validate
+from rgbt_seg_ros.params import SPECS, defaults, load_param_file, validate
 
 
 def test_shipped_parameter_file_sets_every_parameter_with_valid_values():
@@ -25,6 +25,19 @@ def test_shipped_parameter_file_sets_every_parameter_with_valid_values():
     missing = [s.name for s in SPECS if not has(s.name)]
     assert missing == []  # the file documents every parameter the node declares
     assert values["model.checkpoint"] == "models/demo" and values["sync.slop"] == 0.05
+
+
+def test_shipped_parameter_file_equals_the_declared_defaults():
+    # a node started with no parameter file behaves exactly like one started with config/segment.yaml
+    assert load_param_file(REPO / "config" / "segment.yaml") == defaults()
+    assert defaults()["model.checkpoint"] == "models/demo"
+
+
+def test_old_topic_parameters_are_refused_with_the_remapping_to_use(tmp_path: Path):
+    old = tmp_path / "old.yaml"
+    old.write_text("/**:\n  ros__parameters:\n    topics:\n      rgb: /camera/color/image_raw\n")
+    with pytest.raises(ValueError, match=r"old.yaml: topics.rgb is no longer a parameter.*-r rgb/image:="):
+        load_param_file(old)
 
 
 def test_every_parameter_has_a_description_and_consistent_default():
