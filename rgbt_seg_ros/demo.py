@@ -15,6 +15,7 @@ header stamps are from the recording, not from now).
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -22,10 +23,17 @@ from pathlib import Path
 import numpy as np
 
 from .bags import read_messages, stamp_to_ns
-from .data.sample_bag import GT_TOPIC, RGB_INFO_TOPIC, RGB_TOPIC, THERMAL_INFO_TOPIC, THERMAL_TOPIC, write_sample_bag
+from .data.sample_bag import (
+    GT_TOPIC,
+    RGB_INFO_TOPIC,
+    RGB_TOPIC,
+    THERMAL_INFO_TOPIC,
+    THERMAL_TOPIC,
+    write_sample_bag,
+)
 from .imaging import image_to_numpy
 from .node_session import NodeSession, NodeSessionError
-from .params import load_param_file, write_param_file
+from .params import BAG_PARAMS, load_param_file, write_param_file
 from .render import colorize, contact_sheet, thermal_to_rgb
 from .resources import share_path
 
@@ -60,7 +68,8 @@ def run_demo(
         )
     info = DatasetInfo.from_dict(read_checkpoint_config(checkpoint)["classes"], source=str(checkpoint))
     sample = out / "sample"
-    if not (sample / "bag").exists():
+    if not (sample / "bag" / BAG_PARAMS).exists():  # missing, or written by an older version
+        shutil.rmtree(sample / "bag", ignore_errors=True)
         log(f"writing the sample bag ({frames} frames at 10 Hz) to {sample}/bag ...")
         write_sample_bag(sample, frames=frames, fps=10.0, drop_rate=0.05, seed=0)
     gt = {
@@ -68,21 +77,14 @@ def run_demo(
     }
     rgb_stamps = [stamp_to_ns(m.msg.header.stamp) for m in read_messages(sample / "bag", [RGB_TOPIC])]
 
-    params = load_param_file(share_path("config", "segment.yaml"))
+    params = load_param_file(sample / "bag" / BAG_PARAMS)  # the rig's registration and thermal scaling
     params.update(
         {
             "model.checkpoint": str(checkpoint),
             "model.device": device,
-            "registration.mode": "homography",
-            "registration.file": str((sample / "calibration.yaml").resolve()),
-            "thermal.mode": "linear",
-            "thermal.scale": 0.01,
-            "thermal.min": 250.0,
-            "thermal.max": 330.0,
             "output.labels": True,
             "output.overlay": True,
             "output.thermal_registered": True,
-            "sync.max_wait": 0.05,
         }
     )
     params_file = write_param_file(out / "params.yaml", params)

@@ -99,8 +99,8 @@ def bench_node(
             50,
         )
         node.create_subscription(Image, "/rgbt_seg/overlay", lambda m: None, 5)
-        rgb_pub = node.create_publisher(Image, "/rgb/image_raw", qos_profile_sensor_data)
-        th_pub = node.create_publisher(Image, "/thermal/image_raw", qos_profile_sensor_data)
+        rgb_pub = node.create_publisher(Image, "/rgb/image", qos_profile_sensor_data)
+        th_pub = node.create_publisher(Image, "/thermal/image", qos_profile_sensor_data)
 
         def publish():
             now = node.get_clock().now().to_msg()

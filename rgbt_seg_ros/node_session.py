@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from .resources import package_executable
+
 
 class NodeSessionError(RuntimeError):
     """The node could not be started or did not load its model; the text says why and where the log is."""
@@ -31,13 +33,19 @@ class NodeSession:
     """``with NodeSession(params_file, log_path) as s:`` starts the node and a client node ``s.node``."""
 
     def __init__(
-        self, params_file: Path, log_path: Path, domain_id: int | None = None, client_name: str = "rgbt_seg_client"
+        self,
+        params_file: Path,
+        log_path: Path,
+        domain_id: int | None = None,
+        client_name: str = "rgbt_seg_client",
+        remaps: dict[str, str] | None = None,
     ) -> None:
         os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
         self.params_file = Path(params_file)
         self.log_path = Path(log_path)
         self.domain_id = domain_id if domain_id is not None else 20 + os.getpid() % 180
         self.client_name = client_name
+        self.remaps = dict(remaps or {})
         self.diagnostics: list = []
         self.proc: subprocess.Popen | None = None
 
@@ -52,9 +60,13 @@ class NodeSession:
             AMENT_PREFIX_PATH=os.environ.get("AMENT_PREFIX_PATH", sys.prefix),
         )
         self._log = open(self.log_path, "w")
-        exe = str(Path(sys.executable).parent / "segment_node")
+        try:
+            exe = str(package_executable("segment_node"))
+        except FileNotFoundError as exc:
+            raise NodeSessionError(str(exc)) from exc
+        remap_args = [arg for name, to in self.remaps.items() for arg in ("-r", f"{name}:={to}")]
         self.proc = subprocess.Popen(
-            [exe, "--ros-args", "--params-file", str(self.params_file)],
+            [exe, "--ros-args", "--params-file", str(self.params_file), *remap_args],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -34,10 +34,13 @@ from tqdm import tqdm
 
 from .bags import TYPESTORE, BagError, BagWriter, bag_topics, make_image, read_messages, stamp_to_ns
 from .imaging import ImageEncodingError, image_to_numpy
+from .params import INPUT_NAMES
 from .pipeline import FramePipeline, ThermalWatch, rgb_from_msg, thermal_from_msg
 from .render import contact_sheet
 from .sync import ApproximateTimePairer
 
+DEFAULT_RGB_TOPIC = "/" + INPUT_NAMES["rgb"]
+DEFAULT_THERMAL_TOPIC = "/" + INPUT_NAMES["thermal"]
 LABELS_TOPIC = "/rgbt_seg/labels"
 OVERLAY_TOPIC = "/rgbt_seg/overlay"
 STAGES = ("thermal", "preprocess", "model", "postprocess", "render")
@@ -87,6 +90,13 @@ class GroundTruth:
             d.pop(min(d))
 
 
+def compressed_topic(topic: str, transport: str) -> str:
+    """The topic a camera's messages are on: ``<topic>/compressed`` for the compressed transport."""
+    if transport == "compressed" and not topic.endswith("/compressed"):
+        return topic.rstrip("/") + "/compressed"
+    return topic
+
+
 def _percentiles(values) -> dict:
     if not values:
         return {"p50": None, "p95": None, "n": 0}
@@ -105,9 +115,15 @@ def replay_bag(
     storage: str = "mcap",
     progress: bool = True,
     sheet_frames: int = 12,
+    rgb_topic: str = DEFAULT_RGB_TOPIC,
+    thermal_topic: str = DEFAULT_THERMAL_TOPIC,
 ) -> ReplayResult:
     """Replay ``bag`` through the node's pipeline configured by ``params`` (see module docstring).
 
+    ``rgb_topic`` / ``thermal_topic`` are the bag topics the node's ``rgb/image`` and
+    ``thermal/image`` inputs would be remapped to (default: the names a node in the root
+    namespace subscribes to). With ``input.<camera>.transport: compressed`` the topic read is
+    ``<topic>/compressed`` (image_transport's convention) holding ``sensor_msgs/CompressedImage``.
     ``gt_topic="/rgbt_seg/auto"`` uses ``/rgbt/labels_gt`` when the bag has it; ``None`` disables it.
     """
     from .training.metrics import ConfusionMatrix, json_safe
@@ -115,7 +131,8 @@ def replay_bag(
     bag = Path(bag)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rgb_topic, thermal_topic = params["topics.rgb"], params["topics.thermal"]
+    rgb_topic = compressed_topic(rgb_topic, params["input.rgb.transport"])
+    thermal_topic = compressed_topic(thermal_topic, params["input.thermal.transport"])
     topics = bag_topics(bag)
     missing = [t for t in (rgb_topic, thermal_topic) if t not in topics]
     if missing:
@@ -262,6 +279,7 @@ def replay_bag(
         "throughput_pairs_per_s": n / wall_s if wall_s > 0 else None,
         "model_bound_pairs_per_s": 1000.0 / model_p50 if model_p50 else None,
         "not_copied": not_copied,
+        "warnings": [w for w in (pipeline.size_mismatch,) if w],
         "error": result.error,
     }
     if metrics["throughput_pairs_per_s"] and metrics["model_bound_pairs_per_s"]:
@@ -315,6 +333,8 @@ def write_report(
     lines = [f"# Replay of `{metrics['bag']}`", ""]
     if metrics.get("error"):
         lines += [f"**Stopped early:** {metrics['error']}", ""]
+    for warning in metrics.get("warnings") or []:
+        lines += [f"**Warning:** {warning}", ""]
     lat = metrics["latency_ms"]
     lines += [
         f"Model: {metrics['model']} on {metrics['device']} ({metrics['precision']}); registration: "

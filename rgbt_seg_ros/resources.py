@@ -9,6 +9,7 @@ Lookup order:
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -57,3 +58,30 @@ def resolve_data_file(path: str | os.PathLike, subdir: str = "") -> Path:
         if candidate.exists():
             return candidate
     return p
+
+
+def package_executable(name: str) -> Path:
+    """An executable this package installs (``segment_node``), found as ``ros2 run`` would.
+
+    Looks in ``<prefix>/lib/rgbt_seg_ros/`` (colcon) and ``<prefix>/bin/`` (``pip install``) of every
+    ``AMENT_PREFIX_PATH`` prefix that registers the package in the ament index, then on ``PATH``.
+    """
+    tried = []
+    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
+        if (
+            not prefix
+            or not (Path(prefix) / "share" / "ament_index" / "resource_index" / "packages" / PACKAGE_NAME).exists()
+        ):
+            continue
+        for candidate in (Path(prefix) / "lib" / PACKAGE_NAME / name, Path(prefix) / "bin" / name):
+            tried.append(str(candidate))
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return candidate
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    where = ", ".join(tried) or f"no AMENT_PREFIX_PATH prefix that has {PACKAGE_NAME}"
+    raise FileNotFoundError(
+        f"cannot find the executable {name}: looked in {where} and on PATH. Source the workspace "
+        "(source install/setup.bash) after colcon build, or install the package with 'pip install .' / 'make install'."
+    )

@@ -55,8 +55,8 @@ def test_pairs_csv_matches_the_bag(sample_bags, tmp_path, capsys, which):
     out = tmp_path / "pairs.csv"
     assert pairs_tool.run(parse([str(bag), "--slop", "0.04", "--csv", str(out)])) == 0
     printed = capsys.readouterr().out
-    rgb = [stamp_to_ns(m.msg.header.stamp) for m in read_messages(bag, ["/rgb/image_raw"])]
-    th = [stamp_to_ns(m.msg.header.stamp) for m in read_messages(bag, ["/thermal/image_raw"])]
+    rgb = [stamp_to_ns(m.msg.header.stamp) for m in read_messages(bag, ["/rgb/image"])]
+    th = [stamp_to_ns(m.msg.header.stamp) for m in read_messages(bag, ["/thermal/image"])]
     rows = read_csv(out)
     assert [(r, t) for r, t, _ in sorted(rows)] == nearest_pairs(rgb, th, 40_000_000)
     for r, t, dt in rows:
@@ -76,7 +76,7 @@ def test_missing_topic_exits_nonzero_with_a_clear_message(sample_bags, capsys):
     code = pairs_tool.run(parse([str(sample_bags[1]), "--thermal-topic", "/lwir/image"]))
     err = capsys.readouterr().err
     assert code != 0
-    assert "has no topic /lwir/image" in err and "/thermal/image_raw" in err
+    assert "has no topic /lwir/image" in err and "/thermal/image" in err
 
 
 def test_missing_bag_exits_nonzero(tmp_path, capsys):
@@ -100,8 +100,8 @@ def test_ros1_bag_with_out_of_order_arrivals(tmp_path, capsys):
 
     rgb = [base + i * 33_333_333 for i in range(30)]
     th = [base + 2_000_000 + i * 66_666_667 for i in range(15)]
-    events = [(s + 5_000_000, "/rgb/image_raw", s) for s in rgb] + [
-        (s + 9_000_000, "/thermal/image_raw", s) for s in th
+    events = [(s + 5_000_000, "/rgb/image", s) for s in rgb] + [
+        (s + 9_000_000, "/thermal/image", s) for s in th
     ]
     events = [(rx + (80_000_000 if s == th[6] else 0), topic, s) for rx, topic, s in events]  # th[6] arrives late
     events.sort()
@@ -109,7 +109,7 @@ def test_ros1_bag_with_out_of_order_arrivals(tmp_path, capsys):
     with Rosbag1Writer(path) as writer:
         conns = {
             t: writer.add_connection(t, "sensor_msgs/msg/Image", typestore=store)
-            for t in ("/rgb/image_raw", "/thermal/image_raw")
+            for t in ("/rgb/image", "/thermal/image")
         }
         for rx, topic, s in events:
             writer.write(conns[topic], rx, store.serialize_ros1(image(s), "sensor_msgs/msg/Image"))

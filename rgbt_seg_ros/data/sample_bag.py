@@ -1,8 +1,9 @@
 """The sample bag: synthetic RGB-thermal camera streams with ground truth, as a rig would record them.
 
-Topics (all stamped in the sensor's own clock, recorded at a later receive time):
-  /rgb/image_raw        sensor_msgs/Image bgr8, 640x480 by default
-  /thermal/image_raw    sensor_msgs/Image mono16 radiometric counts (Kelvin * 100), 640x512
+Topics (all stamped in the sensor's own clock, recorded at a later receive time); the image
+topics are the names ``segment_node`` subscribes to when started without remapping:
+  /rgb/image            sensor_msgs/Image bgr8, 640x480 by default
+  /thermal/image        sensor_msgs/Image mono16 radiometric counts (Kelvin * 100), 640x512
   /rgb/camera_info      sensor_msgs/CameraInfo
   /thermal/camera_info  sensor_msgs/CameraInfo
   /rgbt/labels_gt       sensor_msgs/Image mono8 class ids in the RGB frame, with the RGB image's stamp
@@ -12,6 +13,11 @@ stamps carry ``jitter_ms`` of Gaussian jitter; each camera independently drops a
 frame with probability ``drop_rate``; receive times add a transport delay (longer
 for thermal, as with USB thermal cores), so messages interleave realistically.
 Scenes change every second and cycle through day, night, fog and glare.
+
+The rig's own node parameters (its exact homography, the thermal scaling of its Kelvin*100
+counts) are written into the bag directory as ``rgbt_seg_params.yaml`` (:data:`~rgbt_seg_ros.params.BAG_PARAMS`):
+``rgbt-seg replay``, ``rgbt-seg demo`` and the launch file's ``bag:=`` use it when no other
+parameter file is given.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ import numpy as np
 import yaml
 
 from ..bags import BagWriter, make_camera_info, make_image
+from ..params import BAG_PARAMS, write_param_file
 from .synthetic import CONDITIONS, SceneGenerator
 
-RGB_TOPIC = "/rgb/image_raw"
-THERMAL_TOPIC = "/thermal/image_raw"
+RGB_TOPIC = "/rgb/image"
+THERMAL_TOPIC = "/thermal/image"
 RGB_INFO_TOPIC = "/rgb/camera_info"
 THERMAL_INFO_TOPIC = "/thermal/camera_info"
 GT_TOPIC = "/rgbt/labels_gt"
@@ -52,7 +59,8 @@ def write_sample_bag(
     thermal_size: tuple[int, int] = (512, 640),
     scene_seconds: float = 1.0,
 ) -> Path:
-    """Write ``out_dir/bag`` (ROS 2 bag, format 9) and ``out_dir/calibration.yaml``; return the bag path."""
+    """Write ``out_dir/bag`` (ROS 2 bag, format 9, with ``rgbt_seg_params.yaml`` inside) and
+    ``out_dir/calibration.yaml``; return the bag path."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     if not fps > 0:
@@ -110,7 +118,28 @@ def write_sample_bag(
     with BagWriter(bag_path, storage=storage) as writer:
         for rx, _, key, msg in events:
             writer.write(topics[key], msg, rx)
-    with open(out_dir / "calibration.yaml", "w") as f:
+    calibration = out_dir / "calibration.yaml"
+    with open(calibration, "w") as f:
         f.write("# thermal -> RGB registration of the sample bag's synthetic rig (exact)\n")
         yaml.safe_dump(gen.calibration_dict(), f, sort_keys=False)
+    write_param_file(
+        bag_path / BAG_PARAMS,
+        rig_parameters(calibration),
+        header="segment_node parameters that fit this bag's rig (written by rgbt-seg make-sample-bag).\n"
+        "ros2 run rgbt_seg_ros segment_node --ros-args --params-file <this file> -p use_sim_time:=true",
+        complete=False,
+    )
     return bag_path
+
+
+def rig_parameters(calibration: Path) -> dict:
+    """The node parameters the synthetic rig needs: its homography and its thermal scaling."""
+    return {
+        "registration.mode": "homography",
+        "registration.file": str(Path(calibration).resolve()),
+        "thermal.mode": "linear",  # radiometric counts are Kelvin * 100
+        "thermal.scale": 0.01,
+        "thermal.min": 250.0,
+        "thermal.max": 330.0,
+        "sync.max_wait": 0.05,
+    }

@@ -20,10 +20,8 @@ from ..sync import ApproximateTimePairer, Pair, PairingStats
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bag", metavar="BAG", help="ROS 2 bag directory (sqlite3 or mcap) or ROS 1 .bag file")
-    parser.add_argument("--rgb-topic", default="/rgb/image_raw", help="RGB image topic (default %(default)s)")
-    parser.add_argument(
-        "--thermal-topic", default="/thermal/image_raw", help="thermal image topic (default %(default)s)"
-    )
+    parser.add_argument("--rgb-topic", default="/rgb/image", help="RGB image topic (default %(default)s)")
+    parser.add_argument("--thermal-topic", default="/thermal/image", help="thermal image topic (default %(default)s)")
     parser.add_argument("--slop", type=float, default=0.05, help="largest stamp difference of a pair, seconds")
     parser.add_argument("--queue-size", type=int, default=5, help="unpaired messages kept per stream")
     parser.add_argument("--exact", action="store_true", help="pair identical stamps only")

@@ -13,7 +13,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--params",
         type=Path,
         default=None,
-        help="the node's parameter file (default: the installed config/segment.yaml)",
+        help="the node's parameter file (default: the bag's own rgbt_seg_params.yaml when it has one, "
+        "as bags from make-sample-bag do, else the installed config/segment.yaml)",
+    )
+    p.add_argument(
+        "--rgb-topic",
+        default=None,
+        help="bag topic the node's rgb/image input is remapped to (default /rgb/image; with "
+        "input.rgb.transport compressed, /compressed is appended)",
+    )
+    p.add_argument(
+        "--thermal-topic",
+        default=None,
+        help="bag topic the node's thermal/image input is remapped to (default /thermal/image)",
     )
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (overrides model.checkpoint)")
     p.add_argument("--device", default=None, help="overrides model.device (auto, cpu, cuda)")
@@ -33,12 +45,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bags import BagError
-    from ..params import load_param_file
-    from ..replay import replay_bag
+    from ..params import BAG_PARAMS, load_param_file
+    from ..replay import DEFAULT_RGB_TOPIC, DEFAULT_THERMAL_TOPIC, replay_bag
     from ..resources import share_path
 
+    params_file = args.params
+    if params_file is None:
+        own = args.bag / BAG_PARAMS
+        params_file = own if own.is_file() else share_path("config", "segment.yaml")
+        print(f"parameters: {params_file}" + (" (the bag's own)" if own.is_file() else " (installed defaults)"))
     try:
-        params = load_param_file(args.params or share_path("config", "segment.yaml"))
+        params = load_param_file(params_file)
     except (ValueError, FileNotFoundError) as exc:
         print(f"rgbt-seg replay: {exc}", file=sys.stderr)
         return 2
@@ -57,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
             max_pairs=args.max_pairs,
             storage=args.storage,
             progress=not args.no_progress,
+            rgb_topic=args.rgb_topic or DEFAULT_RGB_TOPIC,
+            thermal_topic=args.thermal_topic or DEFAULT_THERMAL_TOPIC,
         )
     except BagError as exc:
         print(f"rgbt-seg replay: {exc}", file=sys.stderr)
@@ -73,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         if m["frames_processed"]
         else "no frame processed"
     )
+    for warning in m.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
     if m.get("segmentation"):
         print(f"mIoU {100 * m['segmentation']['miou']:.1f} over {m['ground_truth_frames']} frames with ground truth")
     print(f"wrote {args.out}/segmented (bag), metrics.json, report.md")
