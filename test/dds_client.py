@@ -104,3 +104,22 @@ class DdsClient:
 
 def now_ns(client: DdsClient) -> int:
     return client.node.get_clock().now().nanoseconds
+
+
+def stop_node(proc: subprocess.Popen) -> str:
+    """SIGTERM a node process (SIGKILL after 20 s) and return everything it printed."""
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+def random_pair(i: int, rgb_hw=(120, 160), thermal_hw=None) -> tuple[np.ndarray, np.ndarray]:
+    """A reproducible random bgr8 image and mono16 thermal image (counts of a ~270-310 K scene)."""
+    rng = np.random.default_rng(i)
+    rgb = rng.integers(0, 255, (*rgb_hw, 3), dtype=np.uint8)
+    thermal = rng.integers(27000, 31000, thermal_hw or rgb_hw, dtype=np.uint16)
+    return rgb, thermal

@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from dds_client import DdsClient, now_ns
+from dds_client import DdsClient, now_ns, random_pair, stop_node
 
 from conftest import make_micro_checkpoint, script, write_params
 from rgbt_seg_ros.imaging import image_to_numpy
@@ -28,14 +28,7 @@ def start_node(params_file, env):
     )
 
 
-def stop(proc) -> str:
-    proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out
+stop = stop_node
 
 
 @pytest.fixture
@@ -75,10 +68,7 @@ def wait_until_ready(client, proc, timeout=90.0):
 
 
 def scene(i):
-    rng = np.random.default_rng(i)
-    rgb = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
-    thermal = rng.integers(27000, 31000, (H, W), dtype=np.uint16)
-    return rgb, thermal
+    return random_pair(i, (H, W))
 
 
 def test_pairs_come_back_as_labels_and_overlays_with_the_rgb_header(node_and_client):

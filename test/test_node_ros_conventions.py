@@ -7,9 +7,8 @@ Real node processes over real DDS, each test in its own ROS domain.
 import subprocess
 import time
 
-import numpy as np
 import pytest
-from dds_client import DdsClient, now_ns
+from dds_client import DdsClient, now_ns, random_pair, stop_node
 
 from conftest import script, write_params
 
@@ -24,22 +23,11 @@ def start(args, env):
     )
 
 
-def stop(proc) -> str:
-    proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out
+stop = stop_node
 
 
 def scene(i, thermal_shape=(H, W)):
-    rng = np.random.default_rng(i)
-    return (
-        rng.integers(0, 255, (H, W, 3), dtype=np.uint8),
-        rng.integers(27000, 31000, thermal_shape, dtype=np.uint16),
-    )
+    return random_pair(i, (H, W), thermal_shape)
 
 
 def publish_until(client, procs, done, timeout=90.0, thermal_shape=(H, W), start_index=0):
@@ -59,19 +47,21 @@ def publish_until(client, procs, done, timeout=90.0, thermal_shape=(H, W), start
     raise AssertionError("condition not reached while publishing")
 
 
+def micro_params_file(path, checkpoint, **extra):
+    settings = {
+        "model.checkpoint": str(checkpoint),
+        "model.device": "cpu",
+        "thermal.mode": "fixed",
+        "thermal.min": 25000.0,
+        "thermal.max": 33000.0,
+        "sync.max_wait": 0.05,
+    }
+    return write_params(path, **settings, **extra)
+
+
 @pytest.fixture
 def micro_params(tmp_path, micro_checkpoint):
-    return write_params(
-        tmp_path / "params.yaml",
-        **{
-            "model.checkpoint": str(micro_checkpoint),
-            "model.device": "cpu",
-            "thermal.mode": "fixed",
-            "thermal.min": 25000.0,
-            "thermal.max": 33000.0,
-            "sync.max_wait": 0.05,
-        },
-    )
+    return micro_params_file(tmp_path / "params.yaml", micro_checkpoint)
 
 
 def stamps_of(messages):
@@ -197,19 +187,8 @@ def test_managed_node_transitions_and_no_output_while_inactive(micro_params, ros
 def test_compressed_input_jpeg_rgb_and_16_bit_png_thermal(tmp_path, micro_checkpoint, ros_env, transport):
     from sensor_msgs.msg import CompressedImage
 
-    params = write_params(
-        tmp_path / "params.yaml",
-        **{
-            "model.checkpoint": str(micro_checkpoint),
-            "model.device": "cpu",
-            "thermal.mode": "fixed",
-            "thermal.min": 25000.0,
-            "thermal.max": 33000.0,
-            "sync.max_wait": 0.05,
-            "input.rgb.transport": transport,
-            "input.thermal.transport": transport,
-        },
-    )
+    transports = {"input.rgb.transport": transport, "input.thermal.transport": transport}
+    params = micro_params_file(tmp_path / "params.yaml", micro_checkpoint, **transports)
     proc = start(["--ros-args", "--params-file", str(params), "-r", "rgb/image:=/cam/rgb"], ros_env)
     client = DdsClient(int(ros_env["ROS_DOMAIN_ID"]), outputs=("labels",), rgb_topic="/cam/rgb", compressed=True)
     try:

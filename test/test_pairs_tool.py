@@ -100,9 +100,7 @@ def test_ros1_bag_with_out_of_order_arrivals(tmp_path, capsys):
 
     rgb = [base + i * 33_333_333 for i in range(30)]
     th = [base + 2_000_000 + i * 66_666_667 for i in range(15)]
-    events = [(s + 5_000_000, "/rgb/image", s) for s in rgb] + [
-        (s + 9_000_000, "/thermal/image", s) for s in th
-    ]
+    events = [(s + 5_000_000, "/rgb/image", s) for s in rgb] + [(s + 9_000_000, "/thermal/image", s) for s in th]
     events = [(rx + (80_000_000 if s == th[6] else 0), topic, s) for rx, topic, s in events]  # th[6] arrives late
     events.sort()
     path = tmp_path / "ros1.bag"
