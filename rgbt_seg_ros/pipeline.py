@@ -294,26 +294,30 @@ class ThermalWatch:
     """Decides when thermal counts as lost (``on_thermal_loss``), on any clock in seconds.
 
     The node feeds it monotonic time, replay the bag's receive time, so both switch to
-    RGB-only at the same moments. Thermal that never arrived counts as lost once RGB
-    has been arriving for ``timeout`` seconds.
+    RGB-only at the same moments. Thermal counts as lost only when RGB has *kept arriving*
+    for ``timeout`` seconds without thermal: a pause of both cameras (a driver restart, a
+    paused bag) is not a thermal loss, so the first RGB frame after it is paired normally.
+    An RGB gap longer than ``timeout`` restarts the RGB streak.
     """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = float(timeout)
         self.last_thermal: float | None = None
-        self.first_rgb: float | None = None
+        self.last_rgb: float | None = None
+        self.rgb_streak_start: float | None = None
 
     def thermal_seen(self, t: float) -> None:
         self.last_thermal = t
 
     def lost(self, t: float) -> bool:
         """Call on each RGB frame: is thermal lost at time ``t``?"""
-        if self.last_thermal is None:
-            if self.first_rgb is None:
-                self.first_rgb = t
-            return t - self.first_rgb > self.timeout
-        return t - self.last_thermal > self.timeout
+        if self.last_rgb is None or t - self.last_rgb > self.timeout:
+            self.rgb_streak_start = t  # RGB (re)starts after a silence of its own
+        self.last_rgb = t
+        since = self.rgb_streak_start if self.last_thermal is None else max(self.last_thermal, self.rgb_streak_start)
+        return t - since > self.timeout
 
     def reset(self) -> None:
         self.last_thermal = None
-        self.first_rgb = None
+        self.last_rgb = None
+        self.rgb_streak_start = None

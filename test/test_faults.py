@@ -253,11 +253,11 @@ def test_a_stalled_rgb_camera_bounds_the_thermal_queue_and_pairing_resumes():
 
 def test_a_stalled_or_missing_thermal_camera_switches_to_rgb_only_after_the_timeout():
     w = ThermalWatch(timeout=1.0)
-    assert not w.lost(0.0) and not w.lost(0.9) and w.lost(1.1)  # thermal never arrived
-    w.thermal_seen(2.0)
-    assert not w.lost(2.5) and w.lost(3.01)  # stalled
-    w.thermal_seen(3.5)
-    assert not w.lost(3.6)  # back
+    assert not w.lost(0.0) and not w.lost(0.5) and not w.lost(0.9) and w.lost(1.1)  # thermal never arrived
+    w.thermal_seen(1.2)
+    assert not w.lost(1.3) and not w.lost(1.9) and not w.lost(2.15) and w.lost(2.25)  # stalled
+    w.thermal_seen(2.3)
+    assert not w.lost(2.4)  # back
 
 
 def test_a_flapping_thermal_camera_switches_every_time_and_pairs_whenever_both_run():
@@ -283,6 +283,59 @@ def test_a_flapping_thermal_camera_switches_every_time_and_pairs_whenever_both_r
     assert switches == 11  # into and out of rgb_only in every cycle (the last one ends in rgb_only)
     assert pairs >= 6 * 10 - 6 and p.stats.resets == 0
     assert p.stats.queued_rgb <= 5 and p.stats.queued_thermal <= 5
+
+
+def _drive_watch(events, timeout=0.5):
+    """Feed (t, camera) arrivals to a ThermalWatch as the node does; the mode of every RGB frame."""
+    w = ThermalWatch(timeout=timeout)
+    modes = []
+    for t, camera in events:
+        if camera == "thermal":
+            w.thermal_seen(t)
+        else:
+            modes.append("rgb_only" if w.lost(t) else "pair")
+    return modes
+
+
+def _stream(t0, t1, rate=10.0, cameras=("rgb", "thermal")):
+    n = int(round((t1 - t0) * rate))
+    return [(t0 + i / rate + (0.008 if c == "thermal" else 0.0), c) for i in range(n) for c in cameras]
+
+
+def test_a_pause_of_both_cameras_never_switches_to_rgb_only():
+    # driver restart / bag paused for longer than thermal_timeout: both stop, then both resume together
+    events = _stream(0.0, 2.0) + _stream(5.0, 7.0)
+    modes = _drive_watch(events)
+    assert modes == ["pair"] * len(modes)  # the first RGB frame after the pause is paired normally
+
+
+def test_rgb_only_starts_only_after_rgb_kept_arriving_for_the_timeout_without_thermal():
+    events = _stream(0.0, 2.0) + _stream(2.0, 4.0, cameras=("rgb",)) + _stream(4.0, 5.0)
+    modes = _drive_watch(events)
+    switch = modes.index("rgb_only")
+    assert 0.5 <= (switch - 20) / 10.0 <= 0.65  # 0.5 s of RGB without thermal, not earlier
+    # thermal back at 4.008 s: the RGB frame of 4.0 s is still RGB-only, every later one is paired
+    assert modes[41:] == ["pair"] * 9
+
+
+def test_a_joint_pause_after_thermal_died_first_resumes_paired():
+    # thermal stops at 2 s, RGB goes on (rgb_only from 2.5 s), both stop at 3 s, both resume at 6 s
+    events = _stream(0.0, 2.0) + _stream(2.0, 3.0, cameras=("rgb",)) + _stream(6.0, 7.0)
+    modes = _drive_watch(events)
+    assert "rgb_only" in modes[20:30]
+    assert modes[30:] == ["pair"] * 10
+
+
+def test_a_thermal_only_stream_and_alternating_flaps_switch_as_expected():
+    thermal_only = _stream(0.0, 2.0, cameras=("thermal",)) + _stream(2.0, 3.0)
+    assert _drive_watch(thermal_only) == ["pair"] * 10
+    # thermal flaps: 1 s on, 1 s off, five times, RGB always on
+    flaps = []
+    for k in range(5):
+        flaps += _stream(2 * k, 2 * k + 1) + _stream(2 * k + 1, 2 * k + 2, cameras=("rgb",))
+    modes = _drive_watch(sorted(flaps))
+    switches = sum(a != b for a, b in zip(modes, modes[1:]))
+    assert switches == 9  # into rgb_only in every off half, back to pairs in every on half
 
 
 def test_a_burst_of_arrivals_keeps_only_the_newest_pair():

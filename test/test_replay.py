@@ -273,3 +273,23 @@ def test_the_sample_bag_replays_with_its_own_parameters_by_default(tmp_path, cap
     own_miou, plain_miou = own["segmentation"]["miou"], plain["segmentation"]["miou"]
     print(f"demo checkpoint on the sample bag: mIoU {own_miou:.3f} with the bag's parameters, {plain_miou:.3f} without")
     assert own_miou > 0.5 and own_miou > plain_miou + 0.15
+
+
+def test_a_pause_of_both_cameras_replays_without_rgb_only_frames(params, pipeline, tmp_path):
+    """A bag paused for 3 s (both cameras, e.g. a driver restart): every frame after it is paired."""
+    from rgbt_seg_ros.bags import BagWriter, make_image
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    thermal = np.full((104, 128), 29000, np.uint16)
+    base = 1_700_000_000_000_000_000
+    times = [i * 0.1 for i in range(15)] + [4.5 + i * 0.1 for i in range(15)]  # 3 s gap after 1.5 s
+    with BagWriter(tmp_path / "paused", storage="mcap") as writer:
+        for t in times:
+            s = base + int(t * 1e9)
+            writer.write("/rgb/image", make_image(rgb, "rgb8", s, "cam"), s + 5_000_000)
+            writer.write("/thermal/image", make_image(thermal, "mono16", s + 3_000_000, "th"), s + 12_000_000)
+    p = dict(params, **{"thermal_timeout": 0.5})
+    m = replay_bag(tmp_path / "paused", p, tmp_path / "out", pipeline=pipeline, gt_topic=None, progress=False).metrics
+    assert m["rgb_only_frames"] == 0 and m["pairs"] == 30
+    assert m["drops"]["unmatched_thermal"] == 0 and m["drops"]["unmatched_rgb"] == 0
