@@ -1,6 +1,8 @@
 # rgbt_seg_ros: one-command setup, tests and demo.
 #   make test   create .venv if missing, install pinned dependencies and the package, run ruff + pytest
 #   make demo   same setup, then the demo on the built-in synthetic sample data
+#   make compat a second venv (.venv-compat) with the oldest supported dependency versions (numpy 1.26, ...)
+#               and the unit tests there
 # Re-running is fast: dependency and package installs are redone only when their inputs change.
 
 SHELL := /bin/bash
@@ -10,6 +12,10 @@ VENV_ABS := $(abspath $(VENV))
 BIN := $(VENV_ABS)/bin
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+COMPAT_VENV ?= .venv-compat
+COMPAT_ABS := $(abspath $(COMPAT_VENV))
+COMPAT_BIN := $(COMPAT_ABS)/bin
+PIP_FLAGS := -qq --disable-pip-version-check
 
 # Every command that runs ROS needs these (DESIGN.md: ament index in the venv, Fast DDS large-data transport).
 export AMENT_PREFIX_PATH := $(VENV_ABS)$(if $(AMENT_PREFIX_PATH),:$(AMENT_PREFIX_PATH))
@@ -19,34 +25,37 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 # A sourced system ROS 2 (robot): reuse its rclpy and messages instead of the PyPI wheels.
 SYSTEM_ROS := $(shell [ -n "$$ROS_DISTRO" ] && $(PYTHON) -c "import rclpy" >/dev/null 2>&1 && echo 1)
+# The exact versions (constraints.txt), or with a system ROS 2 the ranges of requirements.txt kept at numpy < 2.
+CONSTRAINTS := $(if $(SYSTEM_ROS),constraints-ros.txt,constraints.txt)
 
 PACKAGE_SOURCES := $(shell find rgbt_seg_ros launch config models resource -type f 2>/dev/null | grep -v __pycache__) \
 	setup.py setup.cfg package.xml README.md LICENSE
 
-.PHONY: test demo venv install lint clean help
+.PHONY: test demo venv install lint compat clean help
 
 help:
 	@echo "make test   set up .venv and run ruff + the test suite"
 	@echo "make demo   set up .venv and run the demo on the built-in sample data (writes $(DEMO_OUT)/)"
+	@echo "make compat set up $(COMPAT_VENV) with the oldest supported versions and run the unit tests there"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(if $(SYSTEM_ROS),--system-site-packages) $(VENV)
 
-$(VENV)/.deps-stamp: $(BIN)/python requirements.txt requirements-ros.txt
-	$(BIN)/pip install -qq --disable-pip-version-check "pip==26.3" "setuptools==79.0.1" wheel
-	$(BIN)/pip install -qq --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -qq --disable-pip-version-check -r requirements.txt
-	SAM2_BUILD_CUDA=0 $(BIN)/pip install -qq --disable-pip-version-check --no-deps --no-build-isolation sam2==1.1.0
+$(VENV)/.deps-stamp: $(BIN)/python requirements.txt requirements-dev.txt $(CONSTRAINTS) requirements-ros.txt
+	$(BIN)/pip install $(PIP_FLAGS) "pip==26.3" "setuptools==79.0.1" wheel
+	$(BIN)/pip install $(PIP_FLAGS) -c $(CONSTRAINTS) torch
+	$(BIN)/pip install $(PIP_FLAGS) -c $(CONSTRAINTS) -r requirements.txt -r requirements-dev.txt
+	SAM2_BUILD_CUDA=0 $(BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation sam2==1.1.0
 ifeq ($(SYSTEM_ROS),1)
 	@echo "system ROS 2 ($$ROS_DISTRO) is active: not installing the PyPI ROS wheels"
 else
-	$(BIN)/pip install -qq --disable-pip-version-check -r requirements-ros.txt
+	$(BIN)/pip install $(PIP_FLAGS) -r requirements-ros.txt
 endif
 	touch $@
 
 $(VENV)/.install-stamp: $(VENV)/.deps-stamp $(PACKAGE_SOURCES)
 	rm -rf build *.egg-info
-	$(BIN)/pip install -qq --disable-pip-version-check --no-deps --no-build-isolation --force-reinstall .
+	$(BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation --force-reinstall .
 	rm -rf build *.egg-info
 	touch $@
 
@@ -62,5 +71,30 @@ test: lint
 demo: install
 	$(BIN)/rgbt-seg demo --out $(DEMO_OUT)
 
+# The same install with the oldest supported versions (constraints-compat.txt) in a second venv, then the
+# unit tests there. No system site packages: the ROS 2 wheels install with numpy 1.26 and work with it.
+$(COMPAT_BIN)/python:
+	$(PYTHON) -m venv $(COMPAT_VENV)
+
+$(COMPAT_VENV)/.deps-stamp: $(COMPAT_BIN)/python requirements.txt requirements-dev.txt constraints-compat.txt requirements-ros.txt
+	$(COMPAT_BIN)/pip install $(PIP_FLAGS) "pip==26.3" "setuptools==79.0.1" wheel
+	$(COMPAT_BIN)/pip install $(PIP_FLAGS) -c constraints-compat.txt torch
+	$(COMPAT_BIN)/pip install $(PIP_FLAGS) -c constraints-compat.txt -r requirements.txt -r requirements-dev.txt
+	SAM2_BUILD_CUDA=0 $(COMPAT_BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation sam2==1.1.0
+	$(COMPAT_BIN)/pip install $(PIP_FLAGS) -c constraints-compat.txt -r requirements-ros.txt
+	touch $@
+
+$(COMPAT_VENV)/.install-stamp: $(COMPAT_VENV)/.deps-stamp $(PACKAGE_SOURCES)
+	rm -rf build *.egg-info
+	$(COMPAT_BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation --force-reinstall .
+	rm -rf build *.egg-info
+	touch $@
+
+compat: $(COMPAT_VENV)/.install-stamp
+	@$(COMPAT_BIN)/python -c "import sys, numpy, cv2, matplotlib, torch, peft; \
+		print('compat:', sys.version.split()[0], 'numpy', numpy.__version__, 'opencv', cv2.__version__, \
+		'matplotlib', matplotlib.__version__, 'torch', torch.__version__, 'peft', peft.__version__)"
+	AMENT_PREFIX_PATH=$(COMPAT_ABS) $(COMPAT_BIN)/python -m pytest -m "not integration" -x -q $(PYTEST_ARGS)
+
 clean:
-	rm -rf build *.egg-info $(VENV)/.install-stamp
+	rm -rf build *.egg-info $(VENV)/.install-stamp $(COMPAT_VENV)/.install-stamp

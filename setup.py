@@ -31,7 +31,12 @@ setup(
     maintainer_email="maintainers@rgbt-seg-ros.dev",
     description="RGB-thermal semantic segmentation for ROS 2 (SAM2-based SARTM, CPAL, FusionSAM backends)",
     license="Apache-2.0",
-    tests_require=["pytest"],
+    # Runtime Python dependencies are in requirements.txt and package.xml, not install_requires: console
+    # scripts must start with whatever numpy/opencv a robot's ROS 2 python has (see requirements.txt).
+    extras_require={
+        "export": ["onnx>=1.15", "onnxruntime>=1.17"],  # rgbt-seg export-onnx
+        "tensorboard": ["tensorboard>=2.14"],  # training scalars (metrics.jsonl is always written)
+    },
     entry_points={
         "console_scripts": [
             f"segment_node = {PACKAGE}.node:main",

@@ -14,8 +14,14 @@ import tempfile
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, EmitEvent, ExecuteProcess, LogInfo, OpaqueFunction
-from launch.actions import RegisterEventHandler
+from launch.actions import (
+    DeclareLaunchArgument,
+    EmitEvent,
+    ExecuteProcess,
+    LogInfo,
+    OpaqueFunction,
+    RegisterEventHandler,
+)
 from launch.events import matches_action
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
@@ -55,9 +61,7 @@ def _start(context, *args, **kwargs):
                         target_lifecycle_node=node,
                         start_state="configuring",
                         goal_state="inactive",
-                        entities=[
-                            EmitEvent(event=ChangeState(transition_id=Transition.TRANSITION_ACTIVATE, **change))
-                        ],
+                        entities=[EmitEvent(event=ChangeState(transition_id=Transition.TRANSITION_ACTIVATE, **change))],
                     )
                 )
             )

@@ -25,6 +25,10 @@ def test_package_xml_format_3_with_required_dependencies():
         "std_msgs",
         "diagnostic_msgs",
         "std_srvs",
+        "rcl_interfaces",
+        "lifecycle_msgs",
+        "ament_index_python",
+        "ros2bag",
         "launch",
         "launch_ros",
         "rviz2",
@@ -34,6 +38,30 @@ def test_package_xml_format_3_with_required_dependencies():
         assert dep in exec_deps, dep
     assert {"launch_pytest", "python3-pytest"} <= {e.text for e in root.findall("test_depend")}
     assert root.find("export/build_type").text == "ament_python"
+
+
+def _requirements(name: str) -> dict:
+    from packaging.requirements import Requirement
+
+    lines = (line.split("#")[0].strip() for line in (REPO / name).read_text().splitlines())
+    reqs = [Requirement(line) for line in lines if line]
+    return {r.name.lower(): r.specifier for r in reqs}
+
+
+def test_requirements_are_ranges_locked_by_constraints():
+    runtime, dev = _requirements("requirements.txt"), _requirements("requirements-dev.txt")
+    assert not any("==" in str(spec) for spec in runtime.values()), runtime  # ranges: a robot's ROS python decides
+    assert "rosbags-image" not in runtime  # only test_imaging.py uses it
+    for lock_name, names in (("constraints.txt", {**runtime, **dev}), ("constraints-compat.txt", runtime)):
+        lock = _requirements(lock_name)
+        for name, spec in {**runtime, **dev}.items():
+            if name not in names:
+                continue
+            pins = [s for s in lock.get(name, []) if s.operator == "=="]
+            assert len(pins) == 1, (lock_name, name)
+            assert spec.contains(pins[0].version, prereleases=True), (lock_name, name, pins[0].version, str(spec))
+    ros = _requirements("constraints-ros.txt")
+    assert not ros["numpy"].contains("2.0.0") and ros["numpy"].contains("1.26.4")
 
 
 def test_setup_py_names_console_scripts_and_license():
@@ -96,4 +124,7 @@ def test_colcon_list_and_build(tmp_path):
     install = tmp_path / "install" / "rgbt_seg_ros"
     assert (install / "share" / "rgbt_seg_ros" / "launch" / "segment.launch.py").is_file()
     assert (install / "share" / "ament_index" / "resource_index" / "packages" / "rgbt_seg_ros").is_file()
-    assert (install / "lib" / "rgbt_seg_ros" / "segment_node").is_file()  # where `ros2 run` looks
+    for name in ("segment_node", "rgbt-seg"):
+        script = install / "lib" / "rgbt_seg_ros" / name  # where `ros2 run` looks
+        # setup.cfg [build_scripts]: run with the python3 on PATH (a robot's venv), not colcon's interpreter
+        assert script.read_text().splitlines()[0] == "#!/usr/bin/env python3", name

@@ -141,9 +141,11 @@ def calibrated_scene():
     d_t = PLANE - TRANS[2]
 
     def thermal_to_board(pix):
-        norm = cv2.undistortPoints(
-            pix[:, None], T_K, T_D, criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-12)
-        )[:, 0]
+        criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-12)
+        if hasattr(cv2, "undistortPointsIter"):  # OpenCV 4.x: undistortPoints takes no criteria there
+            norm = cv2.undistortPointsIter(pix[:, None], T_K, T_D, None, None, criteria)[:, 0]
+        else:  # OpenCV 5 dropped undistortPointsIter for a criteria argument
+            norm = cv2.undistortPoints(pix[:, None], T_K, T_D, criteria=criteria)[:, 0]
         rays = np.column_stack([norm, np.ones(len(norm))])
         x_t = rays * (d_t / (rays @ n_t))[:, None]
         x_r = x_t @ rot.T + TRANS
