@@ -128,3 +128,12 @@ def test_colcon_list_and_build(tmp_path):
         script = install / "lib" / "rgbt_seg_ros" / name  # where `ros2 run` looks
         # setup.cfg [build_scripts]: run with the python3 on PATH (a robot's venv), not colcon's interpreter
         assert script.read_text().splitlines()[0] == "#!/usr/bin/env python3", name
+    # what `ros2 run rgbt_seg_ros rgbt-seg --help` runs, in a shell that sourced the workspace
+    check = (
+        "source install/setup.bash && install/rgbt_seg_ros/lib/rgbt_seg_ros/rgbt-seg --help >/dev/null && "
+        "python3 -c 'from rgbt_seg_ros.resources import package_executable as p; print(p(\"segment_node\"))'"
+    )
+    ran = subprocess.run(["bash", "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    # tools that start the node find it in the workspace through the ament index, as `ros2 run` does
+    assert ran.stdout.strip() == str(install / "lib" / "rgbt_seg_ros" / "segment_node")
