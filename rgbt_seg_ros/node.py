@@ -40,12 +40,13 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.clock import Clock, ClockType
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from .imaging import ImageEncodingError, fill_image_msg
-from .params import INPUT_NAMES, SPEC_BY_NAME, SPECS, validate
+from .params import INPUT_NAMES, SPEC_BY_NAME, SPECS, check_value, is_ros_owned, validate
 from .pipeline import (
     FramePipeline,
     LatestSlot,
@@ -213,7 +214,8 @@ class PipelineStats:
 
 
 def _descriptor(spec) -> ParameterDescriptor:
-    desc = ParameterDescriptor(description=spec.description, dynamic_typing=False)
+    # dynamic_typing: the type is checked in _on_set_parameters, which names the types in its refusal
+    desc = ParameterDescriptor(description=spec.description, dynamic_typing=True)
     extra = []
     if spec.choices:
         extra.append(f"one of: {', '.join(spec.choices)}")
@@ -371,32 +373,35 @@ class SegmentBehaviour:
 
     # ------------------------------------------------------------------ setup
     def _declare_parameters(self) -> dict:
-        values = {}
+        """Declare every parameter; a refused value from the file is reported and replaced by its default.
+
+        The policy is :func:`~rgbt_seg_ros.params.check_value`, the one ``rgbt-seg replay`` applies to the
+        same file. Types are checked by the project (dynamic typing in the descriptor), so a wrong type is
+        refused with the type's name, at start-up and at run time alike.
+        """
+        values, resets = {}, []
         for spec in SPECS:
             try:
                 value = self.declare_parameter(spec.name, spec.default, _descriptor(spec)).value
-            except Exception as exc:  # out-of-range or wrongly typed override from the parameter file
-                text = f"parameter {spec.name}: {_readable(exc)}; using the default {spec.default!r}"
-                self.param_errors.append(text)
-                self.get_logger().error(text)
+            except Exception as exc:  # out of the declared range
+                self._report_parameter(f"parameter {spec.name}: {_readable(exc)}; using the default {spec.default!r}")
                 if not self.has_parameter(spec.name):
                     self.declare_parameter(spec.name, spec.default, _descriptor(spec), ignore_override=True)
                 value = spec.default
-            if spec.kind is list:
-                value = list(value)
-            problem = validate(spec.name, value)
+            values[spec.name], problem = check_value(spec.name, _plain(value))
             if problem:
-                text = f"{problem}; using the default {spec.default!r}"
-                self.param_errors.append(text)
-                self.get_logger().error(text)
-                value = spec.default
-            values[spec.name] = value
-        for name in getattr(self, "_parameter_overrides", {}):  # settings this node does not know
-            problem = validate(name, None) if name not in SPEC_BY_NAME and name != "use_sim_time" else None
-            if problem:
-                self.param_errors.append(problem)
-                self.get_logger().error(problem)
+                self._report_parameter(problem)
+                resets.append(Parameter(spec.name, value=spec.default))
+        if resets:  # what `ros2 param get` shows is what the node uses
+            self.set_parameters(resets)
+        for name in getattr(self, "_parameter_overrides", {}):  # names this node does not know
+            if name not in SPEC_BY_NAME and not is_ros_owned(name):
+                self._report_parameter(check_value(name, None)[1])
         return values
+
+    def _report_parameter(self, text: str) -> None:
+        self.param_errors.append(text)
+        self.get_logger().error(text)
 
     def _qos(self) -> QoSProfile:
         return QoSProfile(
@@ -570,7 +575,7 @@ class SegmentBehaviour:
             spec = SPEC_BY_NAME.get(param.name)
             if spec is None:
                 continue  # e.g. use_sim_time
-            value = list(param.value) if spec.kind is list else param.value
+            value = _plain(param.value)
             problem = validate(param.name, value)
             if problem:
                 return SetParametersResult(successful=False, reason=problem)
@@ -708,6 +713,13 @@ class SegmentBehaviour:
             message=message,
             values=[KeyValue(key=k, value=str(v)) for k, v in values.items()],
         )
+
+
+def _plain(value):
+    """A parameter value as plain Python: rclpy gives arrays as array.array (or numpy) sequences."""
+    if value is None or isinstance(value, (str, bytes, bool, int, float)):
+        return value
+    return [v.item() if hasattr(v, "item") else v for v in value]
 
 
 def _readable(exc: Exception) -> str:

@@ -216,30 +216,71 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_param_file(path: str | Path, node_name: str = "rgbt_seg") -> dict[str, Any]:
+# Parameters every rclpy node has (rclpy declares them): accepted in a file, not ours to check.
+ROS_OWNED = ("use_sim_time", "start_type_description_service")
+ROS_OWNED_PREFIXES = ("qos_overrides.",)
+
+
+def is_ros_owned(name: str) -> bool:
+    return name in ROS_OWNED or name.startswith(ROS_OWNED_PREFIXES)
+
+
+def check_value(name: str, value: Any) -> tuple[Any, str | None]:
+    """The value the node uses for ``name`` and, when ``value`` is refused, why (the default is used then).
+
+    The one policy of the node and of replay: an invalid value is reported and replaced by the default.
+    """
+    problem = validate(name, value)
+    spec = SPEC_BY_NAME.get(name)
+    if problem:
+        return (spec.default if spec else None), (
+            f"{problem}; using the default {spec.default!r}" if spec else f"{problem}; ignored"
+        )
+    if spec.kind is float:
+        return float(value), None
+    return (list(value) if spec.kind is list else value), None
+
+
+def load_param_file(path: str | Path, node_name: str = "rgbt_seg", problems: list[str] | None = None) -> dict[str, Any]:
     """Read a ROS 2 parameter file (``/**: ros__parameters: ...``) into validated, flat dotted names.
 
-    Entries for ``/**``, ``NODE`` or ``/NAMESPACE/NODE`` apply; missing parameters take
-    their defaults; an unknown name or a bad value raises ``ValueError`` naming the
-    file and the parameter.
+    Entries for ``/**``, ``NODE`` or ``/NAMESPACE/NODE`` apply; missing parameters take their
+    defaults; rclpy's own parameters (``use_sim_time``, ``qos_overrides.*``) are accepted.
+    Every unknown name or bad value is checked as the node checks it (:func:`check_value`): with
+    a ``problems`` list they are appended there (each naming the file) and the defaults are used,
+    exactly what ``segment_node`` does with the same file; without one, ``ValueError`` lists them all.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"parameter file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of node names to ros__parameters, got {type(data).__name__}")
     values = defaults()
+    found: list[str] = []
     for key, section in data.items():
-        if not isinstance(section, dict) or "ros__parameters" not in section:
+        if not isinstance(section, dict) or not isinstance(section.get("ros__parameters"), dict):
             raise ValueError(f"{path}: entry '{key}' has no ros__parameters mapping")
         if key not in ("/**", node_name) and not str(key).endswith("/" + node_name):
             continue
         for name, value in _flatten(section["ros__parameters"]).items():
-            problem = validate(name, value)
+            if is_ros_owned(name):
+                continue
+            values[name], problem = check_value(name, value)
             if problem:
-                raise ValueError(f"{path}: {problem}")
-            spec = SPEC_BY_NAME[name]
-            values[name] = float(value) if spec.kind is float else value
+                found.append(f"{path}: {problem}")
+            if name not in SPEC_BY_NAME:
+                values.pop(name)
+    if problems is not None:
+        problems.extend(found)
+    elif len(found) == 1:
+        raise ValueError(found[0].replace("; ignored", "").split("; using the default")[0])
+    elif found:
+        raise ValueError(f"{path} has {len(found)} problems: " + "; ".join(p.split(": ", 1)[1] for p in found))
     return values
 
 

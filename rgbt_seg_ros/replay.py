@@ -117,6 +117,7 @@ def replay_bag(
     sheet_frames: int = 12,
     rgb_topic: str = DEFAULT_RGB_TOPIC,
     thermal_topic: str = DEFAULT_THERMAL_TOPIC,
+    warnings: list[str] | None = None,
 ) -> ReplayResult:
     """Replay ``bag`` through the node's pipeline configured by ``params`` (see module docstring).
 
@@ -125,6 +126,7 @@ def replay_bag(
     namespace subscribes to). With ``input.<camera>.transport: compressed`` the topic read is
     ``<topic>/compressed`` (image_transport's convention) holding ``sensor_msgs/CompressedImage``.
     ``gt_topic="/rgbt_seg/auto"`` uses ``/rgbt/labels_gt`` when the bag has it; ``None`` disables it.
+    ``warnings`` (e.g. refused parameter values) are recorded in metrics.json and report.md.
     """
     from .training.metrics import ConfusionMatrix, json_safe
 
@@ -279,7 +281,7 @@ def replay_bag(
         "throughput_pairs_per_s": n / wall_s if wall_s > 0 else None,
         "model_bound_pairs_per_s": 1000.0 / model_p50 if model_p50 else None,
         "not_copied": not_copied,
-        "warnings": [w for w in (pipeline.size_mismatch,) if w],
+        "warnings": [*(warnings or []), *(w for w in (pipeline.size_mismatch,) if w)],
         "error": result.error,
     }
     if metrics["throughput_pairs_per_s"] and metrics["model_bound_pairs_per_s"]:

@@ -81,12 +81,14 @@ def counter(status: dict, key: str) -> int:
 
 def test_bad_parameters_at_start_and_at_run_time_are_refused_with_a_reason(launch, micro_checkpoint):
     # out of range in the parameter file: reported, the default is used, the node runs
-    proc, client = launch(**{"model.checkpoint": str(micro_checkpoint), "sync.slop": 3.0})
+    proc, client = launch(**{"model.checkpoint": str(micro_checkpoint), "sync.slop": 3.0, "output.labels": "yes"})
     wait_until_ready(client, proc)
     assert client.wait_for(lambda: client.latest_status("pipeline") is not None, 10, proc)
     pipe = client.latest_status("pipeline")
-    assert pipe["level"] == 1 and "sync.slop" in pipe["message"] and "0.05" in pipe["message"]
+    assert pipe["level"] == 1 and "sync.slop" in pipe["warnings"] and "0.05" in pipe["warnings"]
+    assert "output.labels must be of type bool, got 'yes'; using the default True" in pipe["warnings"]
     assert get_parameter(client, proc, "sync.slop") == pytest.approx(0.05)
+    assert get_parameter(client, proc, "output.labels") is True  # what the node uses, not the refused value
 
     ok = set_parameters(client, proc, {"output.overlay_alpha": 0.2, "sync.slop": 0.02})
     assert all(r.successful for r in ok), [r.reason for r in ok]
@@ -103,6 +105,7 @@ def test_bad_parameters_at_start_and_at_run_time_are_refused_with_a_reason(launc
         assert not result.successful and result.reason, name
     reasons = {name: set_parameters(client, proc, {name: v})[0].reason for name, v in refused.items()}
     assert "restart" in reasons["model.device"]
+    assert "output.overlay must be of type bool, got 'yes'" in reasons["output.overlay"]  # names, not type codes
     assert "max > min" in reasons["thermal.min"] and "palette" in reasons["output.palette"]
     assert get_parameter(client, proc, "sync.slop") == pytest.approx(0.02)  # the refused value did not land
     assert get_parameter(client, proc, "model.device") == "cpu"

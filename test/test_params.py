@@ -77,3 +77,35 @@ def test_readme_documents_every_parameter():
     readme = (REPO / "README.md").read_text()
     missing = [s.name for s in SPECS if f"`{s.name}`" not in readme]
     assert missing == []
+
+
+def test_every_problem_of_a_file_is_reported_at_once_and_ros_parameters_are_accepted(tmp_path: Path):
+    f = tmp_path / "robot.yaml"
+    f.write_text(
+        "/**:\n  ros__parameters:\n    use_sim_time: true\n    qos_overrides:\n      /diagnostics:\n"
+        "        publisher:\n          depth: 3\n    sync:\n      slop: 3.0\n      queue_size: five\n"
+        "    output:\n      overlay: 'yes'\n    model:\n      devise: cpu\n"
+    )
+    with pytest.raises(ValueError) as err:
+        load_param_file(f)
+    text = str(err.value)
+    assert text.startswith(f"{f} has 4 problems")
+    for fragment in (
+        "sync.slop must be <= 1.0",
+        "sync.queue_size must be of type int",
+        "output.overlay must be of type bool",
+        "unknown parameter 'model.devise'",
+    ):
+        assert fragment in text
+    problems: list[str] = []
+    values = load_param_file(f, problems=problems)  # the node's policy: defaults for what is refused
+    assert len(problems) == 4 and all(p.startswith(f"{f}: ") for p in problems)
+    assert values == defaults()
+    assert "using the default 0.05" in problems[0]
+
+
+def test_a_file_that_is_not_yaml_is_named(tmp_path: Path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("/**:\n  ros__parameters: [\n")
+    with pytest.raises(ValueError, match="broken.yaml is not valid YAML"):
+        load_param_file(f)

@@ -293,3 +293,19 @@ def test_a_pause_of_both_cameras_replays_without_rgb_only_frames(params, pipelin
     m = replay_bag(tmp_path / "paused", p, tmp_path / "out", pipeline=pipeline, gt_topic=None, progress=False).metrics
     assert m["rgb_only_frames"] == 0 and m["pairs"] == 30
     assert m["drops"]["unmatched_thermal"] == 0 and m["drops"]["unmatched_rgb"] == 0
+
+
+def test_replay_reports_every_refused_parameter_and_uses_the_defaults_like_the_node(sample, params, tmp_path, capsys):
+    _, bag = sample
+    f = write_param_file(tmp_path / "p.yaml", dict(params, **{"sync.slop": 3.0}))
+    text = f.read_text().replace("max_wait: 0.1", "max_wait: fast") + "    use_sim_time: true\n"
+    f.write_text(text)
+    parser = argparse.ArgumentParser()
+    replay_tool.add_arguments(parser)
+    args = parser.parse_args([str(bag), "--params", str(f), "--out", str(tmp_path / "o"), "--no-progress", "--no-gt"])
+    assert replay_tool.run(args) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {f}: sync.slop must be <= 1.0, got 3.0; using the default 0.05" in err
+    assert f"warning: {f}: sync.max_wait must be of type float, got 'fast'; using the default 0.1" in err
+    warnings = json.loads((tmp_path / "o" / "metrics.json").read_text())["warnings"]
+    assert len(warnings) == 2

@@ -54,11 +54,14 @@ def run(args: argparse.Namespace) -> int:
         own = args.bag / BAG_PARAMS
         params_file = own if own.is_file() else share_path("config", "segment.yaml")
         print(f"parameters: {params_file}" + (" (the bag's own)" if own.is_file() else " (installed defaults)"))
-    try:
-        params = load_param_file(params_file)
+    problems: list[str] = []
+    try:  # the node's policy: every refused value is reported and replaced by its default
+        params = load_param_file(params_file, problems=problems)
     except (ValueError, FileNotFoundError) as exc:
         print(f"rgbt-seg replay: {exc}", file=sys.stderr)
         return 2
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
     if args.checkpoint is not None:
         params["model.checkpoint"] = str(args.checkpoint)
     if args.device is not None:
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             rgb_topic=args.rgb_topic or DEFAULT_RGB_TOPIC,
             thermal_topic=args.thermal_topic or DEFAULT_THERMAL_TOPIC,
+            warnings=problems,
         )
     except BagError as exc:
         print(f"rgbt-seg replay: {exc}", file=sys.stderr)
