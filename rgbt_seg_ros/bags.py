@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
-from rosbags.typesys import Stores, get_typestore
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
+from .bag_recovery import RecoveredBag, check_storage, storage_files
 from .imaging import fill_image_msg
 
 TYPESTORE = get_typestore(Stores.ROS2_KILTED)
@@ -39,9 +40,61 @@ class BagMessage:
     raw: bytes | memoryview | None = None  # the stored CDR bytes (ROS 2 bags; None for ROS 1)
 
 
+def damage_of(path: str | Path) -> str | None:
+    """Why a ROS 2 bag must be read by :mod:`~rgbt_seg_ros.bag_recovery` (None: the normal reader will do)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    files = storage_files(path)
+    if path.is_dir() and not files:
+        return None  # not a ROS 2 storage layout we can recover; the normal reader names the problem
+    problems = [f"{f} {why}" for f in files if (why := check_storage(f)) is not None]
+    if path.is_dir() and not (path / "metadata.yaml").is_file():
+        problems.insert(0, f"bag {path} has no metadata.yaml (rgbt-seg reindex {path} rebuilds it)")
+    return "; ".join(problems) or None
+
+
+def _recovered(path: Path) -> RecoveredBag:
+    try:
+        return RecoveredBag(path)
+    except FileNotFoundError as exc:
+        raise BagError(str(exc)) from exc
+
+
+def _deserialize(raw: bytes, msgtype: str, schemas: dict[str, tuple[str, str]]):
+    if msgtype not in TYPESTORE.types and msgtype in schemas and schemas[msgtype][0] == "ros2msg":
+        TYPESTORE.register(get_types_from_msg(schemas[msgtype][1], msgtype))
+    return TYPESTORE.deserialize_cdr(raw, msgtype)
+
+
+def _read_recovered(path: Path, topics: list[str] | None) -> Iterator[BagMessage]:
+    """Every complete message of a damaged bag, then BagError naming the damage (if the data is damaged)."""
+    recovered = _recovered(path)
+    if topics is not None:
+        available = recovered.connections()
+        missing = [t for t in topics if t not in available]
+        if missing:
+            listing = ", ".join(f"{t} ({m})" for t, m in sorted(available.items())) or "none"
+            raise BagError(f"bag {path} has no topic {', '.join(missing)}; topics in the bag: {listing}")
+    position = 0
+    for m in recovered.messages():
+        if topics is not None and m.topic not in topics:
+            continue
+        try:
+            msg = _deserialize(m.data, m.msgtype, recovered.schemas())
+        except Exception as exc:
+            raise BagError(f"bag {path} is unreadable after message {position} (topic {m.topic}): {exc}") from exc
+        position += 1
+        yield BagMessage(topic=m.topic, msgtype=m.msgtype, log_time_ns=m.log_time_ns, msg=msg, raw=m.data)
+    if recovered.damage:
+        raise BagError("damaged bag: " + "; ".join(d.sentence() for d in recovered.damage))
+
+
 def _open(path: Path) -> AnyReader:
     if not path.exists():
         raise BagError(f"bag {path} does not exist")
+    if path.is_dir() and not any(path.iterdir()):
+        raise BagError(f"bag {path} is an empty folder: no metadata.yaml and no .mcap/.db3 file")
     try:
         reader = AnyReader([path], default_typestore=TYPESTORE)
         reader.open()
@@ -52,7 +105,14 @@ def _open(path: Path) -> AnyReader:
 
 def bag_topics(path: str | Path) -> dict[str, str]:
     """Topic -> message type of every connection in the bag."""
-    reader = _open(Path(path))
+    if damage_of(path):
+        return _recovered(Path(path)).connections()
+    try:
+        reader = _open(Path(path))
+    except BagError:
+        if not storage_files(Path(path)):
+            raise
+        return _recovered(Path(path)).connections()  # e.g. an MCAP summary that does not match its data
     try:
         return {c.topic: c.msgtype for c in reader.connections}
     finally:
@@ -64,10 +124,21 @@ def read_messages(path: str | Path, topics: list[str] | None = None) -> Iterator
 
     Raises :class:`BagError` naming the topic when a requested topic is not in the
     bag, and naming the topic and message position when the bag is truncated or a
-    message cannot be decoded. Messages yielded before the error stay valid.
+    message cannot be decoded. Messages yielded before the error stay valid. A ROS 2 bag
+    cut off mid-file (power loss) or without metadata.yaml is read by
+    :mod:`~rgbt_seg_ros.bag_recovery`: every complete message, then a BagError naming the damage.
     """
     path = Path(path)
-    reader = _open(path)
+    if damage_of(path):
+        yield from _read_recovered(path, topics)
+        return
+    try:
+        reader = _open(path)
+    except BagError:
+        if not storage_files(path):
+            raise
+        yield from _read_recovered(path, topics)  # e.g. an MCAP summary that does not match its data
+        return
     try:
         available = {c.topic: c.msgtype for c in reader.connections}
         if topics is not None:

@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("replay", "run the node's pipeline over a bag: output bag, metrics.json, report.md"),
     "demo": ("demo", "the live demo: segment_node + demo checkpoint over the sample bag; GIF, contact sheet"),
     "export-onnx": ("export_onnx", "export a checkpoint's model forward to ONNX (opset 17); onnxruntime parity check"),
+    "reindex": ("reindex", "rebuild a ROS 2 bag's metadata.yaml from its storage files (as ros2 bag reindex)"),
+    "recover": ("recover", "copy every complete message of a cut-off MCAP/sqlite3 bag into a new bag"),
     "bench": ("bench", "benchmarks that print figures: model (forward time, GFLOP, matmul ratio)"),
 }
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .bags import TYPESTORE, BagError, BagWriter, bag_topics, make_image, read_messages, stamp_to_ns
+from .bags import TYPESTORE, BagError, BagWriter, bag_topics, damage_of, make_image, read_messages, stamp_to_ns
 from .imaging import ImageEncodingError, image_to_numpy
 from .params import INPUT_NAMES
 from .pipeline import FramePipeline, ThermalWatch, rgb_from_msg, thermal_from_msg
@@ -128,6 +129,46 @@ def replay_bag(
     ``gt_topic="/rgbt_seg/auto"`` uses ``/rgbt/labels_gt`` when the bag has it; ``None`` disables it.
     ``warnings`` (e.g. refused parameter values) are recorded in metrics.json and report.md.
     """
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    try:
+        return _replay(
+            bag,
+            params,
+            out_dir,
+            pipeline,
+            gt_topic,
+            gt_dir,
+            max_pairs,
+            storage,
+            progress,
+            sheet_frames,
+            rgb_topic,
+            thermal_topic,
+            warnings,
+        )
+    except BaseException:
+        # a run that fails before writing anything leaves no empty output folder behind
+        if created and out_dir.is_dir() and not any(p.is_file() for p in out_dir.rglob("*")):
+            shutil.rmtree(out_dir)
+        raise
+
+
+def _replay(
+    bag: str | Path,
+    params: dict,
+    out_dir: str | Path,
+    pipeline: FramePipeline | None = None,
+    gt_topic: str | None = "/rgbt_seg/auto",
+    gt_dir: str | Path | None = None,
+    max_pairs: int | None = None,
+    storage: str = "mcap",
+    progress: bool = True,
+    sheet_frames: int = 12,
+    rgb_topic: str = DEFAULT_RGB_TOPIC,
+    thermal_topic: str = DEFAULT_THERMAL_TOPIC,
+    warnings: list[str] | None = None,
+) -> ReplayResult:
     from .training.metrics import ConfusionMatrix, json_safe
 
     bag = Path(bag)
@@ -136,6 +177,7 @@ def replay_bag(
     rgb_topic = compressed_topic(rgb_topic, params["input.rgb.transport"])
     thermal_topic = compressed_topic(thermal_topic, params["input.thermal.transport"])
     topics = bag_topics(bag)
+    bag_warning = damage_of(bag)  # read by the recovery path: cut off, or no metadata.yaml
     missing = [t for t in (rgb_topic, thermal_topic) if t not in topics]
     if missing:
         listing = ", ".join(f"{t} ({m})" for t, m in sorted(topics.items())) or "none"
@@ -281,7 +323,7 @@ def replay_bag(
         "throughput_pairs_per_s": n / wall_s if wall_s > 0 else None,
         "model_bound_pairs_per_s": 1000.0 / model_p50 if model_p50 else None,
         "not_copied": not_copied,
-        "warnings": [*(warnings or []), *(w for w in (pipeline.size_mismatch,) if w)],
+        "warnings": [*(warnings or []), *(w for w in (pipeline.size_mismatch, bag_warning) if w)],
         "error": result.error,
     }
     if metrics["throughput_pairs_per_s"] and metrics["model_bound_pairs_per_s"]:

@@ -423,21 +423,4 @@ def test_a_palette_shorter_than_the_class_list_is_refused(segmenter):
 # ----------------------------------------------------------------------------- bags
 
 
-@pytest.mark.parametrize("storage, pattern", [("mcap", "*.mcap"), ("sqlite3", "*.db3")])
-def test_a_bag_cut_off_mid_file_is_refused_with_a_sentence_naming_it(pipeline, tmp_path, storage, pattern):
-    # (payloads corrupted inside an intact file: test_replay::test_truncated_bag_keeps_a_valid_partial_output)
-    from rgbt_seg_ros.bags import BagError
-    from rgbt_seg_ros.data.sample_bag import write_sample_bag
-    from rgbt_seg_ros.replay import replay_bag
-
-    bag = write_sample_bag(tmp_path / "s", frames=6, rgb_size=(96, 128), thermal_size=(104, 128), storage=storage)
-    data = next(bag.glob(pattern))
-    data.write_bytes(data.read_bytes()[: int(data.stat().st_size * 0.6)])  # a recording cut off by power loss
-    params = {
-        **defaults(),
-        "registration.mode": "homography",
-        "registration.file": str(tmp_path / "s" / "calibration.yaml"),
-    }
-    with pytest.raises(BagError, match=f"cannot open bag {bag}"):
-        replay_bag(bag, params, tmp_path / "out", pipeline=pipeline, progress=False)
-    assert not (tmp_path / "out" / "segmented").exists()  # nothing half-written
+# Bags cut off mid-file (power loss) are read to the cut: test/test_bag_recovery.py
