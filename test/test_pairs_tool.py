@@ -118,3 +118,18 @@ def test_ros1_bag_with_out_of_order_arrivals(tmp_path, capsys):
     )
     rows = read_csv(out)
     assert sorted((r, t) for r, t, _ in rows) == [(rgb[2 * i], th[i]) for i in range(15)]
+
+
+@pytest.mark.parametrize(
+    "flag, value, fragment",
+    [
+        ("--max-wait", "-1", "sync.max_wait must be >= 0.0"),
+        ("--max-wait", "9", "sync.max_wait must be <= 2.0"),
+        ("--slop", "-0.01", "sync.slop must be >= 0.0"),
+        ("--queue-size", "0", "sync.queue_size must be >= 1"),
+    ],
+)
+def test_values_outside_the_nodes_ranges_are_refused(sample_bags, capsys, flag, value, fragment):
+    assert pairs_tool.run(parse([str(sample_bags[1]), flag, value])) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {value}" in err and fragment in err

@@ -309,3 +309,11 @@ def test_replay_reports_every_refused_parameter_and_uses_the_defaults_like_the_n
     assert f"warning: {f}: sync.max_wait must be of type float, got 'fast'; using the default 0.1" in err
     warnings = json.loads((tmp_path / "o" / "metrics.json").read_text())["warnings"]
     assert len(warnings) == 2
+
+
+def test_max_pairs_below_one_is_refused(sample, tmp_path, capsys):
+    _, bag = sample
+    parser = argparse.ArgumentParser()
+    replay_tool.add_arguments(parser)
+    assert replay_tool.run(parser.parse_args([str(bag), "--max-pairs", "0", "--out", str(tmp_path / "o")])) == 2
+    assert "--max-pairs must be >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -58,6 +58,18 @@ def pair_bag(
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..params import validate
+
+    # the node's ranges for the same settings (config/segment.yaml: sync.*)
+    for flag, name, value in (
+        ("--max-wait", "sync.max_wait", args.max_wait),
+        ("--slop", "sync.slop", args.slop),
+        ("--queue-size", "sync.queue_size", args.queue_size),
+    ):
+        problem = validate(name, value)
+        if problem:
+            print(f"rgbt-seg pairs: {flag} {value} is refused: {problem}", file=sys.stderr)
+            return 2
     try:
         pairer = ApproximateTimePairer(
             queue_size=args.queue_size,

@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from ..replay import DEFAULT_RGB_TOPIC, DEFAULT_THERMAL_TOPIC, replay_bag
     from ..resources import share_path
 
+    if args.max_pairs is not None and args.max_pairs < 1:
+        print(f"rgbt-seg replay: --max-pairs must be >= 1, got {args.max_pairs}", file=sys.stderr)
+        return 2
     params_file = args.params
     if params_file is None:
         own = args.bag / BAG_PARAMS
