@@ -50,21 +50,12 @@ def make_random_checkpoint(config: str, out_dir: Path, input_size=None, dataset=
     return out_dir
 
 
-def bench_node(
-    checkpoint: Path,
-    rate_hz: float = 10.0,
-    seconds: float = 20.0,
-    size=(480, 640),
-    device: str = "cpu",
-    domain_id: int | None = None,
-    startup_timeout: float = 120.0,
-) -> dict:
-    from rclpy.qos import qos_profile_sensor_data
+def synthetic_rig(work: Path, checkpoint: Path, size=(480, 640), device: str = "cpu", **overrides):
+    """A parameter file for the synthetic rig (homography, Kelvin*100 thermal) and one rclpy RGB + thermal pair."""
     from sensor_msgs.msg import Image
 
     from .data.synthetic import SceneGenerator
 
-    work = Path(tempfile.mkdtemp(prefix="rgbt_bench_node_"))
     gen = SceneGenerator(seed=0, rgb_size=tuple(size), thermal_size=(size[0] * 512 // 480, size[1]))
     (work / "calibration.yaml").write_text(yaml.safe_dump(gen.calibration_dict()))
     params = write_param_file(
@@ -80,12 +71,30 @@ def bench_node(
             "thermal.max": 330.0,
             "output.overlay": True,
             "sync.max_wait": 0.05,
+            **overrides,
         },
     )
     sample = gen.sample(0, "day")
     rgb_msg = fill_image_msg(Image(), np.ascontiguousarray(sample.rgb[:, :, ::-1]), "bgr8")
     th_msg = fill_image_msg(Image(), sample.thermal, "mono16")
     rgb_msg.header.frame_id, th_msg.header.frame_id = "rgb_camera_optical_frame", "thermal_camera_optical_frame"
+    return params, rgb_msg, th_msg
+
+
+def bench_node(
+    checkpoint: Path,
+    rate_hz: float = 10.0,
+    seconds: float = 20.0,
+    size=(480, 640),
+    device: str = "cpu",
+    domain_id: int | None = None,
+    startup_timeout: float = 120.0,
+) -> dict:
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    work = Path(tempfile.mkdtemp(prefix="rgbt_bench_node_"))
+    params, rgb_msg, th_msg = synthetic_rig(work, checkpoint, size, device)
     arrivals: list[tuple[int, int]] = []  # (stamp ns, arrival ns)
     period = 1.0 / rate_hz
     with NodeSession(params, work / "segment_node.log", domain_id=domain_id, client_name="bench_node_client") as s:

@@ -38,6 +38,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.clock import Clock, ClockType
+from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -46,6 +47,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from .imaging import ImageEncodingError, fill_image_msg
+from .memory import release_free_heap
 from .params import INPUT_NAMES, SPEC_BY_NAME, SPECS, check_value, is_ros_owned, validate
 from .pipeline import (
     FramePipeline,
@@ -99,6 +101,8 @@ class CameraMonitor:
         self._lock = threading.Lock()
         self.received = 0
         self.rejected: dict[str, int] = {}
+        self.lost = 0  # samples the middleware reports as lost before delivery (message_lost events)
+        self.last_lost: float | None = None
         self.last_error = ""
         self.last_arrival: float | None = None
 
@@ -112,6 +116,11 @@ class CameraMonitor:
         with self._lock:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
             self.last_error = text
+
+    def transport_lost(self, n: int, now: float) -> None:
+        with self._lock:
+            self.lost += int(n)
+            self.last_lost = now
 
     def rate_hz(self, now: float, stale_after: float) -> float:
         with self._lock:
@@ -129,6 +138,8 @@ class CameraMonitor:
             self._arrivals.clear()
             self.received = 0
             self.rejected = {}
+            self.lost = 0
+            self.last_lost = None
             self.last_error = ""
 
 
@@ -259,6 +270,8 @@ class SegmentBehaviour:
         self.thermal_watch = ThermalWatch(float(self.p["thermal_timeout"]))
         self._camera_infos: dict[str, CameraInfo] = {}
         self._subs: list = []
+        self._last_trim = 0.0
+        self._trim_pending = False
         self.pubs: dict = {}
         self._poll_timer = None
         self.worker: threading.Thread | None = None
@@ -316,8 +329,8 @@ class SegmentBehaviour:
             for cam in ("rgb", "thermal")
         }
         self._subs = [
-            self.create_subscription(types["rgb"], self.input_topics["rgb"], self._on_rgb, qos),
-            self.create_subscription(types["thermal"], self.input_topics["thermal"], self._on_thermal, qos),
+            self._image_subscription("rgb", types["rgb"], self._on_rgb, qos),
+            self._image_subscription("thermal", types["thermal"], self._on_thermal, qos),
         ]
         if self.p["registration.mode"] == "calibrated":
             self._subs += [
@@ -340,6 +353,34 @@ class SegmentBehaviour:
             f"({self.p['qos.reliability']}, depth {self.p['qos.depth']}) -> "
             f"{self.resolve_topic_name('~/labels')}, {self.resolve_topic_name('~/overlay')}; model: {self.model_status}"
         )
+
+    def _image_subscription(self, camera: str, msg_type, callback, qos):
+        """A camera subscription that also counts what the middleware lost before delivery.
+
+        Images above the transport's limits (an 8000x8000 frame on best-effort QoS) may never reach
+        the callback; the message_lost event makes them visible in diagnostics instead of silent.
+        """
+
+        def lost(info) -> None:
+            self.cameras[camera].transport_lost(info.total_count_change, time.monotonic())
+            self._trim_heap()
+            self.get_logger().warning(
+                f"{camera}: {info.total_count_change} message(s) lost before delivery on {self.input_topics[camera]} "
+                f"({info.total_count} in all; oversize images on best-effort QoS, or a saturated link)",
+                throttle_duration_sec=5.0,
+            )
+
+        try:
+            return self.create_subscription(
+                msg_type,
+                self.input_topics[camera],
+                callback,
+                qos,
+                event_callbacks=SubscriptionEventCallbacks(message_lost=lost),
+            )
+        except UnsupportedEventTypeError:  # an rmw without message_lost events
+            self._warn_once("no_lost_events", "this middleware does not report lost messages; losses are not counted")
+            return self.create_subscription(msg_type, self.input_topics[camera], callback, qos)
 
     def _deactivate(self) -> None:
         self._stop_worker()
@@ -435,7 +476,7 @@ class SegmentBehaviour:
         try:
             rgb = rgb_from_msg(msg, max_pixels=self._max_pixels())
         except ImageEncodingError as exc:
-            self._reject("rgb", "bad_image", str(exc))
+            self._reject("rgb", _reason(exc), str(exc))
             return
         self.cameras["rgb"].arrived(now)
         self.frame_ids["rgb"] = msg.header.frame_id
@@ -453,7 +494,7 @@ class SegmentBehaviour:
         try:
             thermal = thermal_array_from_msg(msg, max_pixels=self._max_pixels())
         except ImageEncodingError as exc:
-            self._reject("thermal", "bad_image", str(exc))
+            self._reject("thermal", _reason(exc), str(exc))
             return
         if thermal.dtype.kind == "f" and not np.isfinite(thermal).any():
             self._reject("thermal", "no_finite_pixel", "thermal image has no finite pixel (all NaN/inf)")
@@ -501,6 +542,19 @@ class SegmentBehaviour:
     def _reject(self, camera: str, reason: str, text: str) -> None:
         self.cameras[camera].reject(reason, text)
         self.get_logger().warning(f"{camera} image rejected: {text}", throttle_duration_sec=5.0)
+        if reason == "oversize":  # the refused buffer was large: hand its pages back, so a burst leaves no RSS
+            self._trim_heap()
+
+    def _trim_heap(self) -> None:
+        """After a large sample was refused or lost, give freed heap pages back to the OS (at most 1/s).
+
+        The diagnostics timer trims once more when such events stop, for the buffers freed after the last one.
+        """
+        now = time.monotonic()
+        self._trim_pending = True
+        if now - self._last_trim > 1.0:
+            self._last_trim = now
+            release_free_heap()
 
     def _max_pixels(self) -> int:
         return int(float(self.p["max_megapixels"]) * 1e6)
@@ -619,6 +673,10 @@ class SegmentBehaviour:
     # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:
         now = time.monotonic()
+        if self._trim_pending and now - self._last_trim > 1.0:
+            self._trim_pending = False
+            self._last_trim = now
+            release_free_heap()
         stale_after = float(self.p["stale_timeout"])
         active = self.lifecycle_state == "active"
         statuses = []
@@ -627,6 +685,8 @@ class SegmentBehaviour:
             stale = silent is None or silent > stale_after
             if not active:
                 level, message = 0, f"not subscribed (node {self.lifecycle_state})"
+            elif cam.last_lost is not None and now - cam.last_lost < stale_after:
+                level, message = 1, f"{cam.lost} message(s) lost before delivery (oversize or saturated link)"
             elif stale:
                 level = 1
                 message = (
@@ -641,6 +701,7 @@ class SegmentBehaviour:
                 "received": str(cam.received),
                 "rejected": str(sum(cam.rejected.values())),
                 "rejected by reason": ", ".join(f"{k}={v}" for k, v in sorted(cam.rejected.items())) or "none",
+                "lost in transport": str(cam.lost),
                 "last error": cam.last_error,
             }
             statuses.append(self._status(f"{name} camera", level, message, values, self.frame_ids[name]))
@@ -713,6 +774,11 @@ class SegmentBehaviour:
             message=message,
             values=[KeyValue(key=k, value=str(v)) for k, v in values.items()],
         )
+
+
+def _reason(exc: ImageEncodingError) -> str:
+    """The diagnostics counter of a refused image: oversize (above max_megapixels) or bad_image."""
+    return "oversize" if "megapixels" in str(exc) else "bad_image"
 
 
 def _plain(value):

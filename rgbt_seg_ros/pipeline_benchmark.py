@@ -35,7 +35,6 @@ same as with trained weights).
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from .imaging import fill_image_msg
+from .memory import release_free_heap, rss_mb
 from .pipeline import FramePipeline, normalizer_from_params, rgb_from_msg, thermal_from_msg
 from .registration import ThermalRegistrar
 from .render import blend_overlay
@@ -389,37 +389,6 @@ def profile_model(segmenter, rows: int = 15) -> str:
 
 
 # --------------------------------------------------------------------------- bench memory
-
-
-def release_free_heap() -> bool:
-    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``), so RSS shows live memory.
-
-    Without it RSS swings by tens of MB with the allocator's arenas (one 640x480 float32 logit map
-    of 9 classes is 11 MB), which hides or fakes a slow leak. Returns False where unavailable.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-def rss_mb() -> float:
-    """Resident set size of this process in MB (psutil when installed, else /proc/self/status)."""
-    try:
-        import psutil
-
-        return psutil.Process(os.getpid()).memory_info().rss / 2**20
-    except ImportError:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    raise RuntimeError("cannot read the resident set size: neither psutil nor /proc/self/status is available")
 
 
 def bench_memory(

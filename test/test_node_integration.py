@@ -141,7 +141,8 @@ def test_bad_input_is_counted_and_the_node_keeps_working(node_and_client):
     assert client.wait_for(counted, 20, proc), (client.latest_status("rgb camera"), client.latest_status("thermal"))
     rgb_st, th_st = client.latest_status("rgb camera"), client.latest_status("thermal camera")
     assert "bad_image=2" in rgb_st["rejected by reason"]
-    assert "no_finite_pixel=1" in th_st["rejected by reason"] and "bad_image=2" in th_st["rejected by reason"]
+    assert "no_finite_pixel=1" in th_st["rejected by reason"] and "bad_image=1" in th_st["rejected by reason"]
+    assert "oversize=1" in th_st["rejected by reason"]  # 100000x100000: refused before any allocation
     assert client.wait_for(lambda: len(client.received["labels"]) >= 3, 30, proc)
     assert proc.poll() is None
 

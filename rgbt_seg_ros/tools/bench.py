@@ -2,7 +2,8 @@
 
 ``model`` (this module): parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s;
 ``node`` (``live_benchmark.py``): the live node over DDS; ``pipeline`` and ``memory``
-(``pipeline_benchmark.py``): per-stage time of a frame and RSS over N pairs.
+(``pipeline_benchmark.py``): per-stage time of a frame and RSS over N pairs; ``soak`` and
+``oversize`` (``soak.py``): the live node under field faults.
 
 ``bench model``: parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s.
 
@@ -88,6 +89,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mem.add_argument("--warmup", type=int, default=50, help="pairs before the reference RSS is taken (default 50)")
     mem.add_argument("--size", default="480x640", metavar="HxW", help="camera image size (default 480x640)")
     mem.add_argument("--samples", type=int, default=20, help="RSS samples along the run (default 20)")
+
+    soak = sub.add_parser("soak", help="the live node under field faults for a long run: RSS drift, switches, drops")
+    soak.add_argument("--checkpoint", type=Path, default=None, help="checkpoint (default: random sartm_micro)")
+    soak.add_argument("--minutes", type=float, default=30.0, help="duration (default 30)")
+    soak.add_argument("--rate", type=float, default=10.0, help="camera rate in Hz (default 10)")
+    soak.add_argument("--short", action="store_true", help="the one-minute schedule of the test suite")
+    soak.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    soak.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    over = sub.add_parser("oversize", help="RGB frames above max_megapixels: refused, lost, node RSS after")
+    over.add_argument("--checkpoint", type=Path, default=None, help="checkpoint (default: random sartm_micro)")
+    over.add_argument("--frames", type=int, default=100, help="oversize frames (default 100)")
+    over.add_argument("--size", default="4000x5000", metavar="HxW", help="oversize frame (default 4000x5000, 20 MP)")
+    over.add_argument("--rate", type=float, default=5.0, help="oversize frames per second (default 5)")
+    over.add_argument("--reliability", choices=("best_effort", "reliable"), default="best_effort")
+    over.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    over.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
 
 
 def _model_source_arguments(p: argparse.ArgumentParser, default_config: str) -> None:
@@ -297,6 +314,8 @@ def run(args: argparse.Namespace) -> int:
         return run_node(args)
     if args.target in ("pipeline", "memory"):
         return run_pipeline_or_memory(args)
+    if args.target in ("soak", "oversize"):
+        return run_soak_or_oversize(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -341,6 +360,38 @@ def run_node(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(live_benchmark.markdown(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def run_soak_or_oversize(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .. import live_benchmark, soak
+
+    try:
+        ckpt = args.checkpoint
+        if ckpt is None:
+            ckpt = Path(tempfile.mkdtemp(prefix="rgbt_bench_ckpt_")) / "random"
+            live_benchmark.make_random_checkpoint("models/sartm_micro.yaml", ckpt)
+        if args.target == "soak":
+            plan = soak.SoakPlan.short(args.minutes * 60) if args.short else soak.SoakPlan(seconds=args.minutes * 60)
+            plan.rate = args.rate
+            result = soak.bench_soak(ckpt, plan, device=args.device)
+            print(soak.markdown_soak(result))
+        else:
+            result = soak.bench_oversize(
+                ckpt,
+                frames=args.frames,
+                oversize=parse_size(args.size),
+                rate=args.rate,
+                reliability=args.reliability,
+                device=args.device,
+            )
+            print(soak.markdown_oversize(result))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     _write_json(args.json, result)
     return 0
 
