@@ -26,6 +26,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,18 @@ def compressed_topic(topic: str, transport: str) -> str:
     return topic
 
 
+@contextmanager
+def _no_empty_output_on_failure(out_dir: Path):
+    """A run that fails before writing anything leaves no empty output folder it created behind."""
+    created = not out_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if created and out_dir.is_dir() and not any(p.is_file() for p in out_dir.rglob("*")):
+            shutil.rmtree(out_dir)
+        raise
+
+
 def _percentiles(values) -> dict:
     if not values:
         return {"p50": None, "p95": None, "n": 0}
@@ -130,211 +143,175 @@ def replay_bag(
     ``warnings`` (e.g. refused parameter values) are recorded in metrics.json and report.md.
     """
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    try:
-        return _replay(
-            bag,
-            params,
-            out_dir,
-            pipeline,
-            gt_topic,
-            gt_dir,
-            max_pairs,
-            storage,
-            progress,
-            sheet_frames,
-            rgb_topic,
-            thermal_topic,
-            warnings,
+    with _no_empty_output_on_failure(out_dir):
+        from .training.metrics import ConfusionMatrix, json_safe
+
+        bag = Path(bag)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rgb_topic = compressed_topic(rgb_topic, params["input.rgb.transport"])
+        thermal_topic = compressed_topic(thermal_topic, params["input.thermal.transport"])
+        topics = bag_topics(bag)
+        bag_warning = damage_of(bag)  # read by the recovery path: cut off, or no metadata.yaml
+        missing = [t for t in (rgb_topic, thermal_topic) if t not in topics]
+        if missing:
+            listing = ", ".join(f"{t} ({m})" for t, m in sorted(topics.items())) or "none"
+            raise BagError(f"bag {bag} has no topic {', '.join(missing)}; topics in the bag: {listing}")
+        if gt_topic == "/rgbt_seg/auto":
+            gt_topic = "/rgbt/labels_gt" if "/rgbt/labels_gt" in topics else None
+        if gt_topic is not None and gt_topic not in topics:
+            raise BagError(
+                f"bag {bag} has no ground-truth topic {gt_topic}; topics in the bag: {', '.join(sorted(topics))}"
+            )
+        if pipeline is None:
+            pipeline = FramePipeline.from_params(params)
+        info = pipeline.segmenter.dataset_info
+        pairer = ApproximateTimePairer(
+            queue_size=int(params["sync.queue_size"]),
+            slop=float(params["sync.slop"]),
+            exact=bool(params["sync.exact"]),
+            max_wait=float(params["sync.max_wait"]) if params["sync.max_wait"] > 0 else None,
         )
-    except BaseException:
-        # a run that fails before writing anything leaves no empty output folder behind
-        if created and out_dir.is_dir() and not any(p.is_file() for p in out_dir.rglob("*")):
-            shutil.rmtree(out_dir)
-        raise
+        watch = ThermalWatch(float(params["thermal_timeout"]))
+        rgb_only_mode = params["on_thermal_loss"] == "rgb_only"
+        truth = GroundTruth(Path(gt_dir) if gt_dir else None)
+        confusion = ConfusionMatrix(info.num_classes, info.ignore_index) if (gt_topic or gt_dir) else None
+        matched_gt = 0
+        timings: dict[str, list[float]] = {k: [] for k in (*STAGES, "total")}
+        rejected: dict[str, int] = {}
+        result = ReplayResult(metrics={}, out_dir=out_dir)
+        sheet: list[tuple[int, np.ndarray]] = []
+        wanted = {"labels", "overlay"}
+        max_pixels = int(float(params["max_megapixels"]) * 1e6)
+        wall0 = time.perf_counter()
+        segmented = out_dir / "segmented"
+        if segmented.exists():
+            raise BagError(f"output bag {segmented} already exists; choose another --out or remove it")
+        read_topics = [t for t in topics]  # every topic is passed through
+        total = sum(_message_counts(bag).values()) or None
+        n_rgb_only = 0
+        last_log_ns = 0
+        not_copied: dict[str, int] = {}
+        with BagWriter(segmented, storage=storage) as writer:
+            bar = tqdm(total=total, desc="replay", unit="msg", disable=not progress, leave=False)
 
-
-def _replay(
-    bag: str | Path,
-    params: dict,
-    out_dir: str | Path,
-    pipeline: FramePipeline | None = None,
-    gt_topic: str | None = "/rgbt_seg/auto",
-    gt_dir: str | Path | None = None,
-    max_pairs: int | None = None,
-    storage: str = "mcap",
-    progress: bool = True,
-    sheet_frames: int = 12,
-    rgb_topic: str = DEFAULT_RGB_TOPIC,
-    thermal_topic: str = DEFAULT_THERMAL_TOPIC,
-    warnings: list[str] | None = None,
-) -> ReplayResult:
-    from .training.metrics import ConfusionMatrix, json_safe
-
-    bag = Path(bag)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rgb_topic = compressed_topic(rgb_topic, params["input.rgb.transport"])
-    thermal_topic = compressed_topic(thermal_topic, params["input.thermal.transport"])
-    topics = bag_topics(bag)
-    bag_warning = damage_of(bag)  # read by the recovery path: cut off, or no metadata.yaml
-    missing = [t for t in (rgb_topic, thermal_topic) if t not in topics]
-    if missing:
-        listing = ", ".join(f"{t} ({m})" for t, m in sorted(topics.items())) or "none"
-        raise BagError(f"bag {bag} has no topic {', '.join(missing)}; topics in the bag: {listing}")
-    if gt_topic == "/rgbt_seg/auto":
-        gt_topic = "/rgbt/labels_gt" if "/rgbt/labels_gt" in topics else None
-    if gt_topic is not None and gt_topic not in topics:
-        raise BagError(
-            f"bag {bag} has no ground-truth topic {gt_topic}; topics in the bag: {', '.join(sorted(topics))}"
-        )
-    if pipeline is None:
-        pipeline = FramePipeline.from_params(params)
-    info = pipeline.segmenter.dataset_info
-    pairer = ApproximateTimePairer(
-        queue_size=int(params["sync.queue_size"]),
-        slop=float(params["sync.slop"]),
-        exact=bool(params["sync.exact"]),
-        max_wait=float(params["sync.max_wait"]) if params["sync.max_wait"] > 0 else None,
-    )
-    watch = ThermalWatch(float(params["thermal_timeout"]))
-    rgb_only_mode = params["on_thermal_loss"] == "rgb_only"
-    truth = GroundTruth(Path(gt_dir) if gt_dir else None)
-    confusion = ConfusionMatrix(info.num_classes, info.ignore_index) if (gt_topic or gt_dir) else None
-    matched_gt = 0
-    timings: dict[str, list[float]] = {k: [] for k in (*STAGES, "total")}
-    rejected: dict[str, int] = {}
-    result = ReplayResult(metrics={}, out_dir=out_dir)
-    sheet: list[tuple[int, np.ndarray]] = []
-    wanted = {"labels", "overlay"}
-    max_pixels = int(float(params["max_megapixels"]) * 1e6)
-    wall0 = time.perf_counter()
-    segmented = out_dir / "segmented"
-    if segmented.exists():
-        raise BagError(f"output bag {segmented} already exists; choose another --out or remove it")
-    read_topics = [t for t in topics]  # every topic is passed through
-    total = sum(_message_counts(bag).values()) or None
-    n_rgb_only = 0
-    last_log_ns = 0
-    not_copied: dict[str, int] = {}
-    with BagWriter(segmented, storage=storage) as writer:
-        bar = tqdm(total=total, desc="replay", unit="msg", disable=not progress, leave=False)
-
-        def process(rgb_msg, rgb, thermal, log_ns, thermal_stamp=-1):
-            nonlocal matched_gt, n_rgb_only
-            stamp = stamp_to_ns(rgb_msg.header.stamp)
-            t0 = time.perf_counter()
-            out = pipeline.process(rgb, thermal, outputs=wanted)
-            timings["total"].append((time.perf_counter() - t0) * 1e3)
-            for key in STAGES:
-                if key in out.timings_ms:
-                    timings[key].append(out.timings_ms[key])
-            n_rgb_only += int(out.rgb_only)
-            frame = rgb_msg.header.frame_id
-            labels_enc = "mono8" if out.labels.dtype == np.uint8 else "mono16"
-            writer.write(LABELS_TOPIC, make_image(out.labels, labels_enc, stamp, frame), log_ns)
-            writer.write(OVERLAY_TOPIC, make_image(out.overlay, "rgb8", stamp, frame), log_ns)
-            result.pairs.append((stamp, thermal_stamp))
-            sheet.append((stamp, out.overlay))
-            if len(sheet) > 4 * sheet_frames:  # keep memory bounded: thin out evenly
-                del sheet[1::2]
-            if confusion is not None:
-                for pred, gt in truth.add_pred(stamp, out.labels):
-                    confusion.update(pred, gt)
-                    matched_gt += 1
-
-        try:
-            for m in read_messages(bag, read_topics):
-                bar.update(1)
-                last_log_ns = m.log_time_ns
-                if not _pass_through(writer, m):
-                    not_copied[m.topic] = not_copied.get(m.topic, 0) + 1
-                if m.topic == gt_topic and confusion is not None:
-                    for pred, gt in truth.add_gt(stamp_to_ns(m.msg.header.stamp), image_to_numpy(m.msg).copy()):
+            def process(rgb_msg, rgb, thermal, log_ns, thermal_stamp=-1):
+                nonlocal matched_gt, n_rgb_only
+                stamp = stamp_to_ns(rgb_msg.header.stamp)
+                t0 = time.perf_counter()
+                out = pipeline.process(rgb, thermal, outputs=wanted)
+                timings["total"].append((time.perf_counter() - t0) * 1e3)
+                for key in STAGES:
+                    if key in out.timings_ms:
+                        timings[key].append(out.timings_ms[key])
+                n_rgb_only += int(out.rgb_only)
+                frame = rgb_msg.header.frame_id
+                labels_enc = "mono8" if out.labels.dtype == np.uint8 else "mono16"
+                writer.write(LABELS_TOPIC, make_image(out.labels, labels_enc, stamp, frame), log_ns)
+                writer.write(OVERLAY_TOPIC, make_image(out.overlay, "rgb8", stamp, frame), log_ns)
+                result.pairs.append((stamp, thermal_stamp))
+                sheet.append((stamp, out.overlay))
+                if len(sheet) > 4 * sheet_frames:  # keep memory bounded: thin out evenly
+                    del sheet[1::2]
+                if confusion is not None:
+                    for pred, gt in truth.add_pred(stamp, out.labels):
                         confusion.update(pred, gt)
                         matched_gt += 1
-                    continue
-                if m.topic not in (rgb_topic, thermal_topic):
-                    continue
-                t_s = m.log_time_ns / 1e9
-                try:
-                    arr = (
-                        rgb_from_msg(m.msg, max_pixels) if m.topic == rgb_topic else thermal_from_msg(m.msg, max_pixels)
-                    )
-                except ImageEncodingError:
-                    reason = f"{'rgb' if m.topic == rgb_topic else 'thermal'}_bad_image"
-                    rejected[reason] = rejected.get(reason, 0) + 1
-                    continue
-                if m.topic == thermal_topic:
-                    watch.thermal_seen(t_s)
-                    pairs = pairer.add_thermal(stamp_to_ns(m.msg.header.stamp), (m.msg, arr), m.log_time_ns)
-                elif rgb_only_mode and watch.lost(t_s):
-                    process(m.msg, arr, None, m.log_time_ns)
-                    pairs = pairer.poll(m.log_time_ns)
+
+            try:
+                for m in read_messages(bag, read_topics):
+                    bar.update(1)
+                    last_log_ns = m.log_time_ns
+                    if not _pass_through(writer, m):
+                        not_copied[m.topic] = not_copied.get(m.topic, 0) + 1
+                    if m.topic == gt_topic and confusion is not None:
+                        for pred, gt in truth.add_gt(stamp_to_ns(m.msg.header.stamp), image_to_numpy(m.msg).copy()):
+                            confusion.update(pred, gt)
+                            matched_gt += 1
+                        continue
+                    if m.topic not in (rgb_topic, thermal_topic):
+                        continue
+                    t_s = m.log_time_ns / 1e9
+                    try:
+                        arr = (
+                            rgb_from_msg(m.msg, max_pixels)
+                            if m.topic == rgb_topic
+                            else thermal_from_msg(m.msg, max_pixels)
+                        )
+                    except ImageEncodingError:
+                        reason = f"{'rgb' if m.topic == rgb_topic else 'thermal'}_bad_image"
+                        rejected[reason] = rejected.get(reason, 0) + 1
+                        continue
+                    if m.topic == thermal_topic:
+                        watch.thermal_seen(t_s)
+                        pairs = pairer.add_thermal(stamp_to_ns(m.msg.header.stamp), (m.msg, arr), m.log_time_ns)
+                    elif rgb_only_mode and watch.lost(t_s):
+                        process(m.msg, arr, None, m.log_time_ns)
+                        pairs = pairer.poll(m.log_time_ns)
+                    else:
+                        pairs = pairer.add_rgb(stamp_to_ns(m.msg.header.stamp), (m.msg, arr), m.log_time_ns)
+                    for pair in pairs:
+                        (rgb_msg, rgb), (_, thermal) = pair.rgb, pair.thermal
+                        process(rgb_msg, rgb, thermal, m.log_time_ns, pair.thermal_stamp_ns)
+                    if max_pairs is not None and len(result.pairs) >= max_pairs:
+                        break
                 else:
-                    pairs = pairer.add_rgb(stamp_to_ns(m.msg.header.stamp), (m.msg, arr), m.log_time_ns)
-                for pair in pairs:
-                    (rgb_msg, rgb), (_, thermal) = pair.rgb, pair.thermal
-                    process(rgb_msg, rgb, thermal, m.log_time_ns, pair.thermal_stamp_ns)
-                if max_pairs is not None and len(result.pairs) >= max_pairs:
-                    break
-            else:
-                for pair in pairer.flush():
-                    (rgb_msg, rgb), (_, thermal) = pair.rgb, pair.thermal
-                    process(rgb_msg, rgb, thermal, last_log_ns, pair.thermal_stamp_ns)
-        except BagError as exc:
-            result.error = str(exc)
-        finally:
-            bar.close()
-    wall_s = time.perf_counter() - wall0
-    stats = pairer.stats
-    n = len(result.pairs)
-    model_p50 = _percentiles(timings["model"])["p50"]
-    metrics = {
-        "bag": str(bag),
-        "topics": {
-            "rgb": rgb_topic,
-            "thermal": thermal_topic,
-            "ground_truth": gt_topic or (str(gt_dir) if gt_dir else None),
-        },
-        "model": f"{pipeline.segmenter.backend} {info.name} ({info.num_classes} classes) "
-        f"{pipeline.segmenter.input_size[0]}x{pipeline.segmenter.input_size[1]}",
-        "device": str(pipeline.segmenter.device),
-        "precision": pipeline.segmenter.precision,
-        "registration": pipeline.registrar.mode if pipeline.registrar is not None else "none",
-        "frames_processed": n,
-        "pairs": stats.paired,
-        "rgb_only_frames": n_rgb_only,
-        "received": {"rgb": stats.received_rgb, "thermal": stats.received_thermal},
-        "drops": {
-            "unmatched_rgb": stats.dropped_unmatched_rgb,
-            "unmatched_thermal": stats.dropped_unmatched_thermal,
-            "overflow_rgb": stats.dropped_overflow_rgb,
-            "overflow_thermal": stats.dropped_overflow_thermal,
-            "rejected_stamp": stats.rejected_rgb + stats.rejected_thermal,
-            **rejected,
-        },
-        "pair_dt_abs_ms": {
-            "mean": stats.dt_abs_mean_ms if stats.paired else None,
-            "p95": stats.dt_abs_percentile_ms(95) if stats.paired else None,
-        },
-        "latency_ms": {k: _percentiles(v) for k, v in timings.items()},
-        "wall_s": wall_s,
-        "throughput_pairs_per_s": n / wall_s if wall_s > 0 else None,
-        "model_bound_pairs_per_s": 1000.0 / model_p50 if model_p50 else None,
-        "not_copied": not_copied,
-        "warnings": [*(warnings or []), *(w for w in (pipeline.size_mismatch, bag_warning) if w)],
-        "error": result.error,
-    }
-    if metrics["throughput_pairs_per_s"] and metrics["model_bound_pairs_per_s"]:
-        metrics["throughput_ratio"] = metrics["throughput_pairs_per_s"] / metrics["model_bound_pairs_per_s"]
-    if confusion is not None:
-        metrics["ground_truth_frames"] = matched_gt
-        metrics["segmentation"] = confusion.as_json(info.class_names) if matched_gt else None
-    result.metrics = json_safe(metrics)
-    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
-    write_report(out_dir, result.metrics, timings["total"], [img for _, img in sheet], info, sheet_frames)
-    return result
+                    for pair in pairer.flush():
+                        (rgb_msg, rgb), (_, thermal) = pair.rgb, pair.thermal
+                        process(rgb_msg, rgb, thermal, last_log_ns, pair.thermal_stamp_ns)
+            except BagError as exc:
+                result.error = str(exc)
+            finally:
+                bar.close()
+        wall_s = time.perf_counter() - wall0
+        stats = pairer.stats
+        n = len(result.pairs)
+        model_p50 = _percentiles(timings["model"])["p50"]
+        metrics = {
+            "bag": str(bag),
+            "topics": {
+                "rgb": rgb_topic,
+                "thermal": thermal_topic,
+                "ground_truth": gt_topic or (str(gt_dir) if gt_dir else None),
+            },
+            "model": f"{pipeline.segmenter.backend} {info.name} ({info.num_classes} classes) "
+            f"{pipeline.segmenter.input_size[0]}x{pipeline.segmenter.input_size[1]}",
+            "device": str(pipeline.segmenter.device),
+            "precision": pipeline.segmenter.precision,
+            "registration": pipeline.registrar.mode if pipeline.registrar is not None else "none",
+            "frames_processed": n,
+            "pairs": stats.paired,
+            "rgb_only_frames": n_rgb_only,
+            "received": {"rgb": stats.received_rgb, "thermal": stats.received_thermal},
+            "drops": {
+                "unmatched_rgb": stats.dropped_unmatched_rgb,
+                "unmatched_thermal": stats.dropped_unmatched_thermal,
+                "overflow_rgb": stats.dropped_overflow_rgb,
+                "overflow_thermal": stats.dropped_overflow_thermal,
+                "rejected_stamp": stats.rejected_rgb + stats.rejected_thermal,
+                **rejected,
+            },
+            "pair_dt_abs_ms": {
+                "mean": stats.dt_abs_mean_ms if stats.paired else None,
+                "p95": stats.dt_abs_percentile_ms(95) if stats.paired else None,
+            },
+            "latency_ms": {k: _percentiles(v) for k, v in timings.items()},
+            "wall_s": wall_s,
+            "throughput_pairs_per_s": n / wall_s if wall_s > 0 else None,
+            "model_bound_pairs_per_s": 1000.0 / model_p50 if model_p50 else None,
+            "not_copied": not_copied,
+            "warnings": [*(warnings or []), *(w for w in (pipeline.size_mismatch, bag_warning) if w)],
+            "error": result.error,
+        }
+        if metrics["throughput_pairs_per_s"] and metrics["model_bound_pairs_per_s"]:
+            metrics["throughput_ratio"] = metrics["throughput_pairs_per_s"] / metrics["model_bound_pairs_per_s"]
+        if confusion is not None:
+            metrics["ground_truth_frames"] = matched_gt
+            metrics["segmentation"] = confusion.as_json(info.class_names) if matched_gt else None
+        result.metrics = json_safe(metrics)
+        (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
+        write_report(out_dir, result.metrics, timings["total"], [img for _, img in sheet], info, sheet_frames)
+        return result
 
 
 def _message_counts(bag: Path) -> dict[str, int]:

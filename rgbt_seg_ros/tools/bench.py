@@ -344,15 +344,10 @@ def _write_json(path: Path | None, result: dict) -> None:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    import tempfile
-
     from .. import live_benchmark
 
     try:
-        ckpt = args.checkpoint
-        if ckpt is None:
-            ckpt = Path(tempfile.mkdtemp(prefix="rgbt_bench_ckpt_")) / "random"
-            live_benchmark.make_random_checkpoint(args.config, ckpt, input_size=args.model_size)
+        ckpt = _checkpoint_or_random(args.checkpoint, args.config, args.model_size)
         result = live_benchmark.bench_node(
             ckpt, rate_hz=args.rate, seconds=args.seconds, size=tuple(args.size), device=args.device
         )
@@ -364,16 +359,24 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_soak_or_oversize(args: argparse.Namespace) -> int:
+def _checkpoint_or_random(checkpoint: Path | None, config: str, model_size=None) -> Path:
+    """The given checkpoint, or a random-weight one of ``config`` (same compute) in a temporary folder."""
+    if checkpoint is not None:
+        return checkpoint
     import tempfile
 
-    from .. import live_benchmark, soak
+    from .. import live_benchmark
+
+    ckpt = Path(tempfile.mkdtemp(prefix="rgbt_bench_ckpt_")) / "random"
+    live_benchmark.make_random_checkpoint(config, ckpt, input_size=model_size)
+    return ckpt
+
+
+def run_soak_or_oversize(args: argparse.Namespace) -> int:
+    from .. import soak
 
     try:
-        ckpt = args.checkpoint
-        if ckpt is None:
-            ckpt = Path(tempfile.mkdtemp(prefix="rgbt_bench_ckpt_")) / "random"
-            live_benchmark.make_random_checkpoint("models/sartm_micro.yaml", ckpt)
+        ckpt = _checkpoint_or_random(args.checkpoint, "models/sartm_micro.yaml")
         if args.target == "soak":
             plan = soak.SoakPlan.short(args.minutes * 60) if args.short else soak.SoakPlan(seconds=args.minutes * 60)
             plan.rate = args.rate
