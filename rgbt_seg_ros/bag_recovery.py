@@ -19,6 +19,7 @@ Nothing here imports ROS; :mod:`rgbt_seg_ros.bags` uses it when a bag cannot be 
 
 from __future__ import annotations
 
+import mmap
 import shutil
 import sqlite3
 import struct
@@ -165,8 +166,16 @@ def _chunk_records(body: memoryview) -> Iterator[tuple[int, memoryview]]:
 
 
 def _mcap_messages(path: Path, info: RecoveredFile, damage: list[Damage]) -> Iterator[RawMessage]:
-    data = path.read_bytes()  # a damaged file is read once; bags are split in files of bounded size
-    if not data.startswith(MCAP_MAGIC):
+    if path.stat().st_size < len(MCAP_MAGIC):
+        damage.append(Damage(path, f"is only {path.stat().st_size} bytes: not even the MCAP magic"))
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        yield from _walk_mcap(path, memoryview(mapped), info, damage)
+
+
+def _walk_mcap(path: Path, data: memoryview, info: RecoveredFile, damage: list[Damage]) -> Iterator[RawMessage]:
+    """The records of a (memory-mapped) MCAP file from its start, without its summary."""
+    if bytes(data[: len(MCAP_MAGIC)]) != MCAP_MAGIC:
         damage.append(Damage(path, "does not start with the MCAP magic"))
         return
     schemas: dict[int, tuple[str, str, str]] = {}
@@ -200,7 +209,7 @@ def _mcap_messages(path: Path, info: RecoveredFile, damage: list[Damage]) -> Ite
             break
         opcode, length = data[pos], struct.unpack_from("<Q", data, pos + 1)[0]
         start, end = pos + 9, pos + 9 + length
-        body = memoryview(data)[start : min(end, len(data))]
+        body = data[start : min(end, len(data))]
         if opcode == OP_CHUNK:
             for inner_op, inner in _chunk_records(body):
                 yield from handle(inner_op, inner)
@@ -224,11 +233,21 @@ def _mcap_messages(path: Path, info: RecoveredFile, damage: list[Damage]) -> Ite
 
 def _sqlite_messages(path: Path, info: RecoveredFile, damage: list[Damage]) -> Iterator[RawMessage]:
     problem = check_storage(path)
+    with open(path, "rb") as f:
+        if not f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC or path.stat().st_size < 100:
+            # e.g. the 0-byte next split file rosbag2 creates just before the power goes
+            damage.append(Damage(path, problem or "is not a sqlite3 database"))
+            return
+    wal = path.with_name(path.name + "-wal")
     with tempfile.TemporaryDirectory(prefix="rgbt_seg_recover_") as tmp:
-        db = path
-        if problem is not None:  # a copy whose header announces the pages the file really has
-            db = Path(tmp) / path.name
+        db, options = path, "mode=ro&immutable=1"
+        if problem is not None or wal.exists():
+            # a copy (with its write-ahead log, whose frames sqlite then applies) whose header announces
+            # the pages the file really has; the recording itself is never written to
+            db, options = Path(tmp) / path.name, "mode=ro"
             shutil.copyfile(path, db)
+            if wal.exists():
+                shutil.copyfile(wal, db.with_name(db.name + "-wal"))
             with open(db, "r+b") as f:
                 header = f.read(100)
                 page_size = struct.unpack(">H", header[16:18])[0]
@@ -238,7 +257,7 @@ def _sqlite_messages(path: Path, info: RecoveredFile, damage: list[Damage]) -> I
                 f.truncate(whole * page_size)
                 f.seek(28)
                 f.write(struct.pack(">I", whole))
-        con = sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)
+        con = sqlite3.connect(f"file:{db}?{options}", uri=True)
         n = 0
         try:
             topics = {tid: (name, msgtype) for tid, name, msgtype in con.execute("SELECT id, name, type FROM topics")}

@@ -38,7 +38,11 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.clock import Clock, ClockType
-from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
+
+try:  # Iron and newer
+    from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
+except ImportError:  # Humble
+    from rclpy.qos_event import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -275,7 +279,7 @@ class SegmentBehaviour:
         self.pubs: dict = {}
         self._poll_timer = None
         self.worker: threading.Thread | None = None
-        self._running = False
+        self._worker_stop: threading.Event | None = None
         # The names after remapping and namespacing, as the node really subscribes to them.
         self.input_topics = {}
         for key, name in INPUT_NAMES.items():
@@ -306,6 +310,7 @@ class SegmentBehaviour:
             self.get_logger().error(f"could not load the segmentation pipeline: {exc}")
             return False
         self.pipeline = pipeline
+        self.stats.reset()  # an earlier failed configure is no longer the state
         seg = pipeline.segmenter
         self.device = str(seg.device)
         if pipeline.registrar is None:
@@ -344,8 +349,10 @@ class SegmentBehaviour:
         self.pubs = {key: self.create_publisher(Image, topic, 5) for key, topic in OUTPUT_TOPICS.items()}
         self._poll_timer = self.create_timer(0.02, self._on_poll, clock=self._steady)
         self.slot = LatestSlot()
-        self._running = True
-        self.worker = threading.Thread(target=self._work, name="rgbt_seg_worker", daemon=True)
+        self._worker_stop = threading.Event()
+        self.worker = threading.Thread(
+            target=self._work, args=(self.slot, self._worker_stop), name="rgbt_seg_worker", daemon=True
+        )
         self.worker.start()
         self.lifecycle_state = "active"
         self.get_logger().info(
@@ -406,10 +413,14 @@ class SegmentBehaviour:
         self.lifecycle_state = "unconfigured"
 
     def _stop_worker(self) -> None:
-        self._running = False
+        """Stop this activation's worker; one still inside a long forward stops after it (it never publishes)."""
+        if self._worker_stop is not None:
+            self._worker_stop.set()
         self.slot.close()
         if self.worker is not None and self.worker.is_alive():
             self.worker.join(timeout=10.0)
+            if self.worker.is_alive():
+                self.get_logger().warning("the worker is still inside a forward pass; it stops when that returns")
         self.worker = None
 
     # ------------------------------------------------------------------ setup
@@ -566,34 +577,35 @@ class SegmentBehaviour:
             k for k in OUTPUT_TOPICS if self.p[f"output.{k}"] and k in pubs and pubs[k].get_subscription_count() > 0
         }
 
-    def _work(self) -> None:
-        slot = self.slot
-        while self._running:
+    def _work(self, slot: LatestSlot, stop: threading.Event) -> None:
+        while not stop.is_set():
             got = slot.get(timeout=0.2)
             if got is None:
                 continue
             (header, rgb, thermal, _dt), formed_at = got
-            if self.pipeline is None:
+            pipeline = self.pipeline  # one model per frame, even if cleanup drops it meanwhile
+            if pipeline is None:
                 self.stats.drop("no_model")
                 continue
             wanted = self._wanted()
             t0 = time.perf_counter()
             try:
                 with self._lock:
-                    result = self.pipeline.process(rgb, thermal, outputs=wanted)
+                    result = pipeline.process(rgb, thermal, outputs=wanted)
             except Exception as exc:
                 text = f"segmentation failed: {exc}"
                 self.stats.model_failed(text)
                 self.get_logger().error(text, throttle_duration_sec=5.0)
                 self.get_logger().debug(traceback.format_exc())
                 continue
-            mismatch = self.pipeline.size_mismatch
-            if mismatch:
-                self._warn_once("size_mismatch", mismatch)
+            if pipeline.size_mismatch:
+                self._warn_once("size_mismatch", pipeline.size_mismatch)
+            if stop.is_set():  # deactivated during the forward: its publishers may be gone
+                return
             try:
                 self._publish(header, result, wanted)
             except Exception as exc:  # the context goes away on shutdown (SIGINT/SIGTERM)
-                if not rclpy.ok(context=self.context) or not self._running:
+                if not rclpy.ok(context=self.context) or stop.is_set():
                     return
                 self.stats.model_failed(f"publishing failed: {exc}")
                 continue
@@ -845,7 +857,10 @@ class ManagedSegmentNode(SegmentBehaviour, LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state) -> TransitionCallbackReturn:
-        self._stop_worker()
+        """Back to a clean unconfigured node: no subscriptions, publishers or model left behind."""
+        if self._subs or self.pubs or self.worker is not None:
+            self._deactivate()
+        self._cleanup()
         return TransitionCallbackReturn.SUCCESS
 
     def destroy_node(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,27 +298,34 @@ class ThermalWatch:
     RGB-only at the same moments. Thermal counts as lost only when RGB has *kept arriving*
     for ``timeout`` seconds without thermal: a pause of both cameras (a driver restart, a
     paused bag) is not a thermal loss, so the first RGB frame after it is paired normally.
-    An RGB gap longer than ``timeout`` restarts the RGB streak.
+
+    A pause is an RGB gap longer than both ``timeout`` and three typical RGB intervals (so a
+    camera slower than the timeout still counts as arriving); the RGB streak restarts after it.
     """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = float(timeout)
-        self.last_thermal: float | None = None
-        self.last_rgb: float | None = None
-        self.rgb_streak_start: float | None = None
+        self.reset()
 
     def thermal_seen(self, t: float) -> None:
         self.last_thermal = t
 
     def lost(self, t: float) -> bool:
         """Call on each RGB frame: is thermal lost at time ``t``?"""
-        if self.last_rgb is None or t - self.last_rgb > self.timeout:
-            self.rgb_streak_start = t  # RGB (re)starts after a silence of its own
+        if self.last_rgb is None:
+            self.rgb_streak_start = t
+        else:
+            gap = t - self.last_rgb
+            typical = sorted(self._intervals)[len(self._intervals) // 2] if self._intervals else 0.0
+            if gap > max(self.timeout, 3.0 * typical):
+                self.rgb_streak_start = t  # RGB itself was silent: a pause (of both cameras), not a thermal loss
+            self._intervals.append(gap)
         self.last_rgb = t
         since = self.rgb_streak_start if self.last_thermal is None else max(self.last_thermal, self.rgb_streak_start)
         return t - since > self.timeout
 
     def reset(self) -> None:
-        self.last_thermal = None
-        self.last_rgb = None
-        self.rgb_streak_start = None
+        self.last_thermal: float | None = None
+        self.last_rgb: float | None = None
+        self.rgb_streak_start: float | None = None
+        self._intervals: deque[float] = deque(maxlen=9)

@@ -191,7 +191,7 @@ def bench_soak(checkpoint: Path, plan: SoakPlan, size=(480, 640), device: str = 
         pipe = s.status("pipeline") or {}
         rgb_cam, th_cam = s.status("rgb camera") or {}, s.status("thermal camera") or {}
         alive = s.proc.poll() is None
-    text = log.read_text(errors="replace")[log_start:]
+    text = log.read_bytes()[log_start:].decode("utf-8", errors="replace")
     latencies = [(arr - published[st]) * 1e3 for st, arr in arrivals if st in published]
     rss_values = [v for _, v in rss]
     return {

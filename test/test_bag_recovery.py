@@ -173,3 +173,17 @@ def test_a_cut_off_zstd_compressed_mcap_gives_the_messages_of_its_complete_frame
         for m in read_messages(tmp_path / "z"):
             got.append(bytes(m.raw))
     assert 20 <= len(got) < 80 and got == whole[: len(got)]
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_an_empty_split_file_left_by_the_power_cut_does_not_hide_the_rest(bags, tmp_path, storage):
+    """rosbag2 creates the next split file before writing to it: a 0-byte file beside a whole one."""
+    bag, _, _ = bags[storage]
+    shutil.copytree(bag, tmp_path / "b")
+    (tmp_path / "b" / "metadata.yaml").unlink()  # the recorder never wrote it
+    (tmp_path / "b" / f"bag_1{SUFFIX[storage]}").write_bytes(b"")
+    got = []
+    with pytest.raises(Exception, match="bag_1") as err:
+        for m in read_messages(tmp_path / "b"):
+            got.append(m)
+    assert len(got) == 80 and "damaged bag" in str(err.value)

@@ -424,3 +424,17 @@ def test_a_palette_shorter_than_the_class_list_is_refused(segmenter):
 
 
 # Bags cut off mid-file (power loss) are read to the cut: test/test_bag_recovery.py
+
+
+def test_a_camera_slower_than_the_timeout_still_switches_to_rgb_only():
+    # RGB at 0.5 Hz with thermal_timeout 1 s: every RGB gap exceeds the timeout, yet RGB keeps arriving
+    slow = [(2.0 * i, "rgb") for i in range(3)] + [(2.0 * i - 0.01, "thermal") for i in range(3)]
+    slow += [(2.0 * i, "rgb") for i in range(3, 8)]  # thermal's last frame at 3.99 s
+    modes = _drive_watch(sorted(slow), timeout=1.0)
+    assert modes[:3] == ["pair"] * 3 and modes[-3:] == ["rgb_only"] * 3
+
+
+def test_a_timeout_below_the_frame_period_still_detects_a_dead_thermal_camera():
+    events = _stream(0.0, 1.0) + _stream(1.0, 3.0, cameras=("rgb",))
+    modes = _drive_watch(events, timeout=0.05)  # the smallest allowed timeout, 10 Hz cameras
+    assert modes[-5:] == ["rgb_only"] * 5
