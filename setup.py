@@ -19,7 +19,7 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml", "README.md", "LICENSE"]),
         (f"share/{PACKAGE}/launch", files("launch/*.launch.py")),
-        (f"share/{PACKAGE}/config", files("config/*.yaml") + files("config/*.rviz")),
+        (f"share/{PACKAGE}/config", files("config/*.yaml") + files("config/*.rviz") + files("config/*.xml")),
         (f"share/{PACKAGE}/config/datasets", files("config/datasets/*.yaml")),
         (f"share/{PACKAGE}/config/registration", files("config/registration/*.yaml")),
         (f"share/{PACKAGE}/models", files("models/*.yaml") + files("models/*.md")),

@@ -27,6 +27,7 @@ model, activate creates the subscriptions and publishers, deactivate stops the w
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import threading
 import time
@@ -65,6 +66,7 @@ from .pipeline import (
 )
 from .pipeline import thermal_from_msg as thermal_array_from_msg
 from .render import parse_palette
+from .resources import share_path
 from .sync import ApproximateTimePairer
 
 NODE_NAME = "rgbt_seg"
@@ -868,6 +870,27 @@ class ManagedSegmentNode(SegmentBehaviour, LifecycleNode):
         super().destroy_node()
 
 
+def middleware_defaults(environ=os.environ) -> str | None:
+    """Point Fast DDS at the package's profile (readers free sample buffers) unless the user configured it.
+
+    Returns the profile used, or None when another middleware or the user's own Fast DDS XML is in place.
+    Must run before ``rclpy.init``.
+    """
+    if not environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp").startswith("rmw_fastrtps"):
+        return None
+    if environ.get("FASTDDS_DEFAULT_PROFILES_FILE") or environ.get("FASTRTPS_DEFAULT_PROFILES_FILE"):
+        return None
+    try:
+        profile = share_path("config", "fastdds_profiles.xml")
+    except FileNotFoundError:
+        return None
+    if not profile.is_file():
+        return None
+    environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
+    environ.setdefault("RMW_FASTRTPS_USE_QOS_FROM_XML", "1")
+    return str(profile)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``segment_node [--managed] [--ros-args ...]``."""
     argv = list(argv if argv is not None else sys.argv)
@@ -880,10 +903,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    profile = middleware_defaults()
     rclpy.init(args=argv)
     node = None
     try:
         node = ManagedSegmentNode() if managed else SegmentNode()
+        if profile:
+            node.get_logger().info(f"Fast DDS profile {profile} (image readers free each sample's buffer)")
         rclpy.spin(node)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
