@@ -23,9 +23,11 @@ def test_one_minute_soak_with_flaps_stall_pause_and_bursts(tmp_path, ros_env, mo
     assert r["node_alive"] and r["errors_in_log"] == 0
     assert r["rgb_only_switches"]["observed"] == r["rgb_only_switches"]["expected"]
     assert r["thermal_back"] >= r["rgb_only_switches"]["observed"] - 1  # the last flap lasts to the end
-    assert r["rgb_rejected"].get("bad_image", 0) == r["sent"]["bad_encoding"]
-    oversize_counted = r["rgb_rejected"].get("oversize", 0) + r["rgb_lost_in_transport"]
-    assert oversize_counted >= r["sent"]["oversize"]  # refused with the megapixel message, or counted as lost
+    # every bad or oversize frame is refused (bad_image / oversize) or counted as lost before delivery
+    # (a best-effort burst can lose any frame, so the two are checked together)
+    refused = r["rgb_rejected"].get("bad_image", 0) + r["rgb_rejected"].get("oversize", 0)
+    assert r["rgb_rejected"].get("bad_image", 0) >= 1
+    assert refused + r["rgb_lost_in_transport"] >= r["sent"]["bad_encoding"] + r["sent"]["oversize"]
     assert r["labels"] > 0.3 * r["sent"]["pairs"]
     assert r["drops"]["superseded"] > 0  # the bursts overran the model: dropped, not queued
     frame_mb = plan.oversize[0] * plan.oversize[1] * 3 / 2**20
