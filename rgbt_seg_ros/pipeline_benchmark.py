@@ -406,6 +406,8 @@ def bench_memory(
     """``rgbt-seg bench memory``: RSS over ``pairs`` frames of the node's per-frame path."""
     import torch
 
+    gc.collect()  # the baseline is live memory: nothing an earlier caller left for the collector or the heap
+    release_free_heap()
     start = rss_mb()
     seg = segmenter if segmenter is not None else load_segmenter(checkpoint, config, model_size, device)
     frames = CameraFrames.synthetic(tuple(size))
@@ -414,6 +416,8 @@ def bench_memory(
     as_numpy = kind == "rosbags"
     pairer = ApproximateTimePairer(queue_size=5, slop=0.05, max_wait=0.1)
     stamp0 = 1_700_000_000_000_000_000
+    gc.collect()
+    release_free_heap()
     after_load = rss_mb()
     every = max(1, pairs // max(1, samples))
     trace: list[tuple[int, float]] = []
