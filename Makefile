@@ -17,7 +17,7 @@ COMPAT_ABS := $(abspath $(COMPAT_VENV))
 COMPAT_BIN := $(COMPAT_ABS)/bin
 PIP_FLAGS := -qq --disable-pip-version-check
 
-# Every command that runs ROS needs these (DESIGN.md: ament index in the venv, Fast DDS large-data transport).
+# Every command that runs ROS needs these (README "Quick start": ament index in the venv, Fast DDS large-data transport).
 export AMENT_PREFIX_PATH := $(VENV_ABS)$(if $(AMENT_PREFIX_PATH),:$(AMENT_PREFIX_PATH))
 export FASTDDS_BUILTIN_TRANSPORTS := LARGE_DATA
 export HF_HUB_OFFLINE := 1
@@ -38,14 +38,26 @@ help:
 	@echo "make demo   set up .venv and run the demo on the built-in sample data (writes $(DEMO_OUT)/)"
 	@echo "make compat set up $(COMPAT_VENV) with the oldest supported versions and run the unit tests there"
 
+# $(call install_deps,BIN,CONSTRAINTS): pip and setuptools, torch, the requirements and sam2 into one venv.
+define install_deps
+	$(1)/pip install $(PIP_FLAGS) "pip==26.3" "setuptools==79.0.1" wheel
+	$(1)/pip install $(PIP_FLAGS) -c $(2) torch
+	$(1)/pip install $(PIP_FLAGS) -c $(2) -r requirements.txt -r requirements-dev.txt
+	SAM2_BUILD_CUDA=0 $(1)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation sam2==1.1.0
+endef
+
+# $(call install_package,BIN): this package (not editable: data files go to share/).
+define install_package
+	rm -rf build *.egg-info
+	$(1)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation --force-reinstall .
+	rm -rf build *.egg-info
+endef
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(if $(SYSTEM_ROS),--system-site-packages) $(VENV)
 
 $(VENV)/.deps-stamp: $(BIN)/python requirements.txt requirements-dev.txt $(CONSTRAINTS) requirements-ros.txt
-	$(BIN)/pip install $(PIP_FLAGS) "pip==26.3" "setuptools==79.0.1" wheel
-	$(BIN)/pip install $(PIP_FLAGS) -c $(CONSTRAINTS) torch
-	$(BIN)/pip install $(PIP_FLAGS) -c $(CONSTRAINTS) -r requirements.txt -r requirements-dev.txt
-	SAM2_BUILD_CUDA=0 $(BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation sam2==1.1.0
+	$(call install_deps,$(BIN),$(CONSTRAINTS))
 ifeq ($(SYSTEM_ROS),1)
 	@echo "system ROS 2 ($$ROS_DISTRO) is active: not installing the PyPI ROS wheels"
 else
@@ -54,9 +66,7 @@ endif
 	touch $@
 
 $(VENV)/.install-stamp: $(VENV)/.deps-stamp $(PACKAGE_SOURCES)
-	rm -rf build *.egg-info
-	$(BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation --force-reinstall .
-	rm -rf build *.egg-info
+	$(call install_package,$(BIN))
 	touch $@
 
 venv: $(VENV)/.deps-stamp
@@ -77,17 +87,12 @@ $(COMPAT_BIN)/python:
 	$(PYTHON) -m venv $(COMPAT_VENV)
 
 $(COMPAT_VENV)/.deps-stamp: $(COMPAT_BIN)/python requirements.txt requirements-dev.txt constraints-compat.txt requirements-ros.txt
-	$(COMPAT_BIN)/pip install $(PIP_FLAGS) "pip==26.3" "setuptools==79.0.1" wheel
-	$(COMPAT_BIN)/pip install $(PIP_FLAGS) -c constraints-compat.txt torch
-	$(COMPAT_BIN)/pip install $(PIP_FLAGS) -c constraints-compat.txt -r requirements.txt -r requirements-dev.txt
-	SAM2_BUILD_CUDA=0 $(COMPAT_BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation sam2==1.1.0
+	$(call install_deps,$(COMPAT_BIN),constraints-compat.txt)
 	$(COMPAT_BIN)/pip install $(PIP_FLAGS) -c constraints-compat.txt -r requirements-ros.txt
 	touch $@
 
 $(COMPAT_VENV)/.install-stamp: $(COMPAT_VENV)/.deps-stamp $(PACKAGE_SOURCES)
-	rm -rf build *.egg-info
-	$(COMPAT_BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation --force-reinstall .
-	rm -rf build *.egg-info
+	$(call install_package,$(COMPAT_BIN))
 	touch $@
 
 compat: $(COMPAT_VENV)/.install-stamp

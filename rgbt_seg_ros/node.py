@@ -78,17 +78,6 @@ OUTPUT_TOPICS = {
     "thermal_registered": "~/thermal_registered",
 }
 RESTART_REASON = "changing {name} needs a restart of the node (model, registration, inputs and QoS are fixed at start)"
-PARAM_TYPE_NAMES = {
-    1: "bool",
-    2: "integer",
-    3: "double",
-    4: "string",
-    5: "byte array",
-    6: "bool array",
-    7: "integer array",
-    8: "double array",
-    9: "string array",
-}
 
 
 def stamp_ns(header) -> int:
@@ -438,7 +427,7 @@ class SegmentBehaviour:
             try:
                 value = self.declare_parameter(spec.name, spec.default, _descriptor(spec)).value
             except Exception as exc:  # out of the declared range
-                self._report_parameter(f"parameter {spec.name}: {_readable(exc)}; using the default {spec.default!r}")
+                self._report_parameter(f"parameter {spec.name}: {exc}; using the default {spec.default!r}")
                 if not self.has_parameter(spec.name):
                     self.declare_parameter(spec.name, spec.default, _descriptor(spec), ignore_override=True)
                 value = spec.default
@@ -800,14 +789,6 @@ def _plain(value):
     if value is None or isinstance(value, (str, bytes, bool, int, float)):
         return value
     return [v.item() if hasattr(v, "item") else v for v in value]
-
-
-def _readable(exc: Exception) -> str:
-    """rclpy's parameter type errors with the type names instead of their numeric codes."""
-    text = str(exc)
-    for code, name in PARAM_TYPE_NAMES.items():
-        text = text.replace(f"'Type.{code}'", f"'{name}'").replace(f"'{code}'", f"'{name}'")
-    return text
 
 
 class SegmentNode(SegmentBehaviour, Node):

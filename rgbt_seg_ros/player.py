@@ -1,6 +1,6 @@
 """A small ROS 2 bag player: publishes a bag's messages over DDS with their original timing.
 
-``ros2 bag play`` is not installable here (DESIGN.md), so the demo and the live benchmarks
+``ros2 bag play`` cannot be installed from PyPI (it comes with a ROS 2 install), so the demo and the live benchmarks
 use this. It publishes the stored CDR bytes as they are (rclpy ``publish`` accepts
 serialised bytes), paced by the bag's receive times (scaled by ``rate``). ROS 2 bags only
 (sqlite3 and mcap). On a robot, use ``ros2 bag play`` instead.
