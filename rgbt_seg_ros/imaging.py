@@ -43,7 +43,18 @@ _HOST_BIG_ENDIAN = sys.byteorder == "big"
 
 
 class ImageEncodingError(ValueError):
-    """An image message that cannot be converted; the text says what was expected."""
+    """An image message that cannot be converted; the text says what was expected.
+
+    ``reason`` is the diagnostics counter it belongs to: ``oversize`` (above max_megapixels),
+    ``no_finite_pixel`` (a float thermal image of NaN/inf only) or ``bad_image``."""
+
+    def __init__(self, text: str, reason: str | None = None) -> None:
+        super().__init__(text)
+        self._reason = reason
+
+    @property
+    def reason(self) -> str:
+        return self._reason or ("oversize" if "megapixels" in str(self) else "bad_image")
 
 
 @dataclass(frozen=True)
@@ -167,15 +178,20 @@ def fill_image_msg(msg, arr: np.ndarray, encoding: str, as_numpy: bool = False):
 
 
 def to_rgb(arr: np.ndarray, encoding: str) -> np.ndarray:
-    """Colour image in any accepted colour encoding -> (H, W, 3) uint8 in RGB order."""
+    """Colour image in any accepted colour encoding -> (H, W, 3) uint8 in RGB order.
+
+    rgb8 is returned as it is (a view of the message buffer); the other encodings are converted
+    by OpenCV into a new contiguous array (a reversed-channel view would cost more later: torch
+    cannot wrap negative strides and every later copy of it is slow).
+    """
     if encoding in ("rgb8", "8UC3"):
         return arr
     if encoding == "bgr8":
-        return arr[:, :, ::-1]
+        return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
     if encoding == "rgba8":
-        return arr[:, :, :3]
+        return cv2.cvtColor(arr, cv2.COLOR_RGBA2RGB)
     if encoding == "bgra8":
-        return arr[:, :, 2::-1]
+        return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
     if encoding in ("mono8", "8UC1"):
         return np.repeat(arr[:, :, None], 3, axis=2)
     raise ImageEncodingError(f"encoding '{encoding}' is not a colour encoding; expected one of {COLOR_ENCODINGS}")
@@ -530,43 +546,68 @@ class ThermalNormalizer:
         if self.mode == "linear" and self.scale == 0:
             raise ValueError("thermal linear scale must be non-zero")
 
-    def normalize(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Return ``(normalised float32 HxW, finite mask or None when every pixel is finite)``."""
-        raw = np.asarray(raw)
-        if raw.ndim == 3 and raw.shape[2] == 1:
-            raw = raw[:, :, 0]
-        if raw.ndim != 2:
-            raise ValueError(f"thermal image must be single-channel (H, W), got shape {raw.shape}")
+    def affine(self, raw: np.ndarray) -> tuple[float, float]:
+        """``(lo, k)`` such that ``clip((raw - lo) * k, 0, 1)`` is the normalised image of this frame.
+
+        Every mode is an affine map followed by a clip; only ``percentile`` looks at the pixels
+        (at most about 20 000 of them, on a regular subsample of the finite ones). Because the map
+        is affine it commutes with resampling, so the frame path applies it after warping and
+        downscaling (to a few thousand pixels) while the bounds still come from the full frame.
+        """
+        raw = self._single_channel(raw)
         if self.mode == "passthrough":
             if raw.dtype != np.uint8:
                 raise ValueError(
                     f"thermal mode 'passthrough' needs 8-bit images, got {raw.dtype}; use fixed, percentile or linear"
                 )
-            return raw.astype(np.float32) * np.float32(1.0 / 255.0), None
-        x = raw.astype(np.float32)
+            return 0.0, 1.0 / 255.0
+        if self.mode == "linear":  # (x * scale + offset - min) / (max - min)
+            return (self.min - self.offset) / self.scale, self.scale / (self.max - self.min)
+        if self.mode == "fixed":
+            return self.min, 1.0 / (self.max - self.min)
+        step = max(4, int(np.sqrt(raw.size / 20_000.0)) + 1) if raw.size > 20_000 * 16 else 4
+        sub = raw[::step, ::step]
+        if sub.dtype.kind == "f":
+            sub = sub[np.isfinite(sub)]
+        if sub.size == 0:
+            return 0.0, 0.0
+        lo, hi = (float(v) for v in np.percentile(sub, (self.p_low, self.p_high)))
+        if hi - lo < 1e-6:
+            hi = lo + 1.0
+        return lo, 1.0 / (hi - lo)
+
+    def apply(self, x: np.ndarray, lo_k: tuple[float, float]) -> tuple[np.ndarray, np.ndarray | None]:
+        """``clip((x - lo) * k, 0, 1)`` as float32 and the finite mask (None when every pixel is finite).
+
+        ``x`` is the raw frame or a resampled copy of it; NaN and inf pixels become 0 and invalid."""
+        lo, k = lo_k
+        out = x.astype(np.float32) if x.dtype != np.float32 else x.copy()
         finite: np.ndarray | None = None
-        if x.dtype.kind == "f" and raw.dtype.kind == "f":
-            finite_all = np.isfinite(x)
+        if x.dtype.kind == "f":
+            finite_all = np.isfinite(out)
             if not finite_all.all():
                 finite = finite_all
-                x = np.where(finite_all, x, np.float32(0.0))
-        if self.mode == "linear":
-            x = x * np.float32(self.scale) + np.float32(self.offset)
-            lo, hi = self.min, self.max
-        elif self.mode == "fixed":
-            lo, hi = self.min, self.max
-        else:
-            sub = x[::4, ::4] if finite is None else x[::4, ::4][finite[::4, ::4]]
-            if sub.size == 0:
-                return np.zeros(x.shape, np.float32), finite
-            lo, hi = (float(v) for v in np.percentile(sub, (self.p_low, self.p_high)))
-            if hi - lo < 1e-6:
-                hi = lo + 1.0
-        out = (x - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+                out[~finite] = 0.0
+        out -= np.float32(lo)
+        out *= np.float32(k)
         np.clip(out, 0.0, 1.0, out=out)
         if finite is not None:
             out[~finite] = 0.0
         return out, finite
+
+    def normalize(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Return ``(normalised float32 HxW, finite mask or None when every pixel is finite)``."""
+        raw = self._single_channel(raw)
+        return self.apply(raw, self.affine(raw))
+
+    @staticmethod
+    def _single_channel(raw: np.ndarray) -> np.ndarray:
+        raw = np.asarray(raw)
+        if raw.ndim == 3 and raw.shape[2] == 1:
+            raw = raw[:, :, 0]
+        if raw.ndim != 2:
+            raise ValueError(f"thermal image must be single-channel (H, W), got shape {raw.shape}")
+        return raw
 
     @classmethod
     def from_params(cls, params: dict) -> ThermalNormalizer:
@@ -575,3 +616,32 @@ class ThermalNormalizer:
         if unknown:
             raise ValueError(f"unknown thermal normalisation keys {sorted(unknown)}")
         return cls(**known)
+
+
+# --------------------------------------------------------------------------- camera messages
+
+
+def is_compressed(msg) -> bool:
+    """A ``sensor_msgs/CompressedImage`` (rclpy or rosbags): it has ``format`` instead of ``encoding``."""
+    return hasattr(msg, "format") and not hasattr(msg, "encoding")
+
+
+def rgb_from_msg(msg, max_pixels: int | None = None) -> np.ndarray:
+    """An RGB camera message (raw or compressed) -> (H, W, 3) uint8 in RGB order (a view for raw rgb8)."""
+    if is_compressed(msg):
+        arr, encoding = compressed_to_numpy(msg, expected=COLOR_ENCODINGS, max_pixels=max_pixels)
+        return to_rgb(arr, encoding)
+    return to_rgb(image_to_numpy(msg, expected=COLOR_ENCODINGS, max_pixels=max_pixels), str(msg.encoding))
+
+
+def thermal_from_msg(msg, max_pixels: int | None = None) -> np.ndarray:
+    """A thermal camera message (raw or compressed) -> (H, W) raw array (uint8, uint16 or float32).
+
+    A float image without a single finite pixel is refused (reason ``no_finite_pixel``)."""
+    if is_compressed(msg):
+        arr = compressed_to_numpy(msg, expected=THERMAL_ENCODINGS, max_pixels=max_pixels)[0]
+    else:
+        arr = image_to_numpy(msg, expected=THERMAL_ENCODINGS, max_pixels=max_pixels)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).any():
+        raise ImageEncodingError("thermal image has no finite pixel (all NaN/inf)", reason="no_finite_pixel")
+    return arr

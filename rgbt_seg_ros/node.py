@@ -1,11 +1,13 @@
 """``segment_node``: synchronized RGB-thermal segmentation as a ROS 2 node.
 
-Data flow (docs/architecture.md): subscription callbacks only convert (``imaging``), pair
-(``sync.ApproximateTimePairer``) and hand the newest pair to a single-slot mailbox;
-one worker thread runs the shared :class:`~rgbt_seg_ros.pipeline.FramePipeline`
-(thermal normalisation -> registration -> segmenter -> render) and publishes. When
-the model is slower than the cameras, older pairs are replaced in the mailbox and
-counted as dropped, never queued, so latency stays bounded.
+Data flow (docs/architecture.md): subscription callbacks only convert (``imaging``) and
+hand the images to the shared :class:`~rgbt_seg_ros.frame_flow.FrameFlow` (pairing, thermal
+loss), whose frames go to a single-slot mailbox; a
+:class:`~rgbt_seg_ros.frame_flow.StagedWorker` runs the shared
+:class:`~rgbt_seg_ros.frame_flow.FramePipeline` stages on three threads (prepare | forward |
+finish + publish). When the model is slower than the cameras, older pairs are replaced in the
+mailbox and counted as dropped, never queued, so latency stays bounded. Replay runs the same
+objects on a bag.
 
 Inputs are relative names that users remap, as image_pipeline's nodes do:
 ``rgb/image`` and ``thermal/image`` (``sensor_msgs/Image``, or ``<name>/compressed``
@@ -51,23 +53,24 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
-from .imaging import ImageEncodingError, fill_image_msg
-from .memory import release_free_heap
-from .params import INPUT_NAMES, SPEC_BY_NAME, SPECS, check_value, is_ros_owned, validate
-from .pipeline import (
+from .frame_flow import (
+    FrameFlow,
     FramePipeline,
+    Job,
     LatestSlot,
-    ThermalWatch,
+    StagedWorker,
     demo_model_note,
+    labels_encoding,
+    latency_summary,
     normalizer_from_params,
     registrar_from_camera_info,
-    rgb_from_msg,
     thermal_display_u8,
 )
-from .pipeline import thermal_from_msg as thermal_array_from_msg
+from .imaging import ImageEncodingError, fill_image_msg, rgb_from_msg, thermal_from_msg
+from .memory import release_free_heap
+from .params import INPUT_NAMES, SPEC_BY_NAME, SPECS, check_value, is_ros_owned, validate
 from .render import parse_palette
 from .resources import share_path
-from .sync import ApproximateTimePairer
 
 NODE_NAME = "rgbt_seg"
 OUTPUT_TOPICS = {
@@ -84,8 +87,10 @@ def stamp_ns(header) -> int:
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
-def _percentile(values, q: float) -> float:
-    return float(np.percentile(np.fromiter(values, float), q)) if values else float("nan")
+def _summary(values) -> tuple[float, float]:
+    """(p50, p95) of recent timings; NaN when there are none yet."""
+    s = latency_summary(values)
+    return (float("nan"), float("nan")) if s["n"] == 0 else (s["p50"], s["p95"])
 
 
 class CameraMonitor:
@@ -198,8 +203,9 @@ class PipelineStats:
 
     def snapshot(self, now: float) -> dict:
         with self._lock:
-            model_p50 = _percentile(self.model_ms, 50)
-            overhead_p50 = _percentile(self.overhead_ms, 50)
+            model_p50 = _summary(self.model_ms)[0]
+            overhead_p50 = _summary(self.overhead_ms)[0]
+            latency, age = _summary(self.latency_ms), _summary(self.stamp_age_ms)
             return {
                 "paired": self.paired,
                 "processed": self.processed,
@@ -207,10 +213,10 @@ class PipelineStats:
                 "drops": dict(self.drops),
                 "paired_hz": self._rate(self.paired_times, now),
                 "processed_hz": self._rate(self.processed_times, now),
-                "latency_p50_ms": _percentile(self.latency_ms, 50),
-                "latency_p95_ms": _percentile(self.latency_ms, 95),
-                "stamp_age_p50_ms": _percentile(self.stamp_age_ms, 50),
-                "stamp_age_p95_ms": _percentile(self.stamp_age_ms, 95),
+                "latency_p50_ms": latency[0],
+                "latency_p95_ms": latency[1],
+                "stamp_age_p50_ms": age[0],
+                "stamp_age_p95_ms": age[1],
                 "model_p50_ms": model_p50,
                 "overhead_p50_ms": overhead_p50,
                 "overhead_fraction": overhead_p50 / model_p50 if model_p50 and model_p50 == model_p50 else float("nan"),
@@ -254,23 +260,24 @@ class SegmentBehaviour:
         self.frame_ids = {"rgb": "", "thermal": ""}
         self.stats = PipelineStats()
         self._lock = threading.Lock()  # guards the pipeline settings changed by parameter callbacks
-        self.pairer = self._make_pairer()
+        self.flow = FrameFlow(
+            self.p,
+            on_warning=lambda text: self.get_logger().warning(text, throttle_duration_sec=5.0),
+            on_switch=self._on_rgb_only,
+        )
         self.slot = LatestSlot()
-        self.rgb_only_active = False
         self.pipeline: FramePipeline | None = None
         self.model_status = "not loaded"
         self.lifecycle_state = "unconfigured"
         self.registration_mode = self.p["registration.mode"]
         self.device = "?"
-        self.thermal_watch = ThermalWatch(float(self.p["thermal_timeout"]))
         self._camera_infos: dict[str, CameraInfo] = {}
         self._subs: list = []
         self._last_trim = 0.0
         self._trim_pending = False
         self.pubs: dict = {}
         self._poll_timer = None
-        self.worker: threading.Thread | None = None
-        self._worker_stop: threading.Event | None = None
+        self.worker: StagedWorker | None = None
         # The names after remapping and namespacing, as the node really subscribes to them.
         self.input_topics = {}
         for key, name in INPUT_NAMES.items():
@@ -340,11 +347,16 @@ class SegmentBehaviour:
         self.pubs = {key: self.create_publisher(Image, topic, 5) for key, topic in OUTPUT_TOPICS.items()}
         self._poll_timer = self.create_timer(0.02, self._on_poll, clock=self._steady)
         self.slot = LatestSlot()
-        self._worker_stop = threading.Event()
-        self.worker = threading.Thread(
-            target=self._work, args=(self.slot, self._worker_stop), name="rgbt_seg_worker", daemon=True
-        )
-        self.worker.start()
+        self.worker = StagedWorker(
+            self.slot,
+            pipeline=lambda: self.pipeline,
+            deliver=self._deliver,
+            outputs=self._wanted,
+            on_error=self._frame_failed,
+            on_drop=self.stats.drop,
+            lock=self._lock,
+            name="rgbt_seg",
+        ).start()
         self.lifecycle_state = "active"
         self.get_logger().info(
             f"active: rgb {self.input_topics['rgb']} + thermal {self.input_topics['thermal']} "
@@ -389,9 +401,7 @@ class SegmentBehaviour:
         if self._poll_timer is not None:
             self.destroy_timer(self._poll_timer)
         self._subs, self.pubs, self._poll_timer = [], {}, None
-        self.pairer.reset()
-        self.thermal_watch.reset()
-        self.rgb_only_active = False
+        self.flow.reset()
         self.lifecycle_state = "inactive"
 
     def _cleanup(self) -> None:
@@ -405,13 +415,9 @@ class SegmentBehaviour:
 
     def _stop_worker(self) -> None:
         """Stop this activation's worker; one still inside a long forward stops after it (it never publishes)."""
-        if self._worker_stop is not None:
-            self._worker_stop.set()
         self.slot.close()
-        if self.worker is not None and self.worker.is_alive():
-            self.worker.join(timeout=10.0)
-            if self.worker.is_alive():
-                self.get_logger().warning("the worker is still inside a forward pass; it stops when that returns")
+        if self.worker is not None and not self.worker.stop(timeout=10.0):
+            self.get_logger().warning("the worker is still inside a forward pass; it stops when that returns")
         self.worker = None
 
     # ------------------------------------------------------------------ setup
@@ -458,15 +464,6 @@ class SegmentBehaviour:
             durability=qos_profile_sensor_data.durability,
         )
 
-    def _make_pairer(self) -> ApproximateTimePairer:
-        return ApproximateTimePairer(
-            queue_size=int(self.p["sync.queue_size"]),
-            slop=float(self.p["sync.slop"]),
-            exact=bool(self.p["sync.exact"]),
-            max_wait=float(self.p["sync.max_wait"]),
-            on_warning=lambda text: self.get_logger().warning(text, throttle_duration_sec=5.0),
-        )
-
     def _warn_once(self, key: str, text: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -478,38 +475,28 @@ class SegmentBehaviour:
         try:
             rgb = rgb_from_msg(msg, max_pixels=self._max_pixels())
         except ImageEncodingError as exc:
-            self._reject("rgb", _reason(exc), str(exc))
+            self._reject("rgb", exc.reason, str(exc))
             return
         self.cameras["rgb"].arrived(now)
         self.frame_ids["rgb"] = msg.header.frame_id
-        stamp = stamp_ns(msg.header)
-        if self.thermal_watch.lost(now) and self.p["on_thermal_loss"] == "rgb_only":
-            if not self.rgb_only_active:
-                self.rgb_only_active = True
-                self.get_logger().warning("thermal lost: segmenting RGB only until thermal returns")
-            self._hand_over((msg.header, rgb, None, None), now)
-            return
-        self._hand_over_pairs(self.pairer.add_rgb(stamp, (msg.header, rgb), now_ns=time.monotonic_ns()), now)
+        self._hand_over(self.flow.rgb(stamp_ns(msg.header), (msg.header, rgb), time.monotonic_ns()), now)
 
     def _on_thermal(self, msg) -> None:
         now = time.monotonic()
         try:
-            thermal = thermal_array_from_msg(msg, max_pixels=self._max_pixels())
+            thermal = thermal_from_msg(msg, max_pixels=self._max_pixels())
         except ImageEncodingError as exc:
-            self._reject("thermal", _reason(exc), str(exc))
-            return
-        if thermal.dtype.kind == "f" and not np.isfinite(thermal).any():
-            self._reject("thermal", "no_finite_pixel", "thermal image has no finite pixel (all NaN/inf)")
+            self._reject("thermal", exc.reason, str(exc))
             return
         self.cameras["thermal"].arrived(now)
         self.frame_ids["thermal"] = msg.header.frame_id
-        self.thermal_watch.thermal_seen(now)
-        if self.rgb_only_active:
-            self.rgb_only_active = False
+        self._hand_over(self.flow.thermal(stamp_ns(msg.header), (msg.header, thermal), time.monotonic_ns()), now)
+
+    def _on_rgb_only(self, active: bool) -> None:
+        if active:
+            self.get_logger().warning("thermal lost: segmenting RGB only until thermal returns")
+        else:
             self.get_logger().info("thermal is back: segmenting RGB-thermal pairs again")
-        self._hand_over_pairs(
-            self.pairer.add_thermal(stamp_ns(msg.header), (msg.header, thermal), now_ns=time.monotonic_ns()), now
-        )
 
     def _on_info(self, camera: str, msg: CameraInfo) -> None:
         self._camera_infos[camera] = msg
@@ -529,17 +516,15 @@ class SegmentBehaviour:
         self.get_logger().info("calibrated registration built from camera_info")
 
     def _on_poll(self) -> None:
-        self._hand_over_pairs(self.pairer.poll(time.monotonic_ns()), time.monotonic())
+        self._hand_over(self.flow.poll(time.monotonic_ns()), time.monotonic())
 
-    def _hand_over_pairs(self, pairs, now: float) -> None:
-        for pair in pairs:
-            self.stats.count_pair(now)
-            (header, rgb), (_, thermal) = pair.rgb, pair.thermal
-            self._hand_over((header, rgb, thermal, pair.dt_ns), now)
-
-    def _hand_over(self, item, now: float) -> None:
-        if self.slot.put((item, now)):
-            self.stats.drop("superseded")
+    def _hand_over(self, frames, now: float) -> None:
+        """Frames formed by the flow go to the worker's mailbox; the newest wins."""
+        for frame in frames:
+            if frame.thermal is not None:
+                self.stats.count_pair(now)
+            if self.slot.put(Job(frame, now)):
+                self.stats.drop("superseded")
 
     def _reject(self, camera: str, reason: str, text: str) -> None:
         self.cameras[camera].reject(reason, text)
@@ -568,45 +553,33 @@ class SegmentBehaviour:
             k for k in OUTPUT_TOPICS if self.p[f"output.{k}"] and k in pubs and pubs[k].get_subscription_count() > 0
         }
 
-    def _work(self, slot: LatestSlot, stop: threading.Event) -> None:
-        while not stop.is_set():
-            got = slot.get(timeout=0.2)
-            if got is None:
-                continue
-            (header, rgb, thermal, _dt), formed_at = got
-            pipeline = self.pipeline  # one model per frame, even if cleanup drops it meanwhile
-            if pipeline is None:
-                self.stats.drop("no_model")
-                continue
-            wanted = self._wanted()
-            t0 = time.perf_counter()
-            try:
-                with self._lock:
-                    result = pipeline.process(rgb, thermal, outputs=wanted)
-            except Exception as exc:
-                text = f"segmentation failed: {exc}"
-                self.stats.model_failed(text)
-                self.get_logger().error(text, throttle_duration_sec=5.0)
-                self.get_logger().debug(traceback.format_exc())
-                continue
-            if pipeline.size_mismatch:
-                self._warn_once("size_mismatch", pipeline.size_mismatch)
-            if stop.is_set():  # deactivated during the forward: its publishers may be gone
+    def _frame_failed(self, stage: str, exc: Exception) -> None:
+        text = f"segmentation failed ({stage}): {exc}"
+        self.stats.model_failed(text)
+        self.get_logger().error(text, throttle_duration_sec=5.0)
+        self.get_logger().debug("".join(traceback.format_exception(exc)))
+
+    def _deliver(self, job: Job, result) -> None:
+        """The worker's last stage: publish one finished frame and account for it."""
+        pipeline = job.pipeline
+        if pipeline.size_mismatch:
+            self._warn_once("size_mismatch", pipeline.size_mismatch)
+        header = job.pair.rgb[0]
+        wanted = self._wanted()
+        t0 = time.perf_counter()
+        try:
+            self._publish(header, result, wanted)
+        except Exception as exc:  # the context goes away on shutdown (SIGINT/SIGTERM)
+            if not rclpy.ok(context=self.context) or self.worker is None:
                 return
-            try:
-                self._publish(header, result, wanted)
-            except Exception as exc:  # the context goes away on shutdown (SIGINT/SIGTERM)
-                if not rclpy.ok(context=self.context) or stop.is_set():
-                    return
-                self.stats.model_failed(f"publishing failed: {exc}")
-                continue
-            done = time.monotonic()
-            total_ms = (time.perf_counter() - t0) * 1e3
-            model_ms = result.timings_ms.get("model", float("nan"))
-            age_ms = (self.get_clock().now().nanoseconds - stamp_ns(header)) / 1e6
-            self.stats.frame_done(
-                done, (done - formed_at) * 1e3, age_ms, model_ms, total_ms - model_ms, result.rgb_only
-            )
+            self.stats.model_failed(f"publishing failed: {exc}")
+            return
+        done = time.monotonic()
+        timings = result.timings_ms
+        model_ms = timings.get("model", float("nan"))
+        host_ms = sum(v for k, v in timings.items() if k != "model") + (time.perf_counter() - t0) * 1e3
+        age_ms = (self.get_clock().now().nanoseconds - stamp_ns(header)) / 1e6
+        self.stats.frame_done(done, (done - job.formed_at) * 1e3, age_ms, model_ms, host_ms, result.rgb_only)
 
     def _publish(self, header, result, wanted: set[str]) -> None:
         def send(key: str, arr: np.ndarray, encoding: str) -> None:
@@ -615,14 +588,14 @@ class SegmentBehaviour:
             self.pubs[key].publish(msg)
 
         if "labels" in wanted:
-            send("labels", result.labels, "mono8" if result.labels.dtype == np.uint8 else "mono16")
+            send("labels", result.labels, labels_encoding(result.labels))
         if "overlay" in wanted and result.overlay is not None:
             send("overlay", result.overlay, "rgb8")
-        if "confidence" in wanted:
+        if "confidence" in wanted and result.confidence is not None:
             send("confidence", result.confidence.astype(np.float32, copy=False), "32FC1")
         if "colored_labels" in wanted and result.colored_labels is not None:
             send("colored_labels", result.colored_labels, "rgb8")
-        if "thermal_registered" in wanted:
+        if "thermal_registered" in wanted and result.thermal_registered is not None:
             send("thermal_registered", thermal_display_u8(result.thermal_registered, result.valid), "mono8")
 
     # ------------------------------------------------------------------ parameters, reset
@@ -654,18 +627,14 @@ class SegmentBehaviour:
                 if "output.palette" in updates:
                     self.pipeline.set_palette(merged["output.palette"])
                 self.pipeline.overlay_alpha = float(self.p["output.overlay_alpha"])
-            if "thermal_timeout" in updates:
-                self.thermal_watch.timeout = float(self.p["thermal_timeout"])
-            if any(k.startswith("sync.") for k in updates):
-                self.pairer = self._make_pairer()  # pairing restarts with the new settings
+            self.flow.update(self.p, sync_changed=any(k.startswith("sync.") for k in updates))
         if updates:
             self.get_logger().info(f"parameters updated: {updates}")
         return SetParametersResult(successful=True)
 
     def _on_reset(self, request, response):
-        self.pairer.reset()
+        self.flow.reset()
         self.slot.clear()
-        self.thermal_watch.reset()
         self.stats.reset()
         for cam in self.cameras.values():
             cam.reset()
@@ -710,7 +679,7 @@ class SegmentBehaviour:
             statuses.append(self._status(f"{name} camera", level, message, values, self.frame_ids[name]))
 
         snap = self.stats.snapshot(now)
-        pst = self.pairer.stats
+        pst = self.flow.stats
         drops = dict(snap["drops"])
         drops["unmatched_rgb"] = pst.dropped_unmatched_rgb
         drops["unmatched_thermal"] = pst.dropped_unmatched_thermal
@@ -733,7 +702,7 @@ class SegmentBehaviour:
             level, message = 1, self.param_errors[-1]
         elif mismatch:
             level, message = 1, mismatch
-        elif self.rgb_only_active:
+        elif self.flow.rgb_only_active:
             level, message = 1, "thermal lost: segmenting RGB only"
         else:
             level, message = 0, "ok"
@@ -744,7 +713,7 @@ class SegmentBehaviour:
             "registration": self.registration_mode,
             "inputs": f"{self.input_topics['rgb']}, {self.input_topics['thermal']}",
             "outputs": self.resolve_topic_name("~/labels").rsplit("/", 1)[0] + "/{labels,overlay,...}",
-            "mode": "rgb_only" if self.rgb_only_active else "rgb_thermal",
+            "mode": "rgb_only" if self.flow.rgb_only_active else "rgb_thermal",
             "paired rate (Hz)": f"{snap['paired_hz']:.2f}",
             "processed rate (Hz)": f"{snap['processed_hz']:.2f}",
             "paired": str(snap["paired"]),
@@ -777,11 +746,6 @@ class SegmentBehaviour:
             message=message,
             values=[KeyValue(key=k, value=str(v)) for k, v in values.items()],
         )
-
-
-def _reason(exc: ImageEncodingError) -> str:
-    """The diagnostics counter of a refused image: oversize (above max_megapixels) or bad_image."""
-    return "oversize" if "megapixels" in str(exc) else "bad_image"
 
 
 def _plain(value):

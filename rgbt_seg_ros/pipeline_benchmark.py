@@ -1,27 +1,38 @@
 """``rgbt-seg bench pipeline`` and ``rgbt-seg bench memory``: where a frame's time and memory go.
 
-Both drive the objects the live node drives, in the node's order, on ``sensor_msgs/Image``
-messages (rclpy's own message class when rclpy is importable, else the rosbags dataclass):
+Both drive the objects the live node drives (:mod:`rgbt_seg_ros.frame_flow`), in the node's
+order, on ``sensor_msgs/Image`` messages (rclpy's own message class when rclpy is importable,
+else the rosbags dataclass):
 
 ``pipeline``
-    per-stage time of one RGB-thermal pair at each camera size (default 640x480 and 1280x720):
+    1. per-stage time of one RGB-thermal pair at each camera size (default 640x480 and 1280x720):
 
     ============== ======================================================================
     conversion     ``rgb_from_msg`` + ``thermal_from_msg`` (the subscription callbacks)
-    pairing        ``ApproximateTimePairer.add_rgb`` + ``add_thermal`` (CPU cost only; the
-                   wait for a partner is not a cost of this process)
-    thermal_norm   ``ThermalNormalizer.normalize``
-    registration   ``ThermalRegistrar.warp`` (cached maps), validity mask
-    preprocess     ``Segmenter``: to tensor, resize, normalise, pad
-    model          ``Segmenter``: the backend forward
-    postprocess    ``Segmenter``: crop, resize logits, softmax, arg-max, to numpy
-    render         ``blend_overlay`` (the default ``~/overlay`` output)
+    pairing        ``FrameFlow.rgb`` + ``FrameFlow.thermal`` (CPU cost only; the wait for a
+                   partner is not a cost of this process)
+    thermal        normalisation bounds, warp straight into the model's grid, normalisation
+                   (``FramePipeline.thermal_to_grid``)
+    preprocess     ``Segmenter.prepare``: RGB resized (uint8) and normalised, thermal
+                   normalised, padding, on the model's device
+    model          ``Segmenter.infer``: the backend forward
+    postprocess    ``Segmenter.infer``: arg-max and confidence at the model's grid, to the
+                   host; then labels resized to the RGB size (nearest)
+    render         the overlay (``~/overlay``, the default output): palette lookup at the
+                   grid, nearest resize, one blend
     message_build  ``fill_image_msg`` of labels (mono8) and overlay (rgb8) + header
     ============== ======================================================================
 
     Each stage is timed on its own with ``time.perf_counter`` and reported as median and p95
-    over ``repeats`` frames after warm-up. ``overhead`` is everything but the model forward
-    (the node's diagnostics count the worker part of it: thermal_norm .. message_build).
+    over ``repeats`` frames after warm-up. ``overhead`` is everything but the model forward.
+
+    2. the sustained frame rate of the :class:`~rgbt_seg_ros.frame_flow.StagedWorker` (three
+    threads: prepare | forward | finish + message build) fed like the node is fed: camera
+    messages converted and paired at ``feed_hz`` for ``seconds``, the newest frame kept in each
+    mailbox; frames delivered per second, latency from pair to built messages, frames
+    superseded. ``model_ms`` replaces the forward by a timed stand-in (it sleeps that long with
+    the host idle, as while a GPU computes, and returns logits of a fixed 1x1 projection), so
+    the host path's capacity can be measured on a machine without a GPU; the output says so.
 
 ``memory``
     the node's per-frame path (new input messages, conversion, pairing,
@@ -36,35 +47,76 @@ from __future__ import annotations
 
 import gc
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .imaging import fill_image_msg
+from .frame_flow import (
+    FrameFlow,
+    FramePipeline,
+    Job,
+    LatestSlot,
+    StagedWorker,
+    labels_encoding,
+    latency_summary,
+    normalizer_from_params,
+)
+from .imaging import fill_image_msg, rgb_from_msg, thermal_from_msg
 from .memory import release_free_heap, rss_mb
-from .pipeline import FramePipeline, normalizer_from_params, rgb_from_msg, thermal_from_msg
 from .registration import ThermalRegistrar
-from .render import blend_overlay
-from .sync import ApproximateTimePairer
 
 STAGES = (
     "conversion",
     "pairing",
-    "thermal_norm",
-    "registration",
+    "thermal",
     "preprocess",
     "model",
     "postprocess",
     "render",
     "message_build",
 )
-WORKER_STAGES = ("thermal_norm", "registration", "preprocess", "postprocess", "render", "message_build")
+WORKER_STAGES = ("thermal", "preprocess", "postprocess", "render", "message_build")
 DEFAULT_SIZES = ((480, 640), (720, 1280))
 
 
 # --------------------------------------------------------------------------- model and inputs
+
+
+class StandInModel:
+    """A timed stand-in for a forward on a GPU (``--model-ms``): NOT a model.
+
+    It sleeps until ``model_ms`` have passed (the host idle and the GIL free, as while a GPU
+    computes) and returns logits of the right shape from a fixed random 1x1 projection of the
+    input, so everything around the forward runs on real data."""
+
+    def __init__(self, model_ms: float, num_classes: int, seed: int = 0) -> None:
+        import torch
+
+        self.model_ms = float(model_ms)
+        self.weight = torch.randn(num_classes, 4, 1, 1, generator=torch.Generator().manual_seed(seed))
+
+    def to(self, device):
+        self.weight = self.weight.to(device)
+        return self
+
+    def eval(self):
+        return self
+
+    def __call__(self, rgb, thermal, valid=None) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        end = time.perf_counter() + self.model_ms / 1e3
+        logits = F.conv2d(torch.cat([rgb, thermal], dim=1), self.weight.to(rgb.dtype))
+        if rgb.device.type == "cuda":
+            torch.cuda.synchronize(rgb.device)
+        left = end - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+        return {"logits": logits}
 
 
 def load_segmenter(
@@ -74,11 +126,13 @@ def load_segmenter(
     device: str = "cpu",
     precision: str = "fp32",
     seed: int = 0,
+    model_ms: float | None = None,
 ):
     """A ``Segmenter`` from a checkpoint directory, else with random weights of ``config``.
 
     Random weights: nothing frozen (a frozen random encoder is refused by the backends), random
     unit-norm class-name embeddings (no text encoder is loaded). Warm-up forward included.
+    ``model_ms``: the config's classes and input size around a :class:`StandInModel` instead.
     """
     import torch
     import torch.nn.functional as F
@@ -87,6 +141,12 @@ def load_segmenter(
     from .resources import resolve_data_file
     from .segmenter import Segmenter
 
+    if model_ms is not None:
+        cfg = resolve_model_config(resolve_data_file(str(config)))
+        if model_size is not None:
+            cfg["input_size"] = [int(model_size[0]), int(model_size[1])]
+        info = dataset_info_for(cfg, None)
+        return Segmenter(StandInModel(model_ms, info.num_classes, seed), cfg, info, device=device, precision=precision)
     if checkpoint is not None:
         return Segmenter.from_checkpoint(resolve_data_file(str(checkpoint)), device=device, precision=precision)
     torch.manual_seed(seed)
@@ -196,6 +256,7 @@ def pipeline_params(frames: CameraFrames, calibration_file: Path) -> dict:
             "thermal.scale": 0.01,
             "thermal.min": 250.0,
             "thermal.max": 330.0,
+            "on_thermal_loss": "wait",  # every frame is a pair, however slow the machine is today
         }
     )
     return p
@@ -215,8 +276,8 @@ def make_pipeline(segmenter, frames: CameraFrames) -> FramePipeline:
 
 
 def _stats(values: list[float]) -> dict:
-    arr = np.asarray(values, float)
-    return {"median": float(np.median(arr)), "p95": float(np.percentile(arr, 95)), "n": int(arr.size)}
+    s = latency_summary(values)
+    return {"median": s["p50"], "p95": s["p95"], "n": s["n"]}
 
 
 # --------------------------------------------------------------------------- bench pipeline
@@ -224,55 +285,36 @@ def _stats(values: list[float]) -> dict:
 
 def time_frame(
     pipeline: FramePipeline,
-    pairer: ApproximateTimePairer,
+    flow: FrameFlow,
     frames: CameraFrames,
     image_cls,
     as_numpy,
     stamp_ns: int,
     max_pixels: int,
 ) -> dict[str, float]:
-    """One frame through every stage, each timed alone (ms). Mirrors node.py's callbacks, worker and _publish."""
+    """One frame through every stage, each timed alone (ms). Mirrors the node's callbacks, worker and publish."""
     rgb_msg, th_msg = frames.messages(image_cls, stamp_ns, as_numpy)
-    t = {}
     c0 = time.perf_counter()
     rgb = rgb_from_msg(rgb_msg, max_pixels=max_pixels)
     thermal_raw = thermal_from_msg(th_msg, max_pixels=max_pixels)
-    if thermal_raw.dtype.kind == "f" and not np.isfinite(thermal_raw).any():
-        raise ValueError("benchmark thermal frame has no finite pixel")
     c1 = time.perf_counter()
-    pairs = pairer.add_rgb(stamp_ns, (rgb_msg.header, rgb), now_ns=time.monotonic_ns())
-    pairs += pairer.add_thermal(stamp_ns, (th_msg.header, thermal_raw), now_ns=time.monotonic_ns())
+    pairs = flow.rgb(stamp_ns, (rgb_msg.header, rgb), time.monotonic_ns())
+    pairs += flow.thermal(stamp_ns, (th_msg.header, thermal_raw), time.monotonic_ns())
     c2 = time.perf_counter()
     if len(pairs) != 1:
         raise RuntimeError(f"benchmark pairing formed {len(pairs)} pairs for one frame, expected 1")
     (header, rgb), (_, thermal_raw) = pairs[0].rgb, pairs[0].thermal
-    h, w = rgb.shape[:2]
+    prepared = pipeline.prepare(rgb, thermal_raw)
+    grid = pipeline.infer(prepared)
+    result = pipeline.finish(prepared, grid, {"labels", "overlay"})
     c3 = time.perf_counter()
-    norm, finite = pipeline.normalizer.normalize(thermal_raw)
-    c4 = time.perf_counter()
-    warped, valid = pipeline.registrar.warp(norm, rgb_size=(h, w))
-    if finite is not None:
-        finite_warped, _ = pipeline.registrar.warp(finite.astype(np.uint8), rgb_size=(h, w))
-        valid = valid & (finite_warped > 0)
-    warped = warped.astype(np.float32, copy=False)
-    c5 = time.perf_counter()
-    result = pipeline.segmenter(rgb, warped, valid)
-    c6 = time.perf_counter()
-    overlay = blend_overlay(rgb, result.labels, pipeline.palette, pipeline.overlay_alpha)
-    c7 = time.perf_counter()
-    labels_enc = "mono8" if result.labels.dtype == np.uint8 else "mono16"
-    for arr, enc in ((result.labels, labels_enc), (overlay, "rgb8")):
+    for arr, enc in ((result.labels, labels_encoding(result.labels)), (result.overlay, "rgb8")):
         out = fill_image_msg(_new_message(image_cls, as_numpy), arr, enc, as_numpy=as_numpy)
         out.header = header
-    c8 = time.perf_counter()
-    t["conversion"] = (c1 - c0) * 1e3
-    t["pairing"] = (c2 - c1) * 1e3
-    t["thermal_norm"] = (c4 - c3) * 1e3
-    t["registration"] = (c5 - c4) * 1e3
-    t.update({k: result.timings[k] for k in ("preprocess", "model", "postprocess")})
-    t["segmenter_call"] = (c6 - c5) * 1e3  # includes input checks; >= preprocess + model + postprocess
-    t["render"] = (c7 - c6) * 1e3
-    t["message_build"] = (c8 - c7) * 1e3
+    c4 = time.perf_counter()
+    t = {"conversion": (c1 - c0) * 1e3, "pairing": (c2 - c1) * 1e3}
+    t.update({k: result.timings_ms[k] for k in ("thermal", "preprocess", "model", "postprocess", "render")})
+    t["message_build"] = (c4 - c3) * 1e3
     return t
 
 
@@ -284,12 +326,12 @@ def bench_pipeline_size(segmenter, size: tuple[int, int], repeats: int = 10, war
     pipeline = make_pipeline(segmenter, frames)
     image_cls, kind = image_message_class()
     as_numpy = kind == "rosbags"
-    pairer = ApproximateTimePairer(queue_size=5, slop=0.05, max_wait=0.1)
+    flow = FrameFlow(pipeline_params(frames, Path("synthetic-rig.yaml")))
     max_pixels = int(float(defaults()["max_megapixels"]) * 1e6)
     stamp = 1_700_000_000_000_000_000
     samples: dict[str, list[float]] = {}
     for i in range(warmup + max(1, repeats)):
-        t = time_frame(pipeline, pairer, frames, image_cls, as_numpy, stamp + i * 33_333_333, max_pixels)
+        t = time_frame(pipeline, flow, frames, image_cls, as_numpy, stamp + i * 33_333_333, max_pixels)
         if i >= warmup:
             for k, v in t.items():
                 samples.setdefault(k, []).append(v)
@@ -312,6 +354,76 @@ def bench_pipeline_size(segmenter, size: tuple[int, int], repeats: int = 10, war
     }
 
 
+def bench_sustained(segmenter, size: tuple[int, int], seconds: float = 4.0, feed_hz: float = 200.0) -> dict:
+    """Frames per second the staged worker sustains at camera size ``size`` when fed at ``feed_hz``.
+
+    The feeder (this thread) builds, converts and pairs camera messages as the node's callbacks
+    do; the worker's three threads prepare, infer, finish and build the output messages. The
+    first 0.5 s are not counted (threads starting, caches filling)."""
+    from .params import defaults
+
+    frames = CameraFrames.synthetic(size)
+    pipeline = make_pipeline(segmenter, frames)
+    image_cls, kind = image_message_class()
+    as_numpy = kind == "rosbags"
+    flow = FrameFlow(pipeline_params(frames, Path("synthetic-rig.yaml")))
+    max_pixels = int(float(defaults()["max_megapixels"]) * 1e6)
+    lock = threading.Lock()
+    done: list[tuple[float, float]] = []  # (delivered at, latency ms)
+    drops: dict[str, int] = {}
+
+    def deliver(job: Job, result) -> None:
+        for arr, enc in ((result.labels, labels_encoding(result.labels)), (result.overlay, "rgb8")):
+            fill_image_msg(_new_message(image_cls, as_numpy), arr, enc, as_numpy=as_numpy).header = job.pair.rgb[0]
+        now = time.monotonic()
+        with lock:
+            done.append((now, (now - job.formed_at) * 1e3))
+
+    def drop(reason: str) -> None:
+        with lock:
+            drops[reason] = drops.get(reason, 0) + 1
+
+    slot = LatestSlot()
+    worker = StagedWorker(
+        slot, lambda: pipeline, deliver, outputs=lambda: {"labels", "overlay"}, on_drop=drop, name="bench"
+    ).start()
+    period = 1.0 / feed_hz
+    stamp0 = 1_700_000_000_000_000_000
+    start = time.monotonic()
+    measure_from = start + 0.5
+    end = measure_from + seconds
+    fed = 0
+    try:
+        while time.monotonic() < end:
+            stamp = stamp0 + fed * int(period * 1e9)
+            rgb_msg, th_msg = frames.messages(image_cls, stamp, as_numpy)
+            rgb = rgb_from_msg(rgb_msg, max_pixels=max_pixels)
+            thermal = thermal_from_msg(th_msg, max_pixels=max_pixels)
+            formed = flow.rgb(stamp, (rgb_msg.header, rgb), time.monotonic_ns())
+            formed += flow.thermal(stamp, (th_msg.header, thermal), time.monotonic_ns())
+            for pair in formed:
+                if slot.put(Job(pair, time.monotonic())):
+                    drop("superseded")
+            fed += 1
+            next_at = start + fed * period
+            if next_at > time.monotonic():
+                time.sleep(next_at - time.monotonic())
+    finally:
+        worker.stop()
+    counted = [lat for t, lat in done if measure_from <= t <= end]
+    lat = latency_summary(counted)
+    return {
+        "camera_size": [int(size[0]), int(size[1])],
+        "feed_hz": feed_hz,
+        "fed_pairs": fed,
+        "seconds": seconds,
+        "delivered": len(counted),
+        "fps": len(counted) / seconds,
+        "latency_ms": lat,
+        "drops": drops,
+    }
+
+
 def bench_pipeline(
     checkpoint: str | Path | None = None,
     config: str | Path = "models/sartm_tiny.yaml",
@@ -322,15 +434,33 @@ def bench_pipeline(
     device: str = "cpu",
     precision: str = "fp32",
     segmenter=None,
+    model_ms: float | None = None,
+    seconds: float = 4.0,
+    feed_hz: float = 200.0,
 ) -> dict:
-    """``rgbt-seg bench pipeline``: per-stage times at each camera size (see module docstring)."""
+    """``rgbt-seg bench pipeline``: per-stage times and the staged worker's sustained rate at each size."""
     import torch
 
-    seg = segmenter if segmenter is not None else load_segmenter(checkpoint, config, model_size, device, precision)
-    results = [bench_pipeline_size(seg, tuple(s), repeats=repeats, warmup=warmup) for s in sizes]
+    seg = segmenter
+    if seg is None:
+        seg = load_segmenter(checkpoint, config, model_size, device, precision, model_ms=model_ms)
+    results = []
+    for size in sizes:
+        r = bench_pipeline_size(seg, tuple(size), repeats=repeats, warmup=warmup)
+        if seconds > 0:
+            r["sustained"] = bench_sustained(seg, tuple(size), seconds=seconds, feed_hz=feed_hz)
+        results.append(r)
+    stand_in = isinstance(seg.model, StandInModel)
     return {
         "model": _model_name(seg),
-        "source": str(checkpoint) if checkpoint is not None else f"random weights of {config}",
+        "source": (
+            f"STAND-IN forward sleeping {seg.model.model_ms:g} ms (no model computed; not a GPU measurement)"
+            if stand_in
+            else str(checkpoint)
+            if checkpoint is not None
+            else f"random weights of {config}"
+        ),
+        "model_stand_in_ms": seg.model.model_ms if stand_in else None,
         "device": str(seg.device),
         "precision": seg.precision,
         "threads": torch.get_num_threads(),
@@ -371,7 +501,24 @@ def markdown_pipeline(result: dict) -> str:
         )
         + " |"
     )
+    if all("sustained" in s for s in sizes):
+        sus = [s["sustained"] for s in sizes]
+        lines.append(
+            f"| **sustained, staged worker** (fed at {sus[0]['feed_hz']:g} Hz for {sus[0]['seconds']:g} s) | "
+            + " | ".join(
+                f"**{x['fps']:.1f} fps**, latency p50 {_ms(x['latency_ms']['p50'])} / p95 {_ms(x['latency_ms']['p95'])}"
+                for x in sus
+            )
+            + " |"
+        )
+    if result.get("model_stand_in_ms") is not None:
+        lines += ["", f"NOTE: the model is a STAND-IN that sleeps {result['model_stand_in_ms']:g} ms per forward "
+                  "(host idle, as while a GPU computes); no model was run. This measures the host path only."]
     return "\n".join(lines)
+
+
+def _ms(v) -> str:
+    return "n/a" if v is None else f"{v:.1f} ms"
 
 
 def profile_model(segmenter, rows: int = 15) -> str:
@@ -414,7 +561,7 @@ def bench_memory(
     pipeline = make_pipeline(seg, frames)
     image_cls, kind = image_message_class()
     as_numpy = kind == "rosbags"
-    pairer = ApproximateTimePairer(queue_size=5, slop=0.05, max_wait=0.1)
+    flow = FrameFlow(pipeline_params(frames, Path("synthetic-rig.yaml")))
     stamp0 = 1_700_000_000_000_000_000
     gc.collect()
     release_free_heap()
@@ -431,13 +578,12 @@ def bench_memory(
         rgb_msg, th_msg = frames.messages(image_cls, stamp, as_numpy)
         rgb = rgb_from_msg(rgb_msg)
         thermal = thermal_from_msg(th_msg)
-        formed = pairer.add_rgb(stamp, (rgb_msg.header, rgb), now_ns=time.monotonic_ns())
-        formed += pairer.add_thermal(stamp, (th_msg.header, thermal), now_ns=time.monotonic_ns())
+        formed = flow.rgb(stamp, (rgb_msg.header, rgb), time.monotonic_ns())
+        formed += flow.thermal(stamp, (th_msg.header, thermal), time.monotonic_ns())
         for pair in formed:
             (header, rgb_arr), (_, th_arr) = pair.rgb, pair.thermal
             res = pipeline.process(rgb_arr, th_arr, outputs=outputs)
-            enc = "mono8" if res.labels.dtype == np.uint8 else "mono16"
-            for arr, e in ((res.labels, enc), (res.overlay, "rgb8")):
+            for arr, e in ((res.labels, labels_encoding(res.labels)), (res.overlay, "rgb8")):
                 msg = fill_image_msg(_new_message(image_cls, as_numpy), arr, e, as_numpy=as_numpy)
                 msg.header = header
             n_out += 1

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,26 @@ def _interp_flag(interpolation: str | int) -> int:
 
 
 # ----------------------------------------------------------------------------- the registrar
+@dataclass(frozen=True)
+class GridWarp:
+    """A cached plan of :meth:`ThermalRegistrar.warp_to_grid`: halvings, then one remap."""
+
+    levels: int  # box-filter halvings of the thermal image before the remap
+    reduced_shape: tuple[int, int]  # (h, w) of the thermal image after them
+    map1: np.ndarray
+    map2: np.ndarray
+    valid: np.ndarray  # (grid h, grid w) bool: grid pixels the thermal camera sees
+
+
+def _median_step(coords: np.ndarray, front: np.ndarray, axis: int) -> float:
+    """Median distance in source pixels between neighbouring samples along ``axis`` (inf if none)."""
+    if coords.shape[axis] < 2:
+        return float("inf")
+    step = np.abs(np.diff(coords, axis=axis))
+    ok = np.logical_and(*(np.delete(front, -1, axis=axis), np.delete(front, 0, axis=axis)))
+    return float(np.median(step[ok])) if ok.any() else 1.0
+
+
 class ThermalRegistrar:
     """Warps thermal images into the RGB pixel grid; returns the warped image and a validity mask."""
 
@@ -470,11 +491,17 @@ class ThermalRegistrar:
         return s_r @ self.homography @ np.linalg.inv(s_t)
 
     def _source_coordinates(
-        self, thermal_wh: tuple[int, int], rgb_wh: tuple[int, int]
+        self, thermal_wh: tuple[int, int], rgb_wh: tuple[int, int], xs: np.ndarray | None = None, ys=None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For every RGB pixel, the thermal pixel it comes from (map_x, map_y float32) and a front mask."""
+        """For every sample point, the thermal pixel it comes from (map_x, map_y) and a front mask.
+
+        The sample points are RGB pixel coordinates ``xs``, ``ys`` (default: every RGB pixel)."""
         w, h = rgb_wh
-        xs, ys = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+        if xs is None:
+            xs, ys = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+        if self.mode == "identity":  # a plain resize, pixel centres aligned
+            sx, sy = thermal_wh[0] / w, thermal_wh[1] / h
+            return (xs + 0.5) * sx - 0.5, (ys + 0.5) * sy - 0.5, np.ones(xs.shape, bool)
         if self.mode == "homography":
             inv = np.linalg.inv(self._sized_homography(thermal_wh, rgb_wh))
             den = inv[2, 0] * xs + inv[2, 1] * ys + inv[2, 2]
@@ -486,12 +513,13 @@ class ThermalRegistrar:
         # calibrated: RGB pixel -> undistorted ray -> plane -> thermal ray -> distorted thermal pixel
         k_r, _ = self.rgb_camera.scaled_to(w, h, what="RGB size")
         k_t, _ = self.thermal_camera.scaled_to(*thermal_wh, what="thermal image")
+        shape = xs.shape
         norm = self.rgb_camera.undistort(np.column_stack([xs.ravel(), ys.ravel()]), k_r)
         rays_t = np.column_stack([norm, np.ones(len(norm))]) @ np.linalg.inv(self.plane_homography).T
         front = rays_t[:, 2] > 1e-9
         rays_t[~front] = (0.0, 0.0, 1.0)
         pix = self.thermal_camera.project(rays_t, k_t)
-        return pix[:, 0].reshape(h, w), pix[:, 1].reshape(h, w), front.reshape(h, w)
+        return pix[:, 0].reshape(shape), pix[:, 1].reshape(shape), front.reshape(shape)
 
     def maps(
         self, thermal_shape: tuple[int, int], rgb_size: tuple[int, int]
@@ -505,21 +533,85 @@ class ThermalRegistrar:
             return cached
         thermal_wh, rgb_wh = (key[1], key[0]), (key[3], key[2])
         mx, my, front = self._source_coordinates(thermal_wh, rgb_wh)
-        valid = (
-            front & (mx >= -1e-6) & (mx <= thermal_wh[0] - 1 + 1e-6) & (my >= -1e-6) & (my <= thermal_wh[1] - 1 + 1e-6)
-        )
+        entry = self._remap_maps(mx, my, front, thermal_wh)
+        self._remember(key, entry)
+        return entry
+
+    def _remap_maps(self, mx, my, front, thermal_wh, scale=(1.0, 1.0), margin=1e-6):
+        """(map1, map2, valid) for cv2.remap from thermal source coordinates (float, full thermal size).
+
+        ``scale`` maps them onto a reduced copy of the thermal image (pixel centres aligned); a
+        sample is valid within ``margin`` pixels outside the outer pixel centres."""
+        lo, hi_x, hi_y = -margin, thermal_wh[0] - 1 + margin, thermal_wh[1] - 1 + margin
+        valid = front & (mx >= lo) & (mx <= hi_x) & (my >= lo) & (my <= hi_y)
+        if scale != (1.0, 1.0):
+            mx, my = (mx + 0.5) * scale[0] - 0.5, (my + 0.5) * scale[1] - 0.5
         mx = np.where(front, mx, -10.0).astype(np.float32)
         my = np.where(front, my, -10.0).astype(np.float32)
         if self.interpolation == cv2.INTER_NEAREST:
             map1, map2 = mx, my  # fixed-point maps would round differently from nearest on float maps
         else:
             map1, map2 = cv2.convertMaps(mx, my, cv2.CV_16SC2)
-        entry = (map1, map2, valid)
+        return map1, map2, valid
+
+    def _remember(self, key: tuple, entry) -> None:
         with self._cache_lock:
             if len(self._cache) >= _CACHE_ENTRIES:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = entry
+
+    def grid_maps(
+        self, thermal_shape: tuple[int, int], rgb_size: tuple[int, int], grid_size: tuple[int, int]
+    ) -> GridWarp:
+        """How to warp a thermal image straight into a (usually coarser) grid over the RGB image.
+
+        ``grid_size`` (h, w) covers the whole RGB image of ``rgb_size`` (H, W), as a resize of it
+        would (pixel centres aligned): the model's input grid. The thermal image is first halved
+        ``levels`` times (box filter, like a mip-map) while the thermal pixels under one grid pixel
+        still span two or more in both directions, so the warp that follows samples an image at
+        about its own density instead of skipping pixels. Cached like :meth:`maps`.
+        """
+        key = ("grid", *(int(v) for v in (*thermal_shape[:2], *rgb_size, *grid_size)))
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        (ht, wt), (h, w), (gh, gw) = key[1:3], key[3:5], key[5:7]
+        u, v = np.meshgrid(np.arange(gw, dtype=np.float64), np.arange(gh, dtype=np.float64))
+        xs, ys = (u + 0.5) * (w / gw) - 0.5, (v + 0.5) * (h / gh) - 0.5  # grid pixel -> RGB pixel
+        mx, my, front = self._source_coordinates((wt, ht), (w, h), xs, ys)
+        levels, shape = 0, (ht, wt)
+        spacing = min(_median_step(mx, front, axis=1), _median_step(my, front, axis=0))
+        while spacing >= 2.0 and min(shape) >= 4:
+            spacing /= 2.0
+            levels += 1
+            shape = (shape[0] // 2, shape[1] // 2)
+        scale = (shape[1] / wt, shape[0] / ht)
+        # a grid pixel is seen when its centre falls on the thermal image (its outer half pixels included)
+        map1, map2, valid = self._remap_maps(mx, my, front, (wt, ht), scale, margin=0.5)
+        entry = GridWarp(levels, shape, map1, map2, valid)
+        self._remember(key, entry)
         return entry
+
+    def warp_to_grid(
+        self, thermal: np.ndarray, rgb_size: tuple[int, int], grid_size: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Warp ``thermal`` (Ht, Wt) into the grid of :meth:`grid_maps`: ``(float32 (h, w), valid)``.
+
+        Pixels the thermal camera does not see hold ``fill_value`` and are False in ``valid``; the
+        output is float32 whatever the input dtype (NaN stays NaN for the caller to mask)."""
+        thermal = np.asarray(thermal)
+        if thermal.ndim != 2 or thermal.shape[0] < 2 or thermal.shape[1] < 2:
+            raise RegistrationError(f"thermal image must be (H, W), got shape {thermal.shape}")
+        plan = self.grid_maps(thermal.shape, rgb_size, grid_size)
+        src = thermal if thermal.dtype.type in _REMAP_DTYPES and thermal.dtype != np.float64 else None
+        if src is None:
+            src = thermal.astype(np.float32)
+        for _ in range(plan.levels):
+            src = cv2.resize(src, (src.shape[1] // 2, src.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        src = src.astype(np.float32, copy=False)
+        out = cv2.remap(src, plan.map1, plan.map2, self.interpolation, borderMode=cv2.BORDER_REPLICATE)
+        out[~plan.valid] = self.fill_value
+        return out, plan.valid
 
     def warp(self, thermal: np.ndarray, rgb_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Warp ``thermal`` (Ht, Wt) or (Ht, Wt, C) into the RGB grid of ``rgb_size`` = (H, W).

@@ -46,14 +46,29 @@ def colorize(labels: np.ndarray, palette: np.ndarray, unknown_color=(255, 255, 2
 
 def blend_overlay(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """``(1 - alpha) * rgb + alpha * colour(labels)`` as uint8 (H, W, 3); ``alpha`` in [0, 1]."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
     if rgb.shape[:2] != labels.shape[:2]:
         raise ValueError(
             f"overlay needs labels of the RGB image's size: rgb {rgb.shape[:2]}, labels {labels.shape[:2]}"
         )
-    colors = colorize(labels, palette)
+    return blend(rgb, colorize(labels, palette), alpha)
+
+
+def blend(rgb: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``(1 - alpha) * rgb + alpha * colors`` (both (H, W, 3) uint8) in one OpenCV pass."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
     return cv2.addWeighted(np.ascontiguousarray(rgb), 1.0 - alpha, colors, alpha, 0.0)
+
+
+def upscale_nearest(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Resize a label or colour image to ``size_hw`` by nearest neighbour, pixel centres aligned.
+
+    Every output pixel takes the grid pixel its centre falls in (OpenCV's INTER_NEAREST_EXACT,
+    PyTorch's nearest-exact), so the colours of upscaled labels equal the upscaled colours."""
+    h, w = int(size_hw[0]), int(size_hw[1])
+    if image.shape[:2] == (h, w):
+        return image
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def thermal_to_rgb(thermal: np.ndarray, colormap: int = cv2.COLORMAP_INFERNO) -> np.ndarray:

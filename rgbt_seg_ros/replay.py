@@ -1,12 +1,13 @@
 """Bag in -> the node's pipeline -> bag out + metrics + pictures.
 
 ``replay_bag`` reads a ROS 2 (sqlite3, mcap) or ROS 1 bag in bag (receive) order and runs
-exactly the objects the live node runs: :class:`~rgbt_seg_ros.sync.ApproximateTimePairer`
-(the bag's receive time is its clock, as in ``rgbt-seg pairs``), :class:`ThermalWatch`
-for ``on_thermal_loss``, and :class:`~rgbt_seg_ros.pipeline.FramePipeline` (thermal
-normalisation, registration, segmenter, render), configured from the node's parameter
-file. Unlike the live node, replay processes *every* pair (nothing is superseded): it
-measures what the model does on each pair the robot would have formed.
+exactly the objects the live node runs (:mod:`rgbt_seg_ros.frame_flow`): ``FrameFlow`` (the
+node's pairer and thermal watch; the bag's receive time is their clock, as in ``rgbt-seg
+pairs``) and the ``StagedWorker`` with the ``FramePipeline`` stages, configured from the node's
+parameter file. Unlike the live node, replay processes *every* pair (nothing is superseded:
+the worker's mailboxes make the reader wait): it measures what the model does on each pair
+the robot would have formed, and the forward of one pair overlaps reading, preparing and
+writing the others.
 
 Outputs in ``out_dir``:
   segmented/     ROS 2 bag: the input topics plus /rgbt_seg/labels and /rgbt_seg/overlay,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,11 +37,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .bags import TYPESTORE, BagError, BagWriter, bag_topics, damage_of, make_image, read_messages, stamp_to_ns
-from .imaging import ImageEncodingError, image_to_numpy
+from .frame_flow import FrameFlow, FramePipeline, Job, LatestSlot, StagedWorker, labels_encoding, latency_summary
+from .imaging import ImageEncodingError, image_to_numpy, rgb_from_msg, thermal_from_msg
 from .params import INPUT_NAMES
-from .pipeline import FramePipeline, ThermalWatch, rgb_from_msg, thermal_from_msg
 from .render import contact_sheet
-from .sync import ApproximateTimePairer
 
 DEFAULT_RGB_TOPIC = "/" + INPUT_NAMES["rgb"]
 DEFAULT_THERMAL_TOPIC = "/" + INPUT_NAMES["thermal"]
@@ -111,13 +112,6 @@ def _no_empty_output_on_failure(out_dir: Path):
         raise
 
 
-def _percentiles(values) -> dict:
-    if not values:
-        return {"p50": None, "p95": None, "n": 0}
-    arr = np.asarray(values, float)
-    return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "n": int(arr.size)}
-
-
 def replay_bag(
     bag: str | Path,
     params: dict,
@@ -166,14 +160,7 @@ def replay_bag(
         if pipeline is None:
             pipeline = FramePipeline.from_params(params)
         info = pipeline.segmenter.dataset_info
-        pairer = ApproximateTimePairer(
-            queue_size=int(params["sync.queue_size"]),
-            slop=float(params["sync.slop"]),
-            exact=bool(params["sync.exact"]),
-            max_wait=float(params["sync.max_wait"]) if params["sync.max_wait"] > 0 else None,
-        )
-        watch = ThermalWatch(float(params["thermal_timeout"]))
-        rgb_only_mode = params["on_thermal_loss"] == "rgb_only"
+        flow = FrameFlow(params)
         truth = GroundTruth(Path(gt_dir) if gt_dir else None)
         confusion = ConfusionMatrix(info.num_classes, info.ignore_index) if (gt_topic or gt_dir) else None
         matched_gt = 0
@@ -192,81 +179,97 @@ def replay_bag(
         n_rgb_only = 0
         last_log_ns = 0
         not_copied: dict[str, int] = {}
+        failures: list[Exception] = []
+        write_lock = threading.Lock()  # the reader passes messages through, the worker writes outputs
+        truth_lock = threading.Lock()
         with BagWriter(segmented, storage=storage) as writer:
             bar = tqdm(total=total, desc="replay", unit="msg", disable=not progress, leave=False)
 
-            def process(rgb_msg, rgb, thermal, log_ns, thermal_stamp=-1):
+            def deliver(job: Job, out) -> None:  # the worker's last stage, one frame at a time, in order
                 nonlocal matched_gt, n_rgb_only
+                rgb_msg = job.pair.rgb[0]
                 stamp = stamp_to_ns(rgb_msg.header.stamp)
-                t0 = time.perf_counter()
-                out = pipeline.process(rgb, thermal, outputs=wanted)
-                timings["total"].append((time.perf_counter() - t0) * 1e3)
+                timings["total"].append(sum(out.timings_ms.values()))
                 for key in STAGES:
                     if key in out.timings_ms:
                         timings[key].append(out.timings_ms[key])
                 n_rgb_only += int(out.rgb_only)
                 frame = rgb_msg.header.frame_id
-                labels_enc = "mono8" if out.labels.dtype == np.uint8 else "mono16"
-                writer.write(LABELS_TOPIC, make_image(out.labels, labels_enc, stamp, frame), log_ns)
-                writer.write(OVERLAY_TOPIC, make_image(out.overlay, "rgb8", stamp, frame), log_ns)
-                result.pairs.append((stamp, thermal_stamp))
+                labels_msg = make_image(out.labels, labels_encoding(out.labels), stamp, frame)
+                overlay_msg = make_image(out.overlay, "rgb8", stamp, frame)
+                with write_lock:
+                    writer.write(LABELS_TOPIC, labels_msg, job.meta)
+                    writer.write(OVERLAY_TOPIC, overlay_msg, job.meta)
+                result.pairs.append((stamp, job.pair.thermal_stamp_ns))
                 sheet.append((stamp, out.overlay))
                 if len(sheet) > 4 * sheet_frames:  # keep memory bounded: thin out evenly
                     del sheet[1::2]
                 if confusion is not None:
-                    for pred, gt in truth.add_pred(stamp, out.labels):
-                        confusion.update(pred, gt)
-                        matched_gt += 1
+                    with truth_lock:
+                        for pred, gt in truth.add_pred(stamp, out.labels):
+                            confusion.update(pred, gt)
+                            matched_gt += 1
+
+            source = LatestSlot(keep_all=True)
+            worker = StagedWorker(
+                source,
+                pipeline=lambda: pipeline,
+                deliver=deliver,
+                outputs=lambda: wanted,
+                on_error=lambda stage, exc: failures.append(exc),
+                name="replay",
+            ).start()
+            submitted = 0
+
+            def submit(frames, log_ns: int) -> None:
+                nonlocal submitted
+                for frame in frames:
+                    source.put(Job(frame, time.monotonic(), meta=log_ns))
+                    submitted += 1
 
             try:
                 for m in read_messages(bag, read_topics):
                     bar.update(1)
                     last_log_ns = m.log_time_ns
-                    if not _pass_through(writer, m):
+                    with write_lock:
+                        copied = _pass_through(writer, m)
+                    if not copied:
                         not_copied[m.topic] = not_copied.get(m.topic, 0) + 1
                     if m.topic == gt_topic and confusion is not None:
-                        for pred, gt in truth.add_gt(stamp_to_ns(m.msg.header.stamp), image_to_numpy(m.msg).copy()):
-                            confusion.update(pred, gt)
-                            matched_gt += 1
+                        labels_gt = image_to_numpy(m.msg).copy()
+                        with truth_lock:  # the worker matches predictions on its own thread
+                            for pred, gt in truth.add_gt(stamp_to_ns(m.msg.header.stamp), labels_gt):
+                                confusion.update(pred, gt)
+                                matched_gt += 1
                         continue
                     if m.topic not in (rgb_topic, thermal_topic):
                         continue
-                    t_s = m.log_time_ns / 1e9
+                    is_rgb = m.topic == rgb_topic
                     try:
-                        arr = (
-                            rgb_from_msg(m.msg, max_pixels)
-                            if m.topic == rgb_topic
-                            else thermal_from_msg(m.msg, max_pixels)
-                        )
-                    except ImageEncodingError:
-                        reason = f"{'rgb' if m.topic == rgb_topic else 'thermal'}_bad_image"
+                        arr = rgb_from_msg(m.msg, max_pixels) if is_rgb else thermal_from_msg(m.msg, max_pixels)
+                    except ImageEncodingError as exc:
+                        reason = f"{'rgb' if is_rgb else 'thermal'}_{exc.reason}"
                         rejected[reason] = rejected.get(reason, 0) + 1
                         continue
-                    if m.topic == thermal_topic:
-                        watch.thermal_seen(t_s)
-                        pairs = pairer.add_thermal(stamp_to_ns(m.msg.header.stamp), (m.msg, arr), m.log_time_ns)
-                    elif rgb_only_mode and watch.lost(t_s):
-                        process(m.msg, arr, None, m.log_time_ns)
-                        pairs = pairer.poll(m.log_time_ns)
-                    else:
-                        pairs = pairer.add_rgb(stamp_to_ns(m.msg.header.stamp), (m.msg, arr), m.log_time_ns)
-                    for pair in pairs:
-                        (rgb_msg, rgb), (_, thermal) = pair.rgb, pair.thermal
-                        process(rgb_msg, rgb, thermal, m.log_time_ns, pair.thermal_stamp_ns)
-                    if max_pairs is not None and len(result.pairs) >= max_pairs:
+                    stamp = stamp_to_ns(m.msg.header.stamp)
+                    add = flow.rgb if is_rgb else flow.thermal
+                    submit(add(stamp, (m.msg, arr), m.log_time_ns), m.log_time_ns)
+                    if failures or (max_pairs is not None and submitted >= max_pairs):
                         break
                 else:
-                    for pair in pairer.flush():
-                        (rgb_msg, rgb), (_, thermal) = pair.rgb, pair.thermal
-                        process(rgb_msg, rgb, thermal, last_log_ns, pair.thermal_stamp_ns)
+                    submit(flow.flush(), last_log_ns)
             except BagError as exc:
                 result.error = str(exc)
             finally:
                 bar.close()
+                worker.wait_idle(submitted)
+                worker.stop()
+        if failures:
+            raise failures[0]
         wall_s = time.perf_counter() - wall0
-        stats = pairer.stats
+        stats = flow.stats
         n = len(result.pairs)
-        model_p50 = _percentiles(timings["model"])["p50"]
+        model_p50 = latency_summary(timings["model"])["p50"]
         metrics = {
             "bag": str(bag),
             "topics": {
@@ -295,7 +298,7 @@ def replay_bag(
                 "mean": stats.dt_abs_mean_ms if stats.paired else None,
                 "p95": stats.dt_abs_percentile_ms(95) if stats.paired else None,
             },
-            "latency_ms": {k: _percentiles(v) for k, v in timings.items()},
+            "latency_ms": {k: latency_summary(v) for k, v in timings.items()},
             "wall_s": wall_s,
             "throughput_pairs_per_s": n / wall_s if wall_s > 0 else None,
             "model_bound_pairs_per_s": 1000.0 / model_p50 if model_p50 else None,

@@ -9,11 +9,25 @@ around it::
 
 Pre-processing resizes the pair to the model's input size keeping the aspect ratio (the
 rest is padding, marked invalid for thermal), normalises each modality with the config's
-mean/std and zeroes thermal where ``valid`` is false. Post-processing crops the padding,
-resizes the logits to the RGB image's size and returns the arg-max labels and the max
-softmax probability as confidence. Inference runs under ``torch.inference_mode`` and, on
-CUDA, under autocast for fp16/bf16. On CPU the model runs in fp32 unless another precision
-is asked for (bf16 autocast is slower than fp32 on the CPUs this was measured on).
+mean/std and zeroes thermal where ``valid`` is false. RGB is resized as uint8 with torch's
+antialiased bilinear kernel on CPU (float on CUDA), so no full-resolution float image is ever
+made. Inference runs under ``torch.inference_mode`` and, on CUDA, under autocast for
+fp16/bf16. On CPU the model runs in fp32 unless another precision is asked for (bf16 autocast
+is slower than fp32 on the CPUs this was measured on).
+
+Two ways to call it:
+
+* ``seg(rgb, thermal, valid)`` (evaluation, tools): thermal already registered at the RGB
+  size; the logits are resized to the RGB size (bilinear) before the arg-max, and labels and
+  confidence come back at the RGB size.
+* the frame path (node, replay, benchmarks): ``seg.prepare(rgb, thermal_grid, valid_grid)``
+  with thermal already warped into the model's grid (``seg.grid_size(rgb.shape[:2])``), then
+  ``seg.infer(prepared)``: labels and confidence at the model's grid, decided on the model's
+  device, so only uint8 labels and a small confidence map cross to the host. Resizing the
+  labels to the RGB size (nearest) gives the labels of the first way except at pixels whose
+  2x2 grid neighbourhood holds two classes: where the four logit vectors agree on the
+  arg-max, so does any bilinear blend of them. The two steps are separate so that a
+  pipelined worker can prepare frame n+1 while frame n is in the forward.
 
 Deployment options for CUDA (usable, but not worth it, on CPU):
 
@@ -26,8 +40,10 @@ Deployment options for CUDA (usable, but not worth it, on CPU):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +69,7 @@ class HostStaging:
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, name: str, array: np.ndarray) -> torch.Tensor:
-        src = torch.from_numpy(np.ascontiguousarray(array))
+        src = as_tensor(np.ascontiguousarray(array))
         key = (name, tuple(src.shape), src.dtype)
         buf = self._buffers.get(key)
         if buf is None:
@@ -66,13 +82,32 @@ class HostStaging:
         return buf
 
 
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` without a copy, also for read-only arrays (message buffers), which the
+    frame path only reads."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(array)
+
+
 @dataclass
 class SegmentationResult:
-    """Per-pixel output at the RGB image's resolution."""
+    """Per-pixel output at the RGB image's resolution (``seg(...)``) or at the model's grid (``infer``)."""
 
     labels: np.ndarray  # (H, W) uint8, uint16 when there are more than 255 classes
     confidence: np.ndarray  # (H, W) float32 in [0, 1]: max softmax probability
     timings: dict[str, float] = field(default_factory=dict)  # ms: preprocess, model, postprocess
+
+
+@dataclass
+class ModelInput:
+    """A prepared pair on the model's device (:meth:`Segmenter.prepare`), ready for :meth:`Segmenter.infer`."""
+
+    rgb: torch.Tensor  # (1, 3, H, W) normalised, padded to the input size
+    thermal: torch.Tensor  # (1, 1, H, W) normalised, zero where not valid
+    valid: torch.Tensor | None  # (1, 1, H, W) float, or None (all valid, no padding)
+    content_size: tuple[int, int]  # (h, w) of the image inside the padding: the grid
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -160,6 +195,7 @@ class Segmenter:
         self._normalization = cfg["normalization"]
         self._label_dtype = np.uint8 if dataset_info.num_classes <= 255 else np.uint16
         self._staging = HostStaging(pin=True) if self._device.type == "cuda" else None
+        self._prep_stream = None  # CUDA stream of prepare(side_stream=True), made on first use
         self._compile = compile
         self._forward = self._model
         if compile == "none":
@@ -266,10 +302,14 @@ class Segmenter:
         self(np.zeros((h, w, 3), np.uint8), np.zeros((h, w), np.float32))
 
     @staticmethod
-    def _check(rgb, thermal, valid) -> None:
+    def _check_rgb(rgb) -> None:
         if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
             raise ValueError(f"rgb must be an HxWx3 uint8 array (RGB order), got {got}")
+
+    @classmethod
+    def _check(cls, rgb, thermal, valid) -> None:
+        cls._check_rgb(rgb)
         if not isinstance(thermal, np.ndarray) or thermal.ndim != 2 or not np.issubdtype(thermal.dtype, np.floating):
             got = f"{thermal.dtype} {thermal.shape}" if isinstance(thermal, np.ndarray) else type(thermal).__name__
             raise ValueError(
@@ -283,33 +323,31 @@ class Segmenter:
                 got = f"{valid.dtype} {valid.shape}" if isinstance(valid, np.ndarray) else type(valid).__name__
                 raise ValueError(f"valid must be None or an HxW bool array matching rgb {rgb.shape[:2]}, got {got}")
 
-    def _preprocess(self, rgb: np.ndarray, thermal: np.ndarray, valid: np.ndarray | None):
+    def grid_size(self, camera_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) an image of ``camera_hw`` is resized to inside the model's input (the rest is padding)."""
+        return fit_size((int(camera_hw[0]), int(camera_hw[1])), self._input_size)
+
+    def _upload(self, name: str, array: np.ndarray) -> torch.Tensor:
+        if self._staging is not None:  # CUDA: pinned buffer, asynchronous copy
+            return self._staging(name, array).to(self._device, non_blocking=True)
+        return as_tensor(array)
+
+    def _rgb_tensor(self, rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (1, 3, h, w) float in [0, 255] at ``size``, antialiased when shrinking."""
         h, w = rgb.shape[:2]
+        t = self._upload("rgb", rgb).permute(2, 0, 1)[None]  # a channels-last view, no copy
+        if size == (h, w):
+            return t.float()
+        if self._device.type == "cpu":  # uint8 kernel: no full-size float image
+            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=size[0] < h)
+            return t.float()
+        return F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False, antialias=size[0] < h)
+
+    def _model_input(self, rgb_t, th_t, valid_t, size, timings) -> ModelInput:
+        """Normalise, pad to the input size and mask thermal (tensors already at ``size``)."""
         H, W = self._input_size
-        nh, nw = fit_size((h, w), (H, W))
-        dev = self._device
-        if self._staging is not None:  # CUDA: pinned buffers, asynchronous copies
-            rgb_t = self._staging("rgb", rgb).to(dev, non_blocking=True).permute(2, 0, 1)[None].float()
-            th_host = self._staging("thermal", np.asarray(thermal, dtype=np.float32))
-            th_t = th_host.to(dev, non_blocking=True)[None, None]
-        else:
-            if not rgb.flags.writeable:  # a zero-copy view of a message buffer: torch wants writable memory
-                rgb = rgb.copy()
-            rgb_t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-            th_t = torch.from_numpy(np.ascontiguousarray(thermal, dtype=np.float32))[None, None]
-        if (nh, nw) != (h, w):
-            anti = nh < h
-            rgb_t = F.interpolate(rgb_t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=anti)
-            th_t = F.interpolate(th_t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=anti)
+        nh, nw = size
         rgb_t, th_t = normalize_batch(self._normalization, rgb_t, th_t, rgb_range=255.0)
-        valid_t = None
-        if valid is not None:
-            if self._staging is not None:
-                valid_t = self._staging("valid", valid).to(dev, non_blocking=True)[None, None].float()
-            else:
-                valid_t = torch.from_numpy(np.ascontiguousarray(valid))[None, None].float()
-            if (nh, nw) != (h, w):
-                valid_t = F.interpolate(valid_t, size=(nh, nw), mode="nearest")
         if (nh, nw) != (H, W):
             pad = (0, W - nw, 0, H - nh)
             rgb_t = F.pad(rgb_t, pad)  # 0 after normalisation = the mean colour
@@ -317,7 +355,76 @@ class Segmenter:
             valid_t = F.pad(valid_t if valid_t is not None else torch.ones_like(th_t[:, :, :nh, :nw]), pad)
         if valid_t is not None:
             th_t = th_t * valid_t
-        return rgb_t, th_t, valid_t, (nh, nw)
+        return ModelInput(rgb_t.contiguous(), th_t.contiguous(), valid_t, (nh, nw), timings)
+
+    def _preprocess(self, rgb: np.ndarray, thermal: np.ndarray, valid: np.ndarray | None) -> ModelInput:
+        """The full-resolution way in: thermal and valid at the RGB size, resized like RGB."""
+        h, w = rgb.shape[:2]
+        size = self.grid_size((h, w))
+        rgb_t = self._rgb_tensor(rgb, size)
+        th_t = self._upload("thermal", np.asarray(thermal, dtype=np.float32))[None, None]
+        valid_t = None if valid is None else self._upload("valid", valid)[None, None].float()
+        if size != (h, w):
+            anti = size[0] < h
+            th_t = F.interpolate(th_t, size=size, mode="bilinear", align_corners=False, antialias=anti)
+            if valid_t is not None:
+                valid_t = F.interpolate(valid_t, size=size, mode="nearest")
+        return self._model_input(rgb_t, th_t, valid_t, size, {})
+
+    def prepare(
+        self, rgb: np.ndarray, thermal_grid: np.ndarray, valid_grid: np.ndarray | None = None, side_stream=False
+    ) -> ModelInput:
+        """The frame path's first step: RGB at any size, thermal (and valid) already at ``grid_size``.
+
+        ``side_stream`` (CUDA): run the uploads and kernels on the Segmenter's own stream and wait
+        for them, so that a pipelined worker can prepare the next frame while the default stream
+        runs the forward of this one. On CPU it changes nothing.
+        """
+        self._check_grid(rgb, thermal_grid, valid_grid)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), self._prep_stream_context(side_stream):
+            size = self.grid_size(rgb.shape[:2])
+            rgb_t = self._rgb_tensor(rgb, size)
+            th_t = self._upload("thermal", np.asarray(thermal_grid, dtype=np.float32))[None, None]
+            valid_t = None if valid_grid is None else self._upload("valid", valid_grid)[None, None].float()
+            inp = self._model_input(rgb_t, th_t, valid_t, size, {})
+            if side_stream and self._prep_stream is not None:
+                self._prep_stream.synchronize()
+        inp.timings["preprocess"] = (time.perf_counter() - t0) * 1e3
+        return inp
+
+    def _prep_stream_context(self, side_stream: bool):
+        if side_stream and self._device.type == "cuda":
+            if self._prep_stream is None:
+                self._prep_stream = torch.cuda.Stream(device=self._device)
+            return torch.cuda.stream(self._prep_stream)
+        return _NO_CONTEXT
+
+    def _logits(self, inp: ModelInput) -> torch.Tensor:
+        if self._device.type == "cuda":  # made on the side stream: keep the allocator from reusing them early
+            stream = torch.cuda.current_stream(self._device)
+            for t in (inp.rgb, inp.thermal, inp.valid):
+                if t is not None:
+                    t.record_stream(stream)
+        with self._autocast():
+            logits = self._forward(inp.rgb, inp.thermal, inp.valid)["logits"]
+        nh, nw = inp.content_size
+        return logits[:, :, :nh, :nw].float()
+
+    def infer(self, inp: ModelInput) -> SegmentationResult:
+        """The frame path's second step: forward, then labels and confidence at the model's grid."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = self._logits(inp)
+            self._sync()
+            t1 = time.perf_counter()
+            conf, labels = logits.softmax(dim=1).max(dim=1)
+            label_t = torch.uint8 if self._label_dtype == np.uint8 else torch.int32
+            labels_np = labels[0].to(label_t).cpu().numpy().astype(self._label_dtype, copy=False)
+            conf_np = conf[0].clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
+        t2 = time.perf_counter()
+        timings = {**inp.timings, "model": (t1 - t0) * 1e3, "postprocess": (t2 - t1) * 1e3}
+        return SegmentationResult(labels=labels_np, confidence=conf_np, timings=timings)
 
     def _autocast(self):
         if self._precision == "fp32":
@@ -328,21 +435,29 @@ class Segmenter:
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 
+    def _check_grid(self, rgb, thermal_grid, valid_grid) -> None:
+        self._check_rgb(rgb)
+        size = self.grid_size(rgb.shape[:2])
+        if not isinstance(thermal_grid, np.ndarray) or thermal_grid.shape != size:
+            got = thermal_grid.shape if isinstance(thermal_grid, np.ndarray) else type(thermal_grid).__name__
+            raise ValueError(f"thermal must be warped into the model grid {size} for RGB {rgb.shape[:2]}, got {got}")
+        if valid_grid is not None and (valid_grid.dtype != np.bool_ or valid_grid.shape != size):
+            got = f"{valid_grid.dtype} {valid_grid.shape}"
+            raise ValueError(f"valid must be a bool array of the model grid {size}, got {got}")
+
     def __call__(self, rgb: np.ndarray, thermal: np.ndarray, valid: np.ndarray | None = None) -> SegmentationResult:
         """Segment one registered pair; outputs have the RGB image's height and width."""
         self._check(rgb, thermal, valid)
         h, w = rgb.shape[:2]
         t0 = time.perf_counter()
         with torch.inference_mode():
-            rgb_t, th_t, valid_t, (nh, nw) = self._preprocess(rgb, thermal, valid)
+            inp = self._preprocess(rgb, thermal, valid)
             self._sync()
             t1 = time.perf_counter()
-            with self._autocast():
-                logits = self._forward(rgb_t, th_t, valid_t)["logits"]
+            logits = self._logits(inp)
             self._sync()
             t2 = time.perf_counter()
-            logits = logits[:, :, :nh, :nw].float()
-            if (nh, nw) != (h, w):
+            if inp.content_size != (h, w):
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
             conf, labels = logits.softmax(dim=1).max(dim=1)
             labels_np = labels[0].to(torch.int32).cpu().numpy().astype(self._label_dtype)
@@ -350,3 +465,6 @@ class Segmenter:
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
         return SegmentationResult(labels=labels_np, confidence=conf_np, timings=timings)
+
+
+_NO_CONTEXT = contextlib.nullcontext()

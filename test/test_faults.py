@@ -12,17 +12,22 @@ import numpy as np
 import pytest
 from sensor_msgs.msg import Image
 
-from rgbt_seg_ros.imaging import ENCODINGS, ImageEncodingError, ThermalNormalizer, fill_image_msg
-from rgbt_seg_ros.params import defaults
-from rgbt_seg_ros.pipeline import (
+from rgbt_seg_ros.frame_flow import (
     FramePipeline,
     LatestSlot,
     ThermalWatch,
     normalizer_from_params,
     registrar_from_params,
+)
+from rgbt_seg_ros.imaging import (
+    ENCODINGS,
+    ImageEncodingError,
+    ThermalNormalizer,
+    fill_image_msg,
     rgb_from_msg,
     thermal_from_msg,
 )
+from rgbt_seg_ros.params import defaults
 from rgbt_seg_ros.registration import ThermalRegistrar
 from rgbt_seg_ros.segmenter import Segmenter
 from rgbt_seg_ros.sync import ApproximateTimePairer
@@ -66,11 +71,11 @@ def run_frame(pipeline, rgb_msg, thermal_msg):
     pairer = ApproximateTimePairer()
     pairs = pairer.add_rgb(BASE, rgb) + pairer.add_thermal(BASE, thermal)
     assert len(pairs) == 1
-    out = pipeline.process(pairs[0].rgb, pairs[0].thermal, outputs={"labels", "overlay"})
+    out = pipeline.process(pairs[0].rgb, pairs[0].thermal, outputs={"labels", "overlay", "thermal_registered"})
     fill_image_msg(Image(), out.labels, "mono8")
     fill_image_msg(Image(), out.overlay, "rgb8")
     assert out.labels.shape == rgb.shape[:2] and out.overlay.shape == (*rgb.shape[:2], 3)
-    assert np.isfinite(out.confidence).all()
+    assert np.isfinite(out.confidence_grid).all()
     return out
 
 
@@ -109,7 +114,7 @@ def test_every_thermal_encoding_is_segmented(segmenter, encoding):
     }[encoding]
     pipe = FramePipeline(segmenter, ThermalNormalizer("percentile"), ThermalRegistrar.identity())
     out = run_frame(pipe, fill_image_msg(Image(), rgb, "rgb8"), fill_image_msg(Image(), arr, encoding))
-    assert out.valid.all()
+    assert out.valid.all() and out.valid_grid.all()
 
 
 @pytest.mark.parametrize("encoding", ["yuv422", "bayer_rggb8", "16SC1", "64FC1", "nv12", ""])
@@ -207,15 +212,23 @@ def test_nan_and_inf_thermal_pixels_become_invalid_and_outputs_stay_finite(pipel
     bad = ~np.isfinite(kelvin)
     assert not out.valid[bad].any() and out.valid[~bad].all()
     assert np.isfinite(out.thermal_registered).all() and (out.thermal_registered[bad] == 0).all()
+    # what the model was given: grid pixels over the NaN block are invalid, the rest of the grid valid
+    gh, gw = out.valid_grid.shape
+    assert not out.valid_grid[round(15 * gh / H), round(20 * gw / W)]
+    assert out.valid_grid[round(50 * gh / H), round(60 * gw / W)] and out.valid_grid.mean() > 0.7
 
 
-def test_all_nan_thermal_is_segmented_as_rgb_only_by_the_pipeline(pipeline, segmenter):
-    # the node rejects such frames in its callback (test_node_integration); replay feeds them to the pipeline
+def test_all_nan_thermal_is_refused_and_segmented_as_rgb_only_by_the_pipeline(pipeline, segmenter):
+    # the node and replay refuse such messages at conversion (counted as no_finite_pixel) ...
     rgb, _ = scene()
+    nan = np.full((H, W), np.nan, np.float32)
+    with pytest.raises(ImageEncodingError, match="no finite pixel") as err:
+        thermal_from_msg(fill_image_msg(Image(), nan, "32FC1"))
+    assert err.value.reason == "no_finite_pixel"
+    # ... and the pipeline, given one anyway, treats it as no thermal at all
     pipe = FramePipeline(segmenter, ThermalNormalizer("percentile"), ThermalRegistrar.identity())
-    nan = fill_image_msg(Image(), np.full((H, W), np.nan, np.float32), "32FC1")
-    out = run_frame(pipe, fill_image_msg(Image(), rgb, "rgb8"), nan)
-    assert not out.valid.any()
+    out = pipe.process(rgb, nan)
+    assert not out.valid.any() and not out.valid_grid.any()
     np.testing.assert_array_equal(out.labels, pipe.process(rgb, None).labels)
 
 

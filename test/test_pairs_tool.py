@@ -113,11 +113,15 @@ def test_ros1_bag_with_out_of_order_arrivals(tmp_path, capsys):
             writer.write(conns[topic], rx, store.serialize_ros1(image(s), "sensor_msgs/msg/Image"))
     out = tmp_path / "p.csv"
     assert (
-        pairs_tool.run(parse([str(path), "--slop", "0.01", "--queue-size", "8", "--max-wait", "0", "--csv", str(out)]))
+        pairs_tool.run(parse([str(path), "--slop", "0.01", "--queue-size", "8", "--max-wait", "1", "--csv", str(out)]))
         == 0
     )
     rows = read_csv(out)
     assert sorted((r, t) for r, t, _ in rows) == [(rgb[2 * i], th[i]) for i in range(15)]
+    # --max-wait 0 releases at once, as the node does: the RGB frame of the late thermal is given up
+    at_once = parse([str(path), "--slop", "0.01", "--queue-size", "8", "--max-wait", "0", "--csv", str(out)])
+    assert pairs_tool.run(at_once) == 0
+    assert len(read_csv(out)) == 14
 
 
 @pytest.mark.parametrize(

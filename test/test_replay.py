@@ -11,8 +11,8 @@ from rosbags.typesys import Stores, get_typestore
 
 from rgbt_seg_ros.bags import read_messages, stamp_to_ns
 from rgbt_seg_ros.data.sample_bag import write_sample_bag
+from rgbt_seg_ros.frame_flow import FramePipeline
 from rgbt_seg_ros.params import defaults, write_param_file
-from rgbt_seg_ros.pipeline import FramePipeline
 from rgbt_seg_ros.replay import LABELS_TOPIC, OVERLAY_TOPIC, replay_bag
 from rgbt_seg_ros.segmenter import Segmenter
 from rgbt_seg_ros.sync import ApproximateTimePairer

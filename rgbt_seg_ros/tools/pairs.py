@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..bags import BagError, bag_topics, read_messages, stamp_to_ns
+from ..frame_flow import pairer_from_params
 from ..sync import ApproximateTimePairer, Pair, PairingStats
 
 
@@ -26,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-size", type=int, default=5, help="unpaired messages kept per stream")
     parser.add_argument("--exact", action="store_true", help="pair identical stamps only")
     parser.add_argument(
-        "--max-wait", type=float, default=0.1, help="longest wait for a better partner on the receive clock, seconds"
+        "--max-wait",
+        type=float,
+        default=0.1,
+        help="longest wait for a better partner on the receive clock, seconds (0: release each pair at once)",
     )
     parser.add_argument("--csv", metavar="FILE", help="write rgb_stamp_ns,thermal_stamp_ns,dt_ms per pair")
 
@@ -71,13 +75,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"rgbt-seg pairs: {flag} {value} is refused: {problem}", file=sys.stderr)
             return 2
     try:
-        pairer = ApproximateTimePairer(
-            queue_size=args.queue_size,
-            slop=args.slop,
-            exact=args.exact,
-            max_wait=args.max_wait if args.max_wait and args.max_wait > 0 else None,
-            on_warning=lambda text: print(f"warning: {text}", file=sys.stderr),
-        )
+        params = {
+            "sync.queue_size": args.queue_size,
+            "sync.slop": args.slop,
+            "sync.exact": args.exact,
+            "sync.max_wait": args.max_wait,
+        }
+        pairer = pairer_from_params(params, on_warning=lambda text: print(f"warning: {text}", file=sys.stderr))
     except ValueError as exc:
         print(f"rgbt-seg pairs: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,650 @@
+"""The frame flow: what the live node, bag replay and the benchmarks share, once.
+
+From camera arrivals to finished frames, on any clock (the node's monotonic clock, a bag's
+receive time), with no ROS import (messages are read by :mod:`rgbt_seg_ros.imaging`):
+
+``FrameFlow``          arrivals -> frames to segment: the :class:`~rgbt_seg_ros.sync.ApproximateTimePairer`
+                       built from the node's parameters (:func:`pairer_from_params`) and the
+                       :class:`ThermalWatch` that switches to RGB-only frames when thermal is lost.
+``LatestSlot``         the single-slot mailbox between arrivals and the worker (newest pair wins),
+                       or, with ``keep_all``, a one-place queue that makes the producer wait (replay).
+``FramePipeline``      the per-frame stages: ``prepare`` (thermal warped straight into the model's
+                       grid, RGB resized and normalised), ``infer`` (forward; labels decided at the
+                       model's grid, on its device), ``finish`` (labels and overlay at the RGB size,
+                       only the outputs somebody wants).
+``StagedWorker``       the three stages on three threads, so that preparing frame n+1 and finishing
+                       frame n-1 overlap the forward of frame n; live it keeps only the newest frame
+                       between stages (no backlog), in replay every frame, in order.
+``labels_encoding``    mono8 / mono16 for a label image; ``latency_summary``: p50/p95 of timings.
+
+The node adapts this to rclpy (subscriptions, publishers, diagnostics) and replay to rosbags
+(reader, writer, metrics); neither re-implements any of it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+import yaml
+
+from .imaging import ThermalNormalizer
+from .registration import ThermalRegistrar
+from .render import blend, colorize, parse_palette, upscale_nearest
+from .resources import resolve_data_file
+from .sync import ApproximateTimePairer, Pair
+
+OUTPUTS = ("labels", "overlay", "confidence", "colored_labels", "thermal_registered")
+
+
+@dataclass
+class FrameResult:
+    """One segmented frame at the RGB image's size; outputs nobody asked for are None."""
+
+    labels: np.ndarray  # (H, W) uint8 / uint16 class ids
+    rgb_only: bool
+    labels_grid: np.ndarray | None = None  # (h, w) the model's decision at its grid
+    confidence_grid: np.ndarray | None = None  # (h, w) float32 max softmax probability
+    valid_grid: np.ndarray | None = None  # (h, w) bool: where the model was given thermal
+    confidence: np.ndarray | None = None  # (H, W) float32 in [0, 1]
+    thermal_registered: np.ndarray | None = None  # (H, W) float32 [0, 1]
+    valid: np.ndarray | None = None  # (H, W) bool: thermal seen and finite
+    overlay: np.ndarray | None = None  # (H, W, 3) uint8 RGB
+    colored_labels: np.ndarray | None = None  # (H, W, 3) uint8 RGB
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedFrame:
+    """A frame after :meth:`FramePipeline.prepare`: its inputs and the model's input on its device."""
+
+    rgb: np.ndarray
+    thermal_raw: np.ndarray | None
+    valid_grid: np.ndarray  # (h, w) bool at the model's grid
+    model_input: Any  # segmenter.ModelInput
+    timings_ms: dict[str, float]
+
+
+def labels_encoding(labels: np.ndarray) -> str:
+    """The sensor_msgs encoding of a label image: mono8 up to 255 classes, else mono16."""
+    return "mono8" if labels.dtype == np.uint8 else "mono16"
+
+
+def latency_summary(values) -> dict:
+    """``{"p50", "p95", "n"}`` of a sequence of timings (None for an empty one)."""
+    arr = np.fromiter(values, float)
+    if arr.size == 0:
+        return {"p50": None, "p95": None, "n": 0}
+    p50, p95 = np.percentile(arr, (50, 95))
+    return {"p50": float(p50), "p95": float(p95), "n": int(arr.size)}
+
+
+def pairer_from_params(params: dict[str, Any], on_warning=None) -> ApproximateTimePairer:
+    """The node's pairer (``sync.*``). ``sync.max_wait: 0`` releases a pair as soon as it is formed,
+    live and in replay alike (the clock is the node's, or the bag's receive time)."""
+    return ApproximateTimePairer(
+        queue_size=int(params["sync.queue_size"]),
+        slop=float(params["sync.slop"]),
+        exact=bool(params["sync.exact"]),
+        max_wait=float(params["sync.max_wait"]),
+        on_warning=on_warning,
+    )
+
+
+def demo_model_note(segmenter) -> str | None:
+    """A one-time warning when the model only knows the synthetic demo scenes (the shipped default)."""
+    if segmenter.dataset_info.name != "synthetic":
+        return None
+    return (
+        f"the model ({segmenter.backend}, {segmenter.dataset_info.num_classes} synthetic classes) was trained on "
+        "the project's synthetic RGB-thermal scenes only: it is a demo and has never seen a real camera; set "
+        "model.checkpoint to a checkpoint trained on your data (README: Training)"
+    )
+
+
+def normalizer_from_params(params: dict[str, Any]) -> ThermalNormalizer:
+    return ThermalNormalizer(
+        mode=params["thermal.mode"],
+        min=float(params["thermal.min"]),
+        max=float(params["thermal.max"]),
+        p_low=float(params["thermal.p_low"]),
+        p_high=float(params["thermal.p_high"]),
+        scale=float(params["thermal.scale"]),
+        offset=float(params["thermal.offset"]),
+    )
+
+
+def calibration_without_intrinsics(params: dict[str, Any]) -> dict | None:
+    """The calibrated-mode YAML when it gives only extrinsics and plane (intrinsics come from camera_info)."""
+    if params["registration.mode"] != "calibrated" or not params["registration.file"]:
+        return None
+    path = resolve_data_file(params["registration.file"])
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if "rgb_camera" in data and "thermal_camera" in data:
+        return None
+    for key in ("rotation", "translation", "plane_distance"):
+        if key not in data:
+            raise ValueError(f"{path}: calibrated registration needs '{key}'")
+    return data
+
+
+def registrar_from_camera_info(params: dict[str, Any], rgb_info, thermal_info) -> ThermalRegistrar:
+    """Calibrated registration from the two camera_info messages plus the file's extrinsics and plane."""
+    data = calibration_without_intrinsics(params)
+    if data is None:
+        raise ValueError("registration.file already holds both cameras' intrinsics; camera_info is not needed")
+    return ThermalRegistrar.from_camera_info(
+        rgb_info,
+        thermal_info,
+        data["rotation"],
+        data["translation"],
+        float(data["plane_distance"]),
+        interpolation=params["registration.interpolation"],
+    )
+
+
+def registrar_from_params(params: dict[str, Any]) -> ThermalRegistrar | None:
+    """The registrar the parameters describe; None when it must wait for camera_info messages."""
+    mode = params["registration.mode"]
+    interpolation = params["registration.interpolation"]
+    if mode == "identity":
+        return ThermalRegistrar.identity(interpolation=interpolation)
+    path = params["registration.file"]
+    if not path:
+        raise ValueError(f"registration.mode '{mode}' needs registration.file (a calibration YAML)")
+    if calibration_without_intrinsics(params) is not None:
+        return None
+    registrar = ThermalRegistrar.from_yaml(resolve_data_file(path), interpolation=interpolation)
+    if registrar.mode != mode:
+        raise ValueError(
+            f"registration.file {path} describes mode '{registrar.mode}', but registration.mode is '{mode}'"
+        )
+    return registrar
+
+
+def segmenter_from_params(params: dict[str, Any]):
+    """Load the model the parameters name: a checkpoint directory, else a model config (+ SAM2 weights)."""
+    from .segmenter import Segmenter  # torch import: only when a model is really needed
+
+    device, precision, compile_mode = params["model.device"], params["model.precision"], params["model.compile"]
+    if params["model.checkpoint"]:
+        return Segmenter.from_checkpoint(
+            resolve_data_file(params["model.checkpoint"]), device=device, precision=precision, compile=compile_mode
+        )
+    sam2 = params["model.sam2_checkpoint"] or None
+    return Segmenter.from_config(
+        resolve_data_file(params["model.config"]),
+        dataset=params["model.dataset"],
+        sam2_checkpoint=sam2,
+        device=device,
+        precision=precision,
+        compile=compile_mode,
+    )
+
+
+class FramePipeline:
+    """The per-frame stages for one RGB-thermal pair (or an RGB frame alone, when thermal is lost).
+
+    ``prepare`` -> ``infer`` -> ``finish`` (``process`` runs all three). Nothing at the RGB
+    image's full resolution is made in float: thermal is warped straight into the model's grid
+    (:meth:`ThermalRegistrar.warp_to_grid`) and normalised there with the bounds of the full
+    frame, RGB is resized as uint8, labels come back as uint8 at the grid and are resized to
+    the RGB size by nearest neighbour; the overlay is a table lookup at the grid, the same
+    resize and one blend. The full-resolution registered thermal is made only for the
+    ``thermal_registered`` output.
+    """
+
+    def __init__(
+        self,
+        segmenter,
+        normalizer: ThermalNormalizer,
+        registrar: ThermalRegistrar | None,
+        overlay_alpha: float = 0.5,
+        palette=None,
+    ) -> None:
+        self.segmenter = segmenter
+        self.normalizer = normalizer
+        self.registrar = registrar
+        self.overlay_alpha = float(overlay_alpha)
+        self.num_classes = segmenter.dataset_info.num_classes
+        self.palette = self._palette(palette)
+        self.size_mismatch: str | None = None  # set once: identity registration over differently sized images
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], segmenter=None) -> FramePipeline:
+        segmenter = segmenter if segmenter is not None else segmenter_from_params(params)
+        return cls(
+            segmenter,
+            normalizer_from_params(params),
+            registrar_from_params(params),
+            overlay_alpha=params["output.overlay_alpha"],
+            palette=params["output.palette"],
+        )
+
+    def _palette(self, palette) -> np.ndarray:
+        if palette is None or list(palette) in ([], [0]):
+            return self.segmenter.dataset_info.palette
+        return parse_palette(list(palette), num_classes=self.num_classes)
+
+    def set_palette(self, palette) -> None:
+        self.palette = self._palette(palette)
+
+    def _registrar(self, thermal_raw: np.ndarray, rgb_hw: tuple[int, int]) -> ThermalRegistrar:
+        if self.registrar is None:
+            raise RuntimeError("thermal registration is not ready (calibrated mode waits for both camera_info topics)")
+        if self.size_mismatch is None and self.registrar.mode == "identity" and thermal_raw.shape[:2] != rgb_hw:
+            self.size_mismatch = (
+                f"RGB is {rgb_hw[1]}x{rgb_hw[0]} but thermal is {thermal_raw.shape[1]}x{thermal_raw.shape[0]} under "
+                "identity registration: thermal is only resized, which misaligns the two unless the cameras share "
+                "one field of view; calibrate (rgbt-seg calibrate) and set registration.mode/registration.file"
+            )
+        return self.registrar
+
+    def register_thermal(self, thermal_raw: np.ndarray, rgb_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Normalise and warp thermal into the full RGB grid: (float32 [0, 1], valid bool)."""
+        registrar = self._registrar(thermal_raw, rgb_hw)
+        norm, finite = self.normalizer.normalize(thermal_raw)
+        warped, valid = registrar.warp(norm, rgb_size=rgb_hw)
+        if finite is not None:
+            finite_warped, _ = registrar.warp(finite.astype(np.uint8), rgb_size=rgb_hw)
+            valid = valid & (finite_warped > 0)
+        return warped.astype(np.float32, copy=False), valid
+
+    def thermal_to_grid(
+        self, thermal_raw: np.ndarray, rgb_hw: tuple[int, int], grid_hw: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Thermal warped into the model's grid and normalised there: (float32 [0, 1], valid bool).
+
+        The normalisation bounds come from the whole raw frame (percentile mode), the affine map is
+        applied after the warp; a grid pixel that saw a NaN/inf thermal pixel is not valid."""
+        registrar = self._registrar(thermal_raw, rgb_hw)
+        thermal_raw = ThermalNormalizer._single_channel(thermal_raw)
+        bounds = self.normalizer.affine(thermal_raw)
+        warped, valid = registrar.warp_to_grid(thermal_raw, rgb_hw, grid_hw)
+        norm, finite = self.normalizer.apply(warped, bounds)
+        if finite is not None:
+            valid = valid & finite
+        return norm, valid
+
+    def prepare(self, rgb: np.ndarray, thermal_raw: np.ndarray | None, side_stream: bool = False) -> PreparedFrame:
+        """Stage 1: thermal into the model's grid, then the model's input on its device."""
+        t0 = time.perf_counter()
+        grid = self.segmenter.grid_size(rgb.shape[:2])
+        if thermal_raw is None:  # RGB only: thermal blank and invalid everywhere
+            thermal, valid = np.zeros(grid, np.float32), np.zeros(grid, bool)
+        else:
+            thermal, valid = self.thermal_to_grid(thermal_raw, rgb.shape[:2], grid)
+        t1 = time.perf_counter()
+        model_input = self.segmenter.prepare(rgb, thermal, valid, side_stream=side_stream)
+        timings = {"thermal": (t1 - t0) * 1e3, **model_input.timings}
+        return PreparedFrame(rgb, thermal_raw, valid, model_input, timings)
+
+    def infer(self, prepared: PreparedFrame):
+        """Stage 2: the forward and the per-pixel decision at the model's grid (labels, confidence)."""
+        return self.segmenter.infer(prepared.model_input)
+
+    def finish(self, prepared: PreparedFrame, grid, outputs=OUTPUTS) -> FrameResult:
+        """Stage 3: labels (always) and the wanted outputs at the RGB image's size."""
+        rgb = prepared.rgb
+        hw = rgb.shape[:2]
+        t0 = time.perf_counter()
+        out = FrameResult(
+            labels=upscale_nearest(grid.labels, hw),
+            rgb_only=prepared.thermal_raw is None,
+            labels_grid=grid.labels,
+            confidence_grid=grid.confidence,
+            valid_grid=prepared.valid_grid,
+        )
+        t1 = time.perf_counter()
+        if "overlay" in outputs or "colored_labels" in outputs:
+            colours = upscale_nearest(colorize(grid.labels, self.palette), hw)
+            if "overlay" in outputs:
+                out.overlay = blend(rgb, colours, self.overlay_alpha)
+            if "colored_labels" in outputs:
+                out.colored_labels = colours
+        if "confidence" in outputs:
+            out.confidence = (
+                grid.confidence
+                if grid.confidence.shape == hw
+                else cv2.resize(grid.confidence, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+            )
+        if "thermal_registered" in outputs:
+            if prepared.thermal_raw is None:
+                out.thermal_registered, out.valid = np.zeros(hw, np.float32), np.zeros(hw, bool)
+            else:
+                out.thermal_registered, out.valid = self.register_thermal(prepared.thermal_raw, hw)
+        t2 = time.perf_counter()
+        timings = {**prepared.timings_ms, **grid.timings}
+        timings["postprocess"] = timings.get("postprocess", 0.0) + (t1 - t0) * 1e3  # + labels to the RGB size
+        timings["render"] = (t2 - t1) * 1e3
+        out.timings_ms = timings
+        return out
+
+    def process(self, rgb: np.ndarray, thermal_raw: np.ndarray | None, outputs=OUTPUTS) -> FrameResult:
+        """Segment one frame. ``thermal_raw`` None means RGB only (thermal blank and invalid everywhere)."""
+        prepared = self.prepare(rgb, thermal_raw)
+        return self.finish(prepared, self.infer(prepared), outputs)
+
+
+def thermal_display_u8(thermal: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """Registered thermal [0, 1] -> mono8 for ``~/thermal_registered`` (unseen pixels black)."""
+    u8 = cv2.convertScaleAbs(thermal, alpha=255.0)
+    if valid is not None:
+        u8[~valid] = 0
+    return u8
+
+
+# --------------------------------------------------------------------------- arrivals
+
+
+class ThermalWatch:
+    """Decides when thermal counts as lost (``on_thermal_loss``), on any clock in seconds.
+
+    The node feeds it monotonic time, replay the bag's receive time, so both switch to
+    RGB-only at the same moments. Thermal counts as lost only when RGB has *kept arriving*
+    for ``timeout`` seconds without thermal: a pause of both cameras (a driver restart, a
+    paused bag) is not a thermal loss, so the first RGB frame after it is paired normally.
+
+    A pause is an RGB gap longer than both ``timeout`` and three typical RGB intervals (so a
+    camera slower than the timeout still counts as arriving); the RGB streak restarts after it.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = float(timeout)
+        self.reset()
+
+    def thermal_seen(self, t: float) -> None:
+        self.last_thermal = t
+
+    def lost(self, t: float) -> bool:
+        """Call on each RGB frame: is thermal lost at time ``t``?"""
+        if self.last_rgb is None:
+            self.rgb_streak_start = t
+        else:
+            gap = t - self.last_rgb
+            typical = sorted(self._intervals)[len(self._intervals) // 2] if self._intervals else 0.0
+            if gap > max(self.timeout, 3.0 * typical):
+                self.rgb_streak_start = t  # RGB itself was silent: a pause (of both cameras), not a thermal loss
+            self._intervals.append(gap)
+        self.last_rgb = t
+        since = self.rgb_streak_start if self.last_thermal is None else max(self.last_thermal, self.rgb_streak_start)
+        return t - since > self.timeout
+
+    def reset(self) -> None:
+        self.last_thermal: float | None = None
+        self.last_rgb: float | None = None
+        self.rgb_streak_start: float | None = None
+        self._intervals: deque[float] = deque(maxlen=9)
+
+
+class FrameFlow:
+    """Camera arrivals -> frames to segment, the same way live and in replay.
+
+    Payloads are ``(meta, array)``: ``meta`` is whatever the caller needs back with the frame
+    (the node keeps the RGB header, replay the bag message), ``array`` the converted image.
+    Each call returns the frames it completed as :class:`~rgbt_seg_ros.sync.Pair`; an RGB-only
+    frame (thermal lost, ``on_thermal_loss: rgb_only``) is a Pair whose ``thermal`` is None.
+    ``now_ns`` is the caller's clock: monotonic live, the bag's receive time in replay.
+    ``on_switch(True)`` is called when RGB-only frames start, ``on_switch(False)`` when thermal
+    is back.
+    """
+
+    def __init__(self, params: dict[str, Any], on_warning=None, on_switch: Callable[[bool], None] | None = None):
+        self._on_warning = on_warning
+        self._on_switch = on_switch
+        self._lock = threading.Lock()  # callbacks of the two cameras may run on different threads
+        self.pairer = pairer_from_params(params, on_warning)
+        self.watch = ThermalWatch(float(params["thermal_timeout"]))
+        self.rgb_only_mode = params["on_thermal_loss"] == "rgb_only"
+        self.rgb_only_active = False
+
+    def update(self, params: dict[str, Any], sync_changed: bool) -> None:
+        """New parameter values at run time; a change of ``sync.*`` restarts pairing with them."""
+        with self._lock:
+            if sync_changed:
+                self.pairer = pairer_from_params(params, self._on_warning)
+            self.watch.timeout = float(params["thermal_timeout"])
+            self.rgb_only_mode = params["on_thermal_loss"] == "rgb_only"
+
+    def rgb(self, stamp_ns: int, payload: tuple, now_ns: int) -> list[Pair]:
+        with self._lock:
+            if self.watch.lost(now_ns / 1e9) and self.rgb_only_mode:
+                switched = not self.rgb_only_active
+                self.rgb_only_active = True
+                frames = [Pair(stamp_ns, -1, payload, None, 0), *self.pairer.poll(now_ns)]
+            else:
+                switched = False
+                frames = self.pairer.add_rgb(stamp_ns, payload, now_ns=now_ns)
+        if switched and self._on_switch is not None:
+            self._on_switch(True)
+        return frames
+
+    def thermal(self, stamp_ns: int, payload: tuple, now_ns: int) -> list[Pair]:
+        with self._lock:
+            self.watch.thermal_seen(now_ns / 1e9)
+            switched = self.rgb_only_active
+            self.rgb_only_active = False
+            frames = self.pairer.add_thermal(stamp_ns, payload, now_ns=now_ns)
+        if switched and self._on_switch is not None:
+            self._on_switch(False)
+        return frames
+
+    def poll(self, now_ns: int) -> list[Pair]:
+        with self._lock:
+            return self.pairer.poll(now_ns)
+
+    def flush(self) -> list[Pair]:
+        with self._lock:
+            return self.pairer.flush()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.pairer.reset()
+            self.watch.reset()
+            self.rgb_only_active = False
+
+    @property
+    def stats(self):
+        return self.pairer.stats
+
+
+# --------------------------------------------------------------------------- mailbox and worker
+
+
+class LatestSlot:
+    """A single-slot mailbox between two threads.
+
+    Default (live): ``put`` replaces an unconsumed item (and returns True then), so a slow
+    consumer always gets the newest item and nothing queues. ``keep_all=True`` (replay): ``put``
+    waits until the slot is free, so every item is consumed, in order, and the producer never
+    runs more than one item ahead.
+    """
+
+    def __init__(self, keep_all: bool = False) -> None:
+        self.keep_all = keep_all
+        self._cond = threading.Condition()
+        self._item = None
+        self._full = False
+        self._closed = False
+
+    def put(self, item) -> bool:
+        with self._cond:
+            if self.keep_all:
+                while self._full and not self._closed:
+                    self._cond.wait(0.2)
+                if self._closed:
+                    return False
+            replaced = self._full
+            self._item, self._full = item, True
+            self._cond.notify_all()
+            return replaced
+
+    def get(self, timeout: float | None = None):
+        with self._cond:
+            if not self._full and not self._closed:
+                self._cond.wait(timeout)
+            if not self._full:
+                return None
+            item, self._item, self._full = self._item, None, False
+            self._cond.notify_all()
+            return item
+
+    def clear(self) -> None:
+        with self._cond:
+            self._item, self._full = None, False
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+@dataclass
+class Job:
+    """A frame on its way through the worker: the pair, when it was formed, and its stages' results."""
+
+    pair: Pair
+    formed_at: float  # time.monotonic() when it was handed to the worker
+    meta: Any = None  # the caller's (replay: the bag receive time of the message that formed it)
+    pipeline: FramePipeline | None = None
+    prepared: PreparedFrame | None = None
+    grid: Any = None  # SegmentationResult at the model's grid
+
+
+class StagedWorker:
+    """Runs a :class:`FramePipeline` on three threads: prepare | infer | finish + deliver.
+
+    While frame n is in the forward, frame n+1 is prepared and frame n-1 finished and delivered.
+    On CUDA, ``prepare`` runs on the Segmenter's side stream; on CPU the stages still overlap where
+    they release the GIL (OpenCV, torch). Between stages sits a :class:`LatestSlot`: live
+    (``keep_all=False``) a frame still waiting when a newer one is ready is dropped
+    (``on_drop("superseded")``), so latency stays bounded by about one forward plus the other
+    two stages; in replay (``keep_all=True``) every frame goes through, in order.
+
+    ``source`` is the mailbox the caller puts ``Job``s into. ``pipeline()`` returns the pipeline
+    to use now (None: ``on_drop("no_model")``); ``outputs()`` the outputs wanted now; ``lock``
+    guards prepare and finish against parameter changes; ``deliver(job, result)`` publishes or
+    writes; ``on_error(stage, exc)`` reports a frame that failed (the worker goes on).
+    """
+
+    def __init__(
+        self,
+        source: LatestSlot,
+        pipeline: Callable[[], FramePipeline | None],
+        deliver: Callable[[Job, FrameResult], None],
+        outputs: Callable[[], set[str]] = lambda: set(OUTPUTS),
+        on_error: Callable[[str, Exception], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
+        lock: threading.Lock | None = None,
+        name: str = "rgbt_seg",
+    ) -> None:
+        self.source = source
+        self._pipeline = pipeline
+        self._deliver = deliver
+        self._outputs = outputs
+        self._on_error = on_error
+        self._on_drop = on_drop
+        self._lock = lock if lock is not None else threading.Lock()
+        keep_all = source.keep_all
+        self._to_infer = LatestSlot(keep_all)
+        self._to_finish = LatestSlot(keep_all)
+        self.stop_event = threading.Event()
+        self._count = threading.Condition()
+        self.taken = 0  # jobs taken from the source
+        self.ended = 0  # jobs delivered, dropped or failed
+        self._threads = [
+            threading.Thread(target=self._run, args=(stage,), name=f"{name}_{stage}", daemon=True)
+            for stage in ("prepare", "infer", "finish")
+        ]
+
+    def start(self) -> StagedWorker:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop after the frames in flight; True when every thread ended within ``timeout``."""
+        self.stop_event.set()
+        for slot in (self.source, self._to_infer, self._to_finish):
+            slot.close()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def wait_idle(self, taken_at_least: int = 0, timeout: float | None = None) -> bool:
+        """Wait until every job taken so far (and at least ``taken_at_least``) has ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._count:
+            while self.ended < max(self.taken, taken_at_least):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._count.wait(0.05 if left is None else min(0.05, left))
+        return True
+
+    def _end(self, n: int = 1) -> None:
+        with self._count:
+            self.ended += n
+            self._count.notify_all()
+
+    def _drop(self, reason: str) -> None:
+        if self._on_drop is not None:
+            self._on_drop(reason)
+        self._end()
+
+    def _fail(self, stage: str, exc: Exception) -> None:
+        if self._on_error is not None:
+            self._on_error(stage, exc)
+        self._end()
+
+    def _pass(self, slot: LatestSlot, job: Job) -> None:
+        if slot.put(job):
+            self._drop("superseded")
+
+    def _run(self, stage: str) -> None:
+        inbox = {"prepare": self.source, "infer": self._to_infer, "finish": self._to_finish}[stage]
+        while not self.stop_event.is_set():
+            job = inbox.get(timeout=0.2)
+            if job is None:
+                continue
+            if stage == "prepare":
+                with self._count:
+                    self.taken += 1
+            if self.stop_event.is_set():
+                self._end()
+                return
+            try:
+                if stage == "prepare":
+                    job.pipeline = self._pipeline()
+                    if job.pipeline is None:
+                        self._drop("no_model")
+                        continue
+                    (_, rgb), thermal = job.pair.rgb, job.pair.thermal
+                    with self._lock:
+                        job.prepared = job.pipeline.prepare(rgb, None if thermal is None else thermal[1], True)
+                    self._pass(self._to_infer, job)
+                elif stage == "infer":
+                    job.grid = job.pipeline.infer(job.prepared)
+                    self._pass(self._to_finish, job)
+                else:
+                    outputs = self._outputs()
+                    with self._lock:
+                        result = job.pipeline.finish(job.prepared, job.grid, outputs)
+                    if self.stop_event.is_set():  # stopped meanwhile: the outputs may be gone
+                        self._end()
+                        return
+                    self._deliver(job, result)
+                    self._end()
+            except Exception as exc:  # a bad frame, a failed forward: report it and go on
+                self._fail(stage, exc)
+
+
