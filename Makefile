@@ -3,6 +3,9 @@
 #   make demo   same setup, then the demo on the built-in synthetic sample data
 #   make compat a second venv (.venv-compat) with the oldest supported dependency versions (numpy 1.26, ...)
 #               and the unit tests there
+#   make bench-results  re-measure README's benchmark table (docs/results/bench/*.json, then `rgbt-seg bench table`)
+#   make gpu-wheels  wheels of every runtime dependency but torch (CPython 3.10-3.12), sam2 and this package
+#               in gpu_wheels/, for scripts/gpu_check.sh on a GPU machine without network (docs/gpu_check.md)
 # Re-running is fast: dependency and package installs are redone only when their inputs change.
 
 SHELL := /bin/bash
@@ -16,6 +19,8 @@ COMPAT_VENV ?= .venv-compat
 COMPAT_ABS := $(abspath $(COMPAT_VENV))
 COMPAT_BIN := $(COMPAT_ABS)/bin
 PIP_FLAGS := -qq --disable-pip-version-check
+GPU_WHEELS ?= gpu_wheels
+GPU_PYTHONS ?= 3.10 3.11 3.12
 
 # Every command that runs ROS needs these (README "Quick start": ament index in the venv, Fast DDS large-data transport).
 export AMENT_PREFIX_PATH := $(VENV_ABS)$(if $(AMENT_PREFIX_PATH),:$(AMENT_PREFIX_PATH))
@@ -31,12 +36,14 @@ CONSTRAINTS := $(if $(SYSTEM_ROS),constraints-ros.txt,constraints.txt)
 PACKAGE_SOURCES := $(shell find rgbt_seg_ros launch config models resource -type f 2>/dev/null | grep -v __pycache__) \
 	setup.py setup.cfg package.xml README.md LICENSE
 
-.PHONY: test demo venv install lint compat clean help
+.PHONY: test demo venv install lint compat clean help gpu-wheels bench-results
 
 help:
 	@echo "make test   set up .venv and run ruff + the test suite"
 	@echo "make demo   set up .venv and run the demo on the built-in sample data (writes $(DEMO_OUT)/)"
 	@echo "make compat set up $(COMPAT_VENV) with the oldest supported versions and run the unit tests there"
+	@echo "make gpu-wheels  fill $(GPU_WHEELS)/ with wheels for scripts/gpu_check.sh on an offline GPU machine (docs/gpu_check.md)"
+	@echo "make bench-results  re-measure README's benchmark table (3 runs each into docs/results/bench/, ~30 min)"
 
 # $(call install_deps,BIN,CONSTRAINTS): pip and setuptools, torch, the requirements and sam2 into one venv.
 define install_deps
@@ -100,6 +107,19 @@ compat: $(COMPAT_VENV)/.install-stamp
 		print('compat:', sys.version.split()[0], 'numpy', numpy.__version__, 'opencv', cv2.__version__, \
 		'matplotlib', matplotlib.__version__, 'torch', torch.__version__, 'peft', peft.__version__)"
 	AMENT_PREFIX_PATH=$(COMPAT_ABS) $(COMPAT_BIN)/python -m pytest -m "not integration" -x -q $(PYTEST_ARGS)
+
+# Wheels for an offline GPU machine that has its own torch (scripts/gpu_wheels.py says what and how):
+# sam2 1.1.0 built here with SAM2_BUILD_CUDA=0 --no-deps --no-build-isolation (the venv's torch), this
+# package, and every runtime dependency except torch and its CUDA libraries, at constraints.txt's versions
+# where PyPI has a wheel for that Python. Made anew each time (from pip's cache: fast); MANIFEST.txt lists it.
+gpu-wheels: $(VENV)/.deps-stamp
+	@start=$$(date +%s); \
+	$(BIN)/python scripts/gpu_wheels.py --clean --out $(GPU_WHEELS) --pythons $(GPU_PYTHONS) --constraints constraints.txt && \
+	echo "make gpu-wheels: $$(du -sh $(GPU_WHEELS) | cut -f1) in $(GPU_WHEELS)/ after $$(( $$(date +%s) - start )) s"
+
+# README's benchmark table: every command 3 times into docs/results/bench/, then `rgbt-seg bench table`.
+bench-results: install
+	bash scripts/measure_benchmarks.sh --runs 3
 
 clean:
 	rm -rf build *.egg-info $(VENV)/.install-stamp $(COMPAT_VENV)/.install-stamp

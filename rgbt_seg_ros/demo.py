@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from .data.sample_bag import (
     THERMAL_TOPIC,
     write_sample_bag,
 )
+from .frame_flow import latency_summary
 from .imaging import image_to_numpy
 from .node_session import NodeSession, NodeSessionError
 from .params import BAG_PARAMS, load_param_file, write_param_file
@@ -135,10 +135,7 @@ def run_demo(
             "frames_published": len(published_at),
             "frames_segmented": len(labels),
             "play_seconds": play_s,
-            "latency_ms": {
-                "p50": statistics.median(latencies) if latencies else None,
-                "p95": float(np.percentile(latencies, 95)) if latencies else None,
-            },
+            "latency_ms": latency_summary(latencies),
             "model_time_p50_ms": float(final.get("model time p50 (ms)", "nan")),
             "overhead_over_model": float(final.get("overhead / model", "nan")),
             "drops": final.get("drops", ""),

@@ -16,7 +16,6 @@ latency stays near one model forward).
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .frame_flow import latency_summary
 from .imaging import fill_image_msg
 from .node_session import NodeSession, NodeSessionError
 from .params import write_param_file
@@ -142,6 +142,7 @@ def bench_node(
         after_stop = len(arrivals) - received_during
         pipe = s.status("pipeline") or {}
     latencies = [(arr - st) / 1e6 for st, arr in arrivals]
+    latency = latency_summary(latencies)
     return {
         "checkpoint": str(checkpoint),
         "size": list(size),
@@ -150,8 +151,8 @@ def bench_node(
         "sent_pairs": sent,
         "published": len(arrivals),
         "published_after_input_stopped": after_stop,
-        "latency_p50_ms": statistics.median(latencies) if latencies else float("nan"),
-        "latency_p95_ms": float(np.percentile(latencies, 95)) if latencies else float("nan"),
+        "latency_p50_ms": latency["p50"] if latencies else float("nan"),
+        "latency_p95_ms": latency["p95"] if latencies else float("nan"),
         "model_p50_ms": float(pipe.get("model time p50 (ms)", "nan")),
         "overhead_p50_ms": float(pipe.get("overhead p50 (ms)", "nan")),
         "overhead_fraction": float(pipe.get("overhead / model", "nan")),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -192,14 +193,16 @@ def onnx_session(path: str | Path, threads: int | None = None):
 
 
 def compare_with_torch(
-    model: nn.Module, path: str | Path, size: tuple[int, int], batch: int = 1, seed: int = 1
+    model: nn.Module, path: str | Path, size: tuple[int, int], batch: int = 1, seed: int = 1, repeats: int = 0
 ) -> dict:
     """Run the exported file with onnxruntime (CPU) and the PyTorch model on the same inputs.
 
     Returns the largest absolute logit difference, the arg-max agreement (fraction of pixels)
-    and the logit scale, for a parity check.
+    and the logit scale, for a parity check. ``repeats`` > 0 also times both, interleaved (one
+    onnxruntime run, one PyTorch run, ``repeats`` times, after one warm-up each), with the same
+    number of threads: ``onnx_ms`` / ``torch_ms`` medians and their ratio.
     """
-    session = onnx_session(path)
+    session = onnx_session(path, threads=torch.get_num_threads())
     inputs = example_inputs(size, batch, seed=seed)
     feed = {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs)}
     got = session.run(list(OUTPUT_NAMES), feed)[0]
@@ -207,9 +210,34 @@ def compare_with_torch(
         want = LogitsOnly(model).eval()(*inputs).numpy()
     if got.shape != want.shape:
         raise RuntimeError(f"ONNX logits have shape {got.shape}, PyTorch {want.shape}")
-    return {
+    result = {
         "max_abs_diff": float(np.abs(got - want).max()),
         "logit_abs_max": float(np.abs(want).max()),
         "argmax_agreement": float((got.argmax(1) == want.argmax(1)).mean()),
         "shape": list(got.shape),
     }
+    if repeats > 0:
+        wrapped = LogitsOnly(model).eval()
+        onnx_ms, torch_ms = [], []
+        with torch.inference_mode():
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                session.run(list(OUTPUT_NAMES), feed)
+                t1 = time.perf_counter()
+                wrapped(*inputs)
+                t2 = time.perf_counter()
+                if i > 0:  # the first of each is a warm-up
+                    onnx_ms.append((t1 - t0) * 1e3)
+                    torch_ms.append((t2 - t1) * 1e3)
+        result.update(
+            {
+                "threads": torch.get_num_threads(),
+                "repeats": repeats,
+                "onnx_ms_median": float(np.median(onnx_ms)),
+                "torch_ms_median": float(np.median(torch_ms)),
+                "onnx_ms_all": onnx_ms,
+                "torch_ms_all": torch_ms,
+                "onnx_to_torch_time": float(np.median(onnx_ms) / np.median(torch_ms)),
+            }
+        )
+    return result

@@ -405,9 +405,9 @@ def bench_sustained(segmenter, size: tuple[int, int], seconds: float = 4.0, feed
                 if slot.put(Job(pair, time.monotonic())):
                     drop("superseded")
             fed += 1
-            next_at = start + fed * period
-            if next_at > time.monotonic():
-                time.sleep(next_at - time.monotonic())
+            delay = start + fed * period - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
     finally:
         worker.stop()
     counted = [lat for t, lat in done if measure_from <= t <= end]

@@ -272,6 +272,7 @@ def replay_bag(
         model_p50 = latency_summary(timings["model"])["p50"]
         metrics = {
             "bag": str(bag),
+            "date": time.strftime("%Y-%m-%d"),
             "topics": {
                 "rgb": rgb_topic,
                 "thermal": thermal_topic,

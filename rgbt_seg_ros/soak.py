@@ -23,7 +23,6 @@ refused, how many the middleware reported lost, and the node's RSS before, at it
 from __future__ import annotations
 
 import re
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .frame_flow import latency_summary
 from .live_benchmark import synthetic_rig
 from .memory import rss_mb
 from .node_session import NodeSession, NodeSessionError
@@ -200,10 +200,7 @@ def bench_soak(checkpoint: Path, plan: SoakPlan, size=(480, 640), device: str = 
         "node_alive": alive,
         "sent": sent,
         "labels": len(arrivals),
-        "latency_ms": {
-            "p50": statistics.median(latencies) if latencies else None,
-            "p95": float(np.percentile(latencies, 95)) if latencies else None,
-        },
+        "latency_ms": latency_summary(latencies),
         "rss_mb": {"first": rss_values[0], "last": rss_values[-1], "max": max(rss_values), "samples": rss},
         "rss_drift_mb": rss_values[-1] - rss_values[0],
         "rgb_only_switches": {"expected": plan.expected_switches(), "observed": text.count(SWITCH_LINE)},

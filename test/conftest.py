@@ -15,6 +15,20 @@ os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """``cuda``-marked tests are skipped, with the reason "no CUDA device", where torch sees no GPU."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in cuda_items:
+        item.add_marker(skip)
+
+
 def script(name: str) -> str:
     """Absolute path of a console script installed next to this interpreter (the project venv)."""
     path = BIN / name

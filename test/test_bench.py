@@ -19,7 +19,7 @@ def test_bench_pipeline_reports_every_stage_at_each_size(tmp_path, micro_checkpo
     out = tmp_path / "pipe.json"
     args = parse(
         ["pipeline", "--checkpoint", str(micro_checkpoint), "--sizes", "96x128", "121x161",
-         "--repeats", "2", "--warmup", "1", "--threads", "1", "--json", str(out)]
+         "--repeats", "2", "--warmup", "1", "--threads", "1", "--seconds", "0.5", "--json", str(out)]
     )  # fmt: skip
     assert bench.run(args) == 0
     text = capsys.readouterr().out
@@ -37,13 +37,36 @@ def test_bench_pipeline_reports_every_stage_at_each_size(tmp_path, micro_checkpo
             expected, rel=0.5, abs=5.0
         )  # median of sums vs sum of medians
         assert size["message_class"] in ("rclpy", "rosbags")
+        assert size["sustained"]["delivered"] > 0 and size["sustained"]["latency_ms"]["p50"] > 0
     assert "sartm" in result["model"] and result["source"] == str(micro_checkpoint)
+    assert result["model_stand_in_ms"] is None and "STAND-IN" not in text
+
+
+def test_bench_pipeline_with_a_stand_in_forward_says_so_and_is_bounded_by_it(tmp_path, capsys):
+    out = tmp_path / "standin.json"
+    args = parse(
+        ["pipeline", "--config", "models/sartm_micro.yaml", "--model-ms", "20", "--sizes", "96x128",
+         "--repeats", "3", "--warmup", "1", "--threads", "1", "--seconds", "1", "--feed-hz", "100", "--json", str(out)]
+    )  # fmt: skip
+    assert bench.run(args) == 0
+    text = capsys.readouterr().out
+    assert "STAND-IN" in text and "no model was run" in text and "sustained" in text
+    result = json.loads(out.read_text())
+    assert result["model_stand_in_ms"] == 20 and "STAND-IN" in result["source"]
+    size = result["sizes"][0]
+    assert size["stages_ms"]["model"]["median"] >= 20.0
+    sustained = size["sustained"]
+    # the forward stage takes 20 ms per frame, whatever overlaps it: at most 50 frames per second
+    assert 0 < sustained["fps"] <= 52 and sustained["latency_ms"]["p50"] >= 20.0
+    assert sustained["fed_pairs"] > sustained["delivered"] and sustained["drops"].get("superseded", 0) > 0
 
 
 def test_bench_pipeline_with_random_weights_of_a_config():
     seg = pb.load_segmenter(config="models/sartm_micro.yaml", model_size=(64, 96))
     assert seg.input_size == (64, 96)
-    result = pb.bench_pipeline(segmenter=seg, config="models/sartm_micro.yaml", sizes=[(48, 64)], repeats=1, warmup=0)
+    result = pb.bench_pipeline(
+        segmenter=seg, config="models/sartm_micro.yaml", sizes=[(48, 64)], repeats=1, warmup=0, seconds=0
+    )
     assert "random weights" in result["source"]
     assert result["sizes"][0]["stages_ms"]["model"]["median"] > 0
     assert "| model |" in pb.markdown_pipeline(result)

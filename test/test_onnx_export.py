@@ -1,6 +1,7 @@
 """ONNX export of the model forward (static shapes, opset 17) and its parity with onnxruntime on CPU."""
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -50,11 +51,14 @@ def test_file_has_static_shapes_opset_and_metadata(exported):
 def test_cli_exports_and_verifies(tmp_path, micro_checkpoint, capsys):
     args = argparse.Namespace(
         checkpoint=micro_checkpoint, out=tmp_path / "m.onnx", opset=17, size=[64, 96], batch=2,
-        sam2_checkpoint=None, no_verify=False,
+        sam2_checkpoint=None, no_verify=False, time=2, threads=1, json=tmp_path / "parity.json",
     )  # fmt: skip
     assert export_onnx.run(args) == 0
     text = capsys.readouterr().out
-    assert "64x96" in text and "batch 2" in text and "-> ok" in text
+    assert "64x96" in text and "batch 2" in text and "-> ok" in text and "interleaved runs" in text
+    record = json.loads((tmp_path / "parity.json").read_text())
+    assert record["ok"] and record["argmax_agreement"] > 0.999 and record["input_size"] == [64, 96]
+    assert len(record["onnx_ms_all"]) == len(record["torch_ms_all"]) == 2 and record["onnx_to_torch_time"] > 0
     proto = onnx.load(str(tmp_path / "m.onnx"))
     assert [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == [2, 8, 64, 96]
 
@@ -62,7 +66,7 @@ def test_cli_exports_and_verifies(tmp_path, micro_checkpoint, capsys):
 def test_cli_refuses_a_size_the_backend_cannot_run(tmp_path, micro_checkpoint, capsys):
     args = argparse.Namespace(
         checkpoint=micro_checkpoint, out=tmp_path / "m.onnx", opset=17, size=[100, 96], batch=1,
-        sam2_checkpoint=None, no_verify=True,
+        sam2_checkpoint=None, no_verify=True, time=0, threads=None, json=None,
     )  # fmt: skip
     assert export_onnx.run(args) == 1
     assert "multiples of 32" in capsys.readouterr().err

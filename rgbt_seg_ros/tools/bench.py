@@ -3,7 +3,8 @@
 ``model`` (this module): parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s;
 ``node`` (``live_benchmark.py``): the live node over DDS; ``pipeline`` and ``memory``
 (``pipeline_benchmark.py``): per-stage time of a frame and RSS over N pairs; ``soak`` and
-``oversize`` (``soak.py``): the live node under field faults.
+``oversize`` (``soak.py``): the live node under field faults; ``train`` (``train_benchmark.py``):
+one training step; ``table`` (``bench_report.py``): README's benchmark table from the JSON files.
 
 ``bench model``: parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s.
 
@@ -83,6 +84,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pl.add_argument(
         "--profile", type=int, default=0, metavar="ROWS", help="also print the torch profiler's top ROWS operators"
     )
+    pl.add_argument(
+        "--model-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="replace the forward by a STAND-IN that sleeps MS (for machines without a GPU: the host path only)",
+    )
+    pl.add_argument(
+        "--seconds", type=float, default=4.0, help="sustained-rate run per size, seconds (0: skip; default 4)"
+    )
+    pl.add_argument("--feed-hz", type=float, default=200.0, help="camera rate of the sustained run (default 200)")
     mem = sub.add_parser("memory", help="RSS over N pairs of the node's per-frame path (leak check)")
     _model_source_arguments(mem, default_config="models/sartm_micro.yaml")
     mem.add_argument("--pairs", type=int, default=2000, help="measured pairs (default 2000)")
@@ -105,6 +117,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     over.add_argument("--reliability", choices=("best_effort", "reliable"), default="best_effort")
     over.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     over.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    from ..train_benchmark import add_arguments as add_train_arguments  # bench train: train_benchmark.py
+
+    add_train_arguments(sub.add_parser("train", help="one training step (the trainer's own): median time, peak memory"))
+    table = sub.add_parser("table", help="README's benchmark table from docs/results/bench/*.json (bench_report.py)")
+    table.add_argument("--results", type=Path, default=Path("docs/results/bench"), help="result files' folder")
+    table.add_argument("--readme", type=Path, default=Path("README.md"), help="the README to update")
+    table.add_argument("--check", action="store_true", help="only compare; exit 1 when the README's table differs")
 
 
 def _model_source_arguments(p: argparse.ArgumentParser, default_config: str) -> None:
@@ -316,6 +335,12 @@ def run(args: argparse.Namespace) -> int:
         return run_pipeline_or_memory(args)
     if args.target in ("soak", "oversize"):
         return run_soak_or_oversize(args)
+    if args.target == "table":
+        return run_table(args)
+    if args.target == "train":
+        from ..train_benchmark import run as run_train
+
+        return run_train(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -332,14 +357,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(markdown(result))
-    _write_json(args.json, result)
+    write_result_json(args.json, result)
     return 0
 
 
-def _write_json(path: Path | None, result: dict) -> None:
+def run_table(args: argparse.Namespace) -> int:
+    from ..bench_report import table, update_readme
+
+    try:
+        current = update_readme(args.readme, args.results, check=args.check)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.check:
+        print(f"{args.readme}: benchmark table {'up to date' if current else 'differs from ' + str(args.results)}")
+        return 0 if current else 1
+    print(table(args.results))
+    print(f"{args.readme}: {'unchanged' if current else 'table rewritten'}")
+    return 0
+
+
+def write_result_json(path: Path | None, result: dict) -> None:
+    """A benchmark's figures as JSON (``--json``), dated: ``rgbt-seg bench table`` reads them back."""
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
+        path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **result}, indent=2))
         print(f"wrote {path}")
 
 
@@ -355,7 +397,7 @@ def run_node(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(live_benchmark.markdown(result))
-    _write_json(args.json, result)
+    write_result_json(args.json, result)
     return 0
 
 
@@ -395,7 +437,7 @@ def run_soak_or_oversize(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    _write_json(args.json, result)
+    write_result_json(args.json, result)
     return 0
 
 
@@ -408,7 +450,9 @@ def run_pipeline_or_memory(args: argparse.Namespace) -> int:
     try:
         if args.target == "pipeline":
             sizes = [parse_size(s) for s in args.sizes]
-            seg = pb.load_segmenter(args.checkpoint, args.config, model_size, args.device, args.precision)
+            seg = pb.load_segmenter(
+                args.checkpoint, args.config, model_size, args.device, args.precision, model_ms=args.model_ms
+            )
             result = pb.bench_pipeline(
                 checkpoint=args.checkpoint,
                 config=args.config,
@@ -416,6 +460,8 @@ def run_pipeline_or_memory(args: argparse.Namespace) -> int:
                 repeats=args.repeats,
                 warmup=args.warmup,
                 segmenter=seg,
+                seconds=args.seconds,
+                feed_hz=args.feed_hz,
             )
             print(pb.markdown_pipeline(result))
             if args.profile:
@@ -436,7 +482,7 @@ def run_pipeline_or_memory(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    _write_json(args.json, result)
+    write_result_json(args.json, result)
     return 0
 
 

@@ -13,7 +13,9 @@ difference and the arg-max agreement are printed; a disagreement above the toler
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 MAX_ABS_DIFF = 1e-3  # relative to logits of order 1-10 from fp32 reorderings
@@ -32,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     p.add_argument("--sam2-checkpoint", type=Path, default=None, help="base SAM2 weights, if the checkpoint needs them")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime parity check")
+    p.add_argument(
+        "--time", type=int, default=0, metavar="N", help="also time N interleaved runs of onnxruntime and PyTorch"
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of both runtimes (default: torch's choice)")
+    p.add_argument("--json", type=Path, default=None, help="also write the parity (and timing) figures as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,8 +66,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.no_verify:
         return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
-        parity = compare_with_torch(model, path, size, batch=args.batch)
+        parity = compare_with_torch(model, path, size, batch=args.batch, repeats=args.time)
     except ImportError as exc:
         print(f"not verified: onnxruntime is not installed ({exc})", file=sys.stderr)
         return 0
@@ -70,6 +81,17 @@ def run(args: argparse.Namespace) -> int:
         f"(logits up to {parity['logit_abs_max']:.3g}), arg-max agreement {100 * parity['argmax_agreement']:.3f} % "
         f"-> {'ok' if ok else 'MISMATCH'}"
     )
+    if args.time:
+        print(
+            f"time ({parity['threads']} threads, median of {args.time} interleaved runs): onnxruntime "
+            f"{parity['onnx_ms_median']:.1f} ms, PyTorch {parity['torch_ms_median']:.1f} ms, "
+            f"ratio {parity['onnx_to_torch_time']:.2f}"
+        )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {"checkpoint": str(args.checkpoint), "backend": cfg["backend"], "input_size": list(size), **parity}
+        record["date"] = time.strftime("%Y-%m-%d")
+        args.json.write_text(json.dumps({**record, "ok": ok}, indent=2) + "\n")
     return 0 if ok else 2
 
 

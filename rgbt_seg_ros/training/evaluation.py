@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from ..classes import DatasetInfo
+from ..frame_flow import latency_summary
 from .metrics import ConfusionMatrix, json_safe
 
 OVERLAY_MAX_WIDTH = 320
@@ -147,13 +148,8 @@ class SegmentationEvaluator:
             for c, m in sorted(self.by_condition.items())
         }
         if self.timings:
-            doc["timing_ms"] = {
-                k: {
-                    "median": float(np.median([t[k] for t in self.timings])),
-                    "p95": float(np.percentile([t[k] for t in self.timings], 95)),
-                }
-                for k in self.timings[0]
-            }
+            summaries = {k: latency_summary(t[k] for t in self.timings) for k in self.timings[0]}
+            doc["timing_ms"] = {k: {"median": v["p50"], "p95": v["p95"]} for k, v in summaries.items()}
         return json_safe(doc)
 
     def markdown(self, title: str = "Evaluation", meta: dict | None = None) -> str:

@@ -1,0 +1,55 @@
+"""README's benchmark table is generated from the committed result files, never typed by hand."""
+
+import json
+
+import pytest
+
+from conftest import REPO
+from rgbt_seg_ros import bench_report
+
+
+def test_readme_table_is_what_the_committed_results_give():
+    results = REPO / "docs" / "results" / "bench"
+    assert bench_report.update_readme(REPO / "README.md", results, check=True), (
+        "README.md's benchmark table differs from docs/results/bench: run `rgbt-seg bench table`"
+    )
+    runs = bench_report.load_runs(results)
+    for row in bench_report.ROWS:  # every row of the table rests on at least 3 runs
+        assert len(runs.get(row.name, [])) >= 3, row.name
+
+
+def test_spread_gives_median_and_range_and_says_when_there_is_one_run():
+    assert bench_report.spread([3.0, 1.0, 2.0], 1, " ms") == "2.0 ms (1.0-3.0, 3 runs)"
+    assert bench_report.spread([4.25], 2) == "4.25 (1 run)"
+    assert bench_report.spread([None]) == "n/a"
+
+
+def test_update_writes_between_the_markers_only(tmp_path):
+    results = tmp_path / "bench"
+    results.mkdir()
+    for k, fps in enumerate((80.0, 90.0, 85.0), start=1):
+        sizes = [
+            {"camera_size": list(hw), "sustained": {"fps": fps + i, "latency_ms": {"p95": 20.0}}}
+            for i, hw in enumerate(((480, 640), (720, 1280)))
+        ]
+        run = {"model_stand_in_ms": 10, "sizes": sizes, "date": f"2026-12-0{k}"}
+        (results / f"pipeline_standin10_run{k}.json").write_text(json.dumps(run))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{bench_report.BEGIN}\nold table\n{bench_report.END}\nafter\n")
+    assert not bench_report.update_readme(readme, results, check=True)
+    assert "old table" in readme.read_text()  # check mode writes nothing
+    assert not bench_report.update_readme(readme, results)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    assert "**85.0 fps (80.0-90.0, 3 runs)**" in text and "2026-12-01 to 2026-12-03" in text
+    assert bench_report.update_readme(readme, results, check=True)
+
+
+def test_a_broken_result_file_is_named(tmp_path):
+    (tmp_path / "memory_micro_run1.json").write_text("{not json")
+    with pytest.raises(ValueError, match="memory_micro_run1.json is not valid JSON"):
+        bench_report.table(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="no benchmark table markers"):
+        bench_report.update_readme(readme, tmp_path / "empty")
