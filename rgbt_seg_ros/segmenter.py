@@ -297,9 +297,11 @@ class Segmenter:
 
     # ------------------------------------------------------------------ inference
     def warmup(self) -> None:
-        """One forward pass on a blank pair at the input size (allocations, kernel selection)."""
+        """A blank pair at the input size through the frame path (allocations, kernel selection, and
+        with ``compile`` the one compilation: every frame then calls the model with the same shapes
+        and a validity mask, as here)."""
         h, w = self._input_size
-        self(np.zeros((h, w, 3), np.uint8), np.zeros((h, w), np.float32))
+        self.infer(self.prepare(np.zeros((h, w, 3), np.uint8), np.zeros((h, w), np.float32), np.ones((h, w), bool)))
 
     @staticmethod
     def _check_rgb(rgb) -> None:
