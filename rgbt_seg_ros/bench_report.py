@@ -129,6 +129,14 @@ ROWS = (
         _replay,
     ),
     Row(
+        "replay_micro",
+        "the same with `--checkpoint MICRO --threads 1 --outputs-only` (MICRO: `rgbt-seg train --config "
+        "models/sartm_micro.yaml --dataset synthetic --max-steps 1 --batch-size 2 --out M`, then M/last)",
+        "the same replay with the micro model (96x128): one torch thread leaves the other core to reading and "
+        "writing; only labels and overlay written",
+        _replay,
+    ),
+    Row(
         "memory_micro",
         "`rgbt-seg bench memory --pairs 1000`",
         "resident memory over the per-frame path, micro model, 640x480",

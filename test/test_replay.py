@@ -129,21 +129,10 @@ def test_truncated_bag_keeps_a_valid_partial_output(sample, params, pipeline, tm
         con.execute("UPDATE messages SET data = X'0001' WHERE id > 40")
     params = dict(params, **{"registration.file": str(tmp_path / "t" / "calibration.yaml")})
     out = tmp_path / "out"
-    args = argparse.Namespace(
-        bag=bag,
-        params=write_param_file(tmp_path / "p.yaml", params),
-        checkpoint=None,
-        device=None,
-        gt_topic="/rgbt_seg/auto",
-        gt_dir=None,
-        no_gt=False,
-        out=out,
-        max_pairs=None,
-        storage="mcap",
-        no_progress=True,
-        rgb_topic=None,
-        thermal_topic=None,
-    )
+    parser = argparse.ArgumentParser()
+    replay_tool.add_arguments(parser)
+    param_file = write_param_file(tmp_path / "p.yaml", params)
+    args = parser.parse_args([str(bag), "--params", str(param_file), "--out", str(out), "--no-progress"])
     assert replay_tool.run(args) == 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert "unreadable after message" in metrics["error"] and "topic" in metrics["error"]
@@ -317,3 +306,22 @@ def test_max_pairs_below_one_is_refused(sample, tmp_path, capsys):
     replay_tool.add_arguments(parser)
     assert replay_tool.run(parser.parse_args([str(bag), "--max-pairs", "0", "--out", str(tmp_path / "o")])) == 2
     assert "--max-pairs must be >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_outputs_only_writes_the_same_labels_without_the_inputs(sample, params, pipeline, tmp_path):
+    _, bag = sample
+    full = replay_bag(bag, params, tmp_path / "full", pipeline=pipeline, progress=False)
+    lean = replay_bag(bag, params, tmp_path / "lean", pipeline=pipeline, progress=False, pass_through=False)
+    assert lean.pairs == full.pairs and lean.metrics["inputs_copied"] is False
+    with AnyReader([tmp_path / "lean" / "segmented"]) as reader:
+        assert {c.topic for c in reader.connections} == {LABELS_TOPIC, OVERLAY_TOPIC}
+    labels = {}
+    for name in ("full", "lean"):
+        labels[name] = [
+            image_to_numpy_copy(m.msg) for m in read_messages(tmp_path / name / "segmented", [LABELS_TOPIC])
+        ]
+    assert len(labels["lean"]) == len(full.pairs)
+    for a, b in zip(labels["full"], labels["lean"]):
+        np.testing.assert_array_equal(a, b)
+    # the ground truth is still read for the metrics
+    assert lean.metrics["segmentation"]["miou"] == full.metrics["segmentation"]["miou"]

@@ -41,6 +41,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pairs", type=int, default=None, help="stop after this many processed frames")
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="output bag storage (default mcap)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; on 2 cores 1 leaves a core to reading and writing)",
+    )
+    p.add_argument(
+        "--outputs-only",
+        action="store_true",
+        help="write only labels and overlay to the output bag, not the input topics (smaller, faster)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None:
         params["model.device"] = args.device
     gt_topic = None if args.no_gt or args.gt_dir else args.gt_topic
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         result = replay_bag(
             args.bag,
@@ -83,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             rgb_topic=args.rgb_topic or DEFAULT_RGB_TOPIC,
             thermal_topic=args.thermal_topic or DEFAULT_THERMAL_TOPIC,
             warnings=problems,
+            pass_through=not args.outputs_only,
         )
     except BagError as exc:
         print(f"rgbt-seg replay: {exc}", file=sys.stderr)
