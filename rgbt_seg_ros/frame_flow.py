@@ -418,7 +418,7 @@ class FrameFlow:
             if self.watch.lost(now_ns / 1e9) and self.rgb_only_mode:
                 switched = not self.rgb_only_active
                 self.rgb_only_active = True
-                frames = [Pair(stamp_ns, -1, payload, None, 0), *self.pairer.poll(now_ns)]
+                frames = [*self.pairer.poll(now_ns), Pair(stamp_ns, -1, payload, None, 0)]  # oldest first
             else:
                 switched = False
                 frames = self.pairer.add_rgb(stamp_ns, payload, now_ns=now_ns)
@@ -474,13 +474,15 @@ class LatestSlot:
         self._full = False
         self._closed = False
 
-    def put(self, item) -> bool:
+    def put(self, item) -> bool | None:
+        """Store ``item``: True when it replaced an unconsumed one, False when not; with ``keep_all``
+        None when the slot was closed while waiting (the item was not taken)."""
         with self._cond:
             if self.keep_all:
                 while self._full and not self._closed:
                     self._cond.wait(0.2)
                 if self._closed:
-                    return False
+                    return None
             replaced = self._full
             self._item, self._full = item, True
             self._cond.notify_all()
@@ -495,6 +497,12 @@ class LatestSlot:
             item, self._item, self._full = self._item, None, False
             self._cond.notify_all()
             return item
+
+    def wait_empty(self, stop: threading.Event, poll: float = 0.2) -> None:
+        """Wait until the slot is empty (its consumer took the item), closed, or ``stop`` is set."""
+        with self._cond:
+            while self._full and not self._closed and not stop.is_set():
+                self._cond.wait(poll)
 
     def clear(self) -> None:
         with self._cond:
@@ -524,10 +532,13 @@ class StagedWorker:
 
     While frame n is in the forward, frame n+1 is prepared and frame n-1 finished and delivered.
     On CUDA, ``prepare`` runs on the Segmenter's side stream; on CPU the stages still overlap where
-    they release the GIL (OpenCV, torch). Between stages sits a :class:`LatestSlot`: live
-    (``keep_all=False``) a frame still waiting when a newer one is ready is dropped
-    (``on_drop("superseded")``), so latency stays bounded by about one forward plus the other
-    two stages; in replay (``keep_all=True``) every frame goes through, in order.
+    they release the GIL (OpenCV, torch). The prepare stage takes a frame from ``source`` only
+    when the forward has taken the previous one, so it prepares only frames that will be
+    segmented, and always the newest; live (``keep_all=False``) the source keeps only the newest
+    pair, so latency stays bounded by about one forward plus the other two stages; in replay
+    (``keep_all=True``) every frame goes through, in order. ``stop`` ends the threads after the
+    stage calls in progress; frames still waiting between stages are reported as
+    ``on_drop("stopped")``.
 
     ``source`` is the mailbox the caller puts ``Job``s into. ``pipeline()`` returns the pipeline
     to use now (None: ``on_drop("no_model")``); ``outputs()`` the outputs wanted now; ``lock``
@@ -571,13 +582,16 @@ class StagedWorker:
         return self
 
     def stop(self, timeout: float = 10.0) -> bool:
-        """Stop after the frames in flight; True when every thread ended within ``timeout``."""
+        """Stop after the stage calls in progress; True when every thread ended within ``timeout``."""
         self.stop_event.set()
         for slot in (self.source, self._to_infer, self._to_finish):
             slot.close()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        for slot in (self._to_infer, self._to_finish):  # prepared or inferred, never delivered
+            if slot.get(timeout=0) is not None:
+                self._drop("stopped")
         return not any(t.is_alive() for t in self._threads)
 
     def wait_idle(self, taken_at_least: int = 0, timeout: float | None = None) -> bool:
@@ -607,12 +621,17 @@ class StagedWorker:
         self._end()
 
     def _pass(self, slot: LatestSlot, job: Job) -> None:
-        if slot.put(job):
+        replaced = slot.put(job)
+        if replaced is None:  # closed: stopping
+            self._drop("stopped")
+        elif replaced:
             self._drop("superseded")
 
     def _run(self, stage: str) -> None:
         inbox = {"prepare": self.source, "infer": self._to_infer, "finish": self._to_finish}[stage]
         while not self.stop_event.is_set():
+            if stage == "prepare":  # only when the forward is ready for it: no frame prepared in vain
+                self._to_infer.wait_empty(self.stop_event)
             job = inbox.get(timeout=0.2)
             if job is None:
                 continue

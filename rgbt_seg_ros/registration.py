@@ -552,6 +552,7 @@ class ThermalRegistrar:
             map1, map2 = mx, my  # fixed-point maps would round differently from nearest on float maps
         else:
             map1, map2 = cv2.convertMaps(mx, my, cv2.CV_16SC2)
+        valid.setflags(write=False)  # cached and handed out with every frame: nobody may change it
         return map1, map2, valid
 
     def _remember(self, key: tuple, entry) -> None:

@@ -332,6 +332,8 @@ class Segmenter:
     def _upload(self, name: str, array: np.ndarray) -> torch.Tensor:
         if self._staging is not None:  # CUDA: pinned buffer, asynchronous copy
             return self._staging(name, array).to(self._device, non_blocking=True)
+        if any(st < 0 for st in array.strides):  # a reversed view (e.g. BGR sliced to RGB): torch cannot wrap it
+            array = np.ascontiguousarray(array)
         return as_tensor(array)
 
     def _rgb_tensor(self, rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -418,7 +420,8 @@ class Segmenter:
         t0 = time.perf_counter()
         with torch.inference_mode():
             logits = self._logits(inp)
-            self._sync()
+            if self._device.type == "cuda":  # this thread's stream only: not the next frame's preparation
+                torch.cuda.current_stream(self._device).synchronize()
             t1 = time.perf_counter()
             conf, labels = logits.softmax(dim=1).max(dim=1)
             label_t = torch.uint8 if self._label_dtype == np.uint8 else torch.int32

@@ -227,8 +227,10 @@ class SlowPipeline:
 
     def __init__(self, infer_s=0.02, fail_on=None):
         self.infer_s, self.fail_on = infer_s, fail_on
+        self.prepared = 0
 
     def prepare(self, rgb, thermal, side_stream=False):
+        self.prepared += 1
         if rgb == self.fail_on:
             raise ValueError(f"bad frame {rgb}")
         return rgb
@@ -258,6 +260,7 @@ def run_worker(n, keep_all, feed_s=0.002, **kwargs):
         time.sleep(feed_s)
     assert worker.wait_idle(n - superseded_at_source, timeout=10.0)
     assert worker.stop(timeout=5.0)
+    worker.prepared = pipe.prepared
     return delivered, drops, errors, superseded_at_source, worker
 
 
@@ -265,8 +268,26 @@ def test_live_worker_keeps_the_newest_frame_and_never_queues():
     delivered, drops, errors, at_source, worker = run_worker(60, keep_all=False)
     assert not errors and delivered == sorted(delivered) and delivered[-1] == 59
     assert 5 < len(delivered) < 40  # a 20 ms forward cannot keep up with a 500 Hz feed
-    assert len(delivered) + len(drops) + at_source == 60 and set(drops) == {"superseded"}
+    assert len(delivered) + len(drops) + at_source == 60 and set(drops) <= {"superseded"}
     assert worker.taken == worker.ended
+    # a frame is prepared only when the forward is ready for it: (almost) nothing prepared in vain
+    assert worker.prepared <= len(delivered) + 2
+
+
+def test_stopping_mid_stream_accounts_for_every_frame_taken():
+    source = LatestSlot(keep_all=True)
+    drops = []
+    worker = StagedWorker(source, lambda: SlowPipeline(infer_s=0.1), lambda job, r: None, on_drop=drops.append)
+    worker.start()
+    feeder = threading.Thread(
+        target=lambda: [source.put(Job(Pair(i, i, (None, i), (None, i), 0), 0.0)) for i in range(20)]
+    )
+    feeder.start()
+    time.sleep(0.35)
+    assert worker.stop(timeout=5.0)
+    feeder.join(timeout=2.0)
+    assert worker.taken == worker.ended and worker.taken >= 2
+    assert "stopped" in drops or worker.ended == worker.taken
 
 
 def test_replay_worker_delivers_every_frame_in_order_and_reports_a_bad_one():
@@ -308,6 +329,21 @@ def test_stop_ends_every_thread_even_when_waiting_on_a_full_mailbox():
     assert worker.stop(timeout=5.0)
     feeder.join(timeout=2.0)
     assert not feeder.is_alive()  # the closed mailbox released the producer
+
+
+def test_reversed_views_and_read_only_masks(demo_segmenter):
+    gen, reg = rig((120, 160))
+    s = gen.sample(0, "day")
+    bgr = np.ascontiguousarray(s.rgb[:, :, ::-1])
+    view = bgr[:, :, ::-1]  # RGB as a reversed view of a BGR image, as dataset readers make
+    thermal = np.linspace(0.0, 1.0, 120 * 160, dtype=np.float32).reshape(120, 160)
+    a = demo_segmenter(view, thermal)
+    b = demo_segmenter(np.ascontiguousarray(view), thermal)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    pipe = FramePipeline(demo_segmenter, ThermalNormalizer("linear", scale=0.01, min=250.0, max=330.0), reg)
+    out = pipe.process(view, s.thermal, outputs={"labels"})
+    with pytest.raises(ValueError):  # the cached grid mask is shared by every frame: read-only
+        out.valid_grid[0, 0] = False
 
 
 def test_latency_summary_and_labels_encoding():
