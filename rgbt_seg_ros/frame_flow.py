@@ -265,7 +265,7 @@ class FramePipeline:
         The normalisation bounds come from the whole raw frame (percentile mode), the affine map is
         applied after the warp; a grid pixel that saw a NaN/inf thermal pixel is not valid."""
         registrar = self._registrar(thermal_raw, rgb_hw)
-        thermal_raw = ThermalNormalizer._single_channel(thermal_raw)
+        thermal_raw = ThermalNormalizer.single_channel(thermal_raw)
         bounds = self.normalizer.affine(thermal_raw)
         warped, valid = registrar.warp_to_grid(thermal_raw, rgb_hw, grid_hw)
         norm, finite = self.normalizer.apply(warped, bounds)
@@ -525,6 +525,7 @@ class Job:
     pipeline: FramePipeline | None = None
     prepared: PreparedFrame | None = None
     grid: Any = None  # SegmentationResult at the model's grid
+    outputs: set[str] = field(default_factory=set)  # the outputs finish made (chosen once per frame)
 
 
 class StagedWorker:
@@ -655,9 +656,9 @@ class StagedWorker:
                     job.grid = job.pipeline.infer(job.prepared)
                     self._pass(self._to_finish, job)
                 else:
-                    outputs = self._outputs()
+                    job.outputs = self._outputs()
                     with self._lock:
-                        result = job.pipeline.finish(job.prepared, job.grid, outputs)
+                        result = job.pipeline.finish(job.prepared, job.grid, job.outputs)
                     if self.stop_event.is_set():  # stopped meanwhile: the outputs may be gone
                         self._end()
                         return

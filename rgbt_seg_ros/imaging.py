@@ -554,7 +554,7 @@ class ThermalNormalizer:
         is affine it commutes with resampling, so the frame path applies it after warping and
         downscaling (to a few thousand pixels) while the bounds still come from the full frame.
         """
-        raw = self._single_channel(raw)
+        raw = self.single_channel(raw)
         if self.mode == "passthrough":
             if raw.dtype != np.uint8:
                 raise ValueError(
@@ -597,11 +597,12 @@ class ThermalNormalizer:
 
     def normalize(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Return ``(normalised float32 HxW, finite mask or None when every pixel is finite)``."""
-        raw = self._single_channel(raw)
+        raw = self.single_channel(raw)
         return self.apply(raw, self.affine(raw))
 
     @staticmethod
-    def _single_channel(raw: np.ndarray) -> np.ndarray:
+    def single_channel(raw: np.ndarray) -> np.ndarray:
+        """A thermal image as (H, W): a trailing channel axis of 1 is dropped, anything else refused."""
         raw = np.asarray(raw)
         if raw.ndim == 3 and raw.shape[2] == 1:
             raw = raw[:, :, 0]

@@ -565,10 +565,9 @@ class SegmentBehaviour:
         if pipeline.size_mismatch:
             self._warn_once("size_mismatch", pipeline.size_mismatch)
         header = job.pair.rgb[0]
-        wanted = self._wanted()
         t0 = time.perf_counter()
         try:
-            self._publish(header, result, wanted)
+            self._publish(header, result, job.outputs)  # what finish rendered for the subscribers it saw
         except Exception as exc:  # the context goes away on shutdown (SIGINT/SIGTERM)
             if not rclpy.ok(context=self.context) or self.worker is None:
                 return

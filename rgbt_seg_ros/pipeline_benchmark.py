@@ -283,6 +283,16 @@ def _stats(values: list[float]) -> dict:
 # --------------------------------------------------------------------------- bench pipeline
 
 
+def camera_arrival(frames: CameraFrames, flow: FrameFlow, image_cls, as_numpy, stamp_ns: int, max_pixels=None):
+    """One RGB and one thermal message with ``stamp_ns`` through the node's callbacks: new messages,
+    conversion, ``FrameFlow``. Returns the frames formed."""
+    rgb_msg, th_msg = frames.messages(image_cls, stamp_ns, as_numpy)
+    rgb = rgb_from_msg(rgb_msg, max_pixels=max_pixels)
+    thermal = thermal_from_msg(th_msg, max_pixels=max_pixels)
+    formed = flow.rgb(stamp_ns, (rgb_msg.header, rgb), time.monotonic_ns())
+    return formed + flow.thermal(stamp_ns, (th_msg.header, thermal), time.monotonic_ns())
+
+
 def time_frame(
     pipeline: FramePipeline,
     flow: FrameFlow,
@@ -396,12 +406,7 @@ def bench_sustained(segmenter, size: tuple[int, int], seconds: float = 4.0, feed
     try:
         while time.monotonic() < end:
             stamp = stamp0 + fed * int(period * 1e9)
-            rgb_msg, th_msg = frames.messages(image_cls, stamp, as_numpy)
-            rgb = rgb_from_msg(rgb_msg, max_pixels=max_pixels)
-            thermal = thermal_from_msg(th_msg, max_pixels=max_pixels)
-            formed = flow.rgb(stamp, (rgb_msg.header, rgb), time.monotonic_ns())
-            formed += flow.thermal(stamp, (th_msg.header, thermal), time.monotonic_ns())
-            for pair in formed:
+            for pair in camera_arrival(frames, flow, image_cls, as_numpy, stamp, max_pixels):
                 if slot.put(Job(pair, time.monotonic())):
                     drop("superseded")
             fed += 1
@@ -575,12 +580,7 @@ def bench_memory(
     n_out = 0
     for i in range(warmup + pairs):
         stamp = stamp0 + i * 33_333_333
-        rgb_msg, th_msg = frames.messages(image_cls, stamp, as_numpy)
-        rgb = rgb_from_msg(rgb_msg)
-        thermal = thermal_from_msg(th_msg)
-        formed = flow.rgb(stamp, (rgb_msg.header, rgb), time.monotonic_ns())
-        formed += flow.thermal(stamp, (th_msg.header, thermal), time.monotonic_ns())
-        for pair in formed:
+        for pair in camera_arrival(frames, flow, image_cls, as_numpy, stamp):
             (header, rgb_arr), (_, th_arr) = pair.rgb, pair.thermal
             res = pipeline.process(rgb_arr, th_arr, outputs=outputs)
             for arr, e in ((res.labels, labels_encoding(res.labels)), (res.overlay, "rgb8")):

@@ -604,9 +604,8 @@ class ThermalRegistrar:
         if thermal.ndim != 2 or thermal.shape[0] < 2 or thermal.shape[1] < 2:
             raise RegistrationError(f"thermal image must be (H, W), got shape {thermal.shape}")
         plan = self.grid_maps(thermal.shape, rgb_size, grid_size)
-        src = thermal if thermal.dtype.type in _REMAP_DTYPES and thermal.dtype != np.float64 else None
-        if src is None:
-            src = thermal.astype(np.float32)
+        # OpenCV halves uint8/uint16/int16/float32 as they are; anything else is made float32 first
+        src = thermal if thermal.dtype in (np.uint8, np.uint16, np.int16, np.float32) else thermal.astype(np.float32)
         for _ in range(plan.levels):
             src = cv2.resize(src, (src.shape[1] // 2, src.shape[0] // 2), interpolation=cv2.INTER_AREA)
         src = src.astype(np.float32, copy=False)

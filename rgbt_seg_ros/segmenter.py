@@ -423,13 +423,18 @@ class Segmenter:
             if self._device.type == "cuda":  # this thread's stream only: not the next frame's preparation
                 torch.cuda.current_stream(self._device).synchronize()
             t1 = time.perf_counter()
-            conf, labels = logits.softmax(dim=1).max(dim=1)
-            label_t = torch.uint8 if self._label_dtype == np.uint8 else torch.int32
-            labels_np = labels[0].to(label_t).cpu().numpy().astype(self._label_dtype, copy=False)
-            conf_np = conf[0].clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
+            labels_np, conf_np = self._decide(logits)
         t2 = time.perf_counter()
         timings = {**inp.timings, "model": (t1 - t0) * 1e3, "postprocess": (t2 - t1) * 1e3}
         return SegmentationResult(labels=labels_np, confidence=conf_np, timings=timings)
+
+    def _decide(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Arg-max labels and max softmax probability of (1, C, h, w) logits, decided on the model's
+        device: only the small label dtype and the confidence cross to the host."""
+        conf, labels = logits.softmax(dim=1).max(dim=1)
+        label_t = torch.uint8 if self._label_dtype == np.uint8 else torch.int32
+        labels_np = labels[0].to(label_t).cpu().numpy().astype(self._label_dtype, copy=False)
+        return labels_np, conf[0].clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
 
     def _autocast(self):
         if self._precision == "fp32":
@@ -464,9 +469,7 @@ class Segmenter:
             t2 = time.perf_counter()
             if inp.content_size != (h, w):
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-            conf, labels = logits.softmax(dim=1).max(dim=1)
-            labels_np = labels[0].to(torch.int32).cpu().numpy().astype(self._label_dtype)
-            conf_np = conf[0].clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
+            labels_np, conf_np = self._decide(logits)
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
         return SegmentationResult(labels=labels_np, confidence=conf_np, timings=timings)

@@ -286,8 +286,8 @@ def test_stopping_mid_stream_accounts_for_every_frame_taken():
     time.sleep(0.35)
     assert worker.stop(timeout=5.0)
     feeder.join(timeout=2.0)
-    assert worker.taken == worker.ended and worker.taken >= 2
-    assert "stopped" in drops or worker.ended == worker.taken
+    # every frame taken ended: delivered, or reported as stopped between stages (nothing else drops here)
+    assert worker.taken == worker.ended and worker.taken >= 2 and set(drops) <= {"stopped"}
 
 
 def test_replay_worker_delivers_every_frame_in_order_and_reports_a_bad_one():
