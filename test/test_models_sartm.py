@@ -468,3 +468,32 @@ def test_bench_model_reports_the_figures(tmp_path):
     assert "GFLOP per RGB-T pair" in table and "ratio to matmul" in table
     assert result["forward_ms_two_pass"] > 0 and result["batched_vs_two_pass"] > 0
     assert "batched / two-pass time" in table
+
+
+def test_without_the_language_module_no_loss_term_trains_against_a_missing_text_teacher(info, text):
+    """Language off: the model has no text teacher, so L_se is skipped (with a warning), never
+    computed against the all-zero placeholder buffer; L_cr keeps its teacher (the other modality)."""
+    import warnings
+
+    from rgbt_seg_ros.training.losses import SartmLoss
+
+    cfg = micro_cfg()
+    cfg["language"]["enabled"] = False
+    torch.manual_seed(0)
+    model = build_model(cfg, info, None)
+    rgb, th = pair(b=2, h=64, w=96)
+    out = model(rgb, th)
+    assert out["text_embeddings"] is None
+    labels = torch.randint(0, info.num_classes, (2, 64, 96), generator=torch.Generator().manual_seed(3))
+    loss = SartmLoss()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        total, parts = loss(out, labels)
+    assert "l_se" not in parts
+    assert parts["l_cr"] > 0  # cross-modal: RGB and thermal prototypes of the same class
+    assert any("L_se is skipped" in str(w.message) for w in caught)
+    total.backward()
+    # With language on, the same model kind computes L_se against the class-name embeddings.
+    model_on = make_micro(info, text)
+    _, parts_on = SartmLoss()(model_on(rgb, th), labels)
+    assert parts_on["l_se"] > 0

@@ -286,5 +286,7 @@ class SARTM(nn.Module):
             "features": dict(zip(LEVELS, fused)),
             "features_rgb": dict(zip(LEVELS, rect_rgb)),
             "features_thermal": dict(zip(LEVELS, rect_th)),
-            "text_embeddings": self.text_embeddings,
+            # No language module, no text teacher: the loss then skips L_se instead of training
+            # against the all-zero placeholder buffer.
+            "text_embeddings": self.text_embeddings if self.use_language else None,
         }
