@@ -266,3 +266,50 @@ def test_realdata_cli_resumes_the_mfnet_tiles_run(tmp_path):
     assert json.loads((tmp_path / "realdata.json").read_text())["mfnet_tiles"]["steps"] == 3
     rows = [json.loads(line) for line in (tmp_path / "mfnet_tiles" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["type"] == "train"] == [2, 3]  # step 3 continued step 2, not a restart
+
+
+@pytest.mark.parametrize(
+    "config, optimizer, lr, wd, power, kind",
+    [
+        ("models/sartm_tiny.yaml", torch.optim.AdamW, 1e-4, 0.01, 0.9, "ohem"),
+        ("models/cpal_tiny.yaml", torch.optim.AdamW, 2e-5, 0.05, 1.0, "ce"),
+        ("models/fusionsam_tiny.yaml", torch.optim.Adam, 1e-4, 1e-3, 0.0, "ce"),
+    ],
+)
+def test_each_backend_trains_with_its_own_recipe_unless_the_train_config_says_otherwise(
+    config, optimizer, lr, wd, power, kind
+):
+    """The recipe comes from the model config's defaults (the backend's paper); the tiny configs are
+    read (not built: they need SAM2 weights), so the recipe a production model trains with is checked."""
+    from rgbt_seg_ros.models import resolve_model_config
+    from rgbt_seg_ros.training.trainer import apply_recipe
+
+    model_cfg = resolve_model_config(config)
+    filled, line = apply_recipe(resolve_train_config(tiny_config(lr=None)), model_cfg)
+    assert (filled["lr"], filled["weight_decay"], filled["poly_power"], filled["loss"]["kind"]) == (lr, wd, power, kind)
+    assert filled["optimizer"] == optimizer.__name__.lower()
+    assert line.startswith("recipe: ") and "overrides" not in line
+    over, line = apply_recipe(resolve_train_config(tiny_config(lr=3e-3, loss={"kind": "ohem"})), model_cfg)
+    assert over["lr"] == 3e-3 and over["weight_decay"] == wd and over["loss"]["kind"] == "ohem"
+    assert "overrides lr 0.003" in line
+
+
+def test_the_trainer_builds_the_recipes_optimizer_schedule_and_loss(tmp_path, text):
+    """A micro FusionSAM-style recipe through a real Trainer: Adam (not AdamW), constant lr after the
+    warm-up, plain cross-entropy (every labelled pixel kept)."""
+    rec = {"optimizer": "adam", "lr": 2e-3, "weight_decay": 1e-3, "poly_power": 0.0, "loss": "ce"}
+    cfg = tiny_config(lr=None, val_split=None, warmup_steps=0, model={"input_size": SIZE, "recipe": rec})
+    tr = Trainer(MICRO, cfg, tmp_path / "run", text_embeddings=text)
+    assert type(tr.optimizer) is torch.optim.Adam
+    assert tr.optimizer.param_groups[0]["weight_decay"] == 1e-3
+    assert tr.schedule(0) == tr.schedule(tr.total_steps - 1) == 2e-3
+    assert tr.loss.ohem.min_kept_fraction == 1.0
+    logits = torch.randn(2, 8, 16, 16)
+    labels = torch.randint(0, 8, (2, 16, 16))
+    assert torch.allclose(tr.loss.ohem(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
+    assert "Adam lr 0.002, wd 0.001, constant lr, cross-entropy" in tr.recipe_line
+    tr.close()
+    with pytest.raises(TrainConfigError, match="optimizer"):
+        resolve_train_config(tiny_config(optimizer="sgd"))
+    with pytest.raises(ValueError, match="recipe.loss"):
+        Trainer(MICRO, tiny_config(model={"input_size": SIZE, "recipe": {"loss": "dice"}}), tmp_path / "bad")

@@ -10,12 +10,15 @@ Data flow for an RGB-T pair:
    Hiera blocks as two streams.
 2. In every block of the stages listed in ``mcp.stages``, an MCP (two sub-blocks of grouped
    down/mid/up projections, one per direction) turns each stream's normalised tokens into a
-   prompt that is added to the *other* stream: before the attention residual sum (from the
-   block's input) and before the MLP residual sum (from the mid-block tokens). The up
+   prompt that is added to the *other* stream's residual output: to the attention sub-layer's
+   ``x + attn(norm(x))`` (prompt from the block's normalised input) and to the MLP sub-layer's
+   ``t + mlp(norm(t))`` (prompt from the normalised mid-block tokens); the prompt does not enter
+   the attention or the MLP itself. The up
    projections start at zero: a fresh CPAL's streams equal the plain frozen trunk.
 3. After each of the four stages, a GPM merges the stage's thermal tokens into its RGB tokens
    (projection, cross-attention perception matrix, forget gate, ``+ V_RGB``, projection back).
-4. A UPerHead (PPM + FPN, the mmsegmentation layout; the paper used a LightHam head) decodes
+4. A UPerHead (PPM + FPN, the mmsegmentation layout; the paper's CPAL-L, while CPAL-T uses a
+   lighter Hamburger head) decodes
    the four merged maps to (B, C, H/4, W/4); ``logits`` are that, upsampled to the input size.
 5. Modality-specific LoRA (one adapter per stream) sits only in the blocks of ``lora.stages``
    (the last stage by default), on the attention projections ``lora.targets``. The paper put
@@ -40,7 +43,7 @@ from torch import nn
 from ..classes import DatasetInfo
 from .cpal_blocks import GatedPerceptionModule, MultiModalCrossPrompter, UPerHead, attention_sublayer, dual_stream_block
 from .lora import MODALITY_ADAPTERS, activate_adapter, add_modality_lora
-from .registry import check_rgbt_inputs, refuse_frozen_random, register_backend
+from .registry import check_rgbt_inputs, recipe, refuse_frozen_random, register_backend
 from .sam2_checkpoint import NO_MASK_KEY, PE_KEY, parts_to_official, read_official_state_dict
 from .sam2_encoder import image_encoder_config, split_fused_qkv
 from .sartm import SARTM
@@ -56,6 +59,8 @@ CPAL_DEFAULTS = {
     "mcp": {"hidden": 32, "groups": 4, "stages": [1, 2, 3, 4]},
     "gpm": {"reduction": 4, "heads": 1, "kv_pool": [8, 4, 2, 1]},
     "head": {"channels": 96, "pool_scales": [1, 2, 3, 6], "dropout": 0.1},
+    # The paper's training: AdamW lr 2e-5, weight decay 0.05, poly(1.0) decay, the base model's cross-entropy.
+    "recipe": recipe("CPAL paper", "adamw", 2.0e-5, 0.05, 1.0, "ce"),
 }
 
 TRUNK_PREFIX = "image_encoder.trunk."

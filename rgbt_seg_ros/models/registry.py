@@ -17,6 +17,9 @@ the output's ``aux_losses`` dict (weighted scalars, training mode only) and are 
 Config keys shared by all backends (see models/README.md for the full schema):
 ``backend``, ``dataset`` (class-file name or path) or ``classes`` (inline class list),
 ``input_size`` [H, W], ``normalization`` {rgb: {mean, std}, thermal: {mean, std}}.
+Each backend also declares its training ``recipe`` {optimizer, lr, weight_decay, poly_power, loss}
+in its defaults (its paper's: :func:`recipe`); the trainer uses it unless the train config overrides
+a key (``training/trainer.py``).
 Backend-specific keys come with the backend's defaults; a key that is neither is an error,
 so a typo in a YAML file does not pass silently.
 """
@@ -48,6 +51,42 @@ COMMON_DEFAULTS: dict[str, Any] = {
         "thermal": {"mean": [0.5], "std": [0.25]},
     },
 }
+
+
+#: Optimisers and segmentation losses a recipe may name (the trainer builds them).
+RECIPE_OPTIMIZERS: tuple[str, ...] = ("adamw", "adam")
+RECIPE_LOSSES: tuple[str, ...] = ("ohem", "ce")
+
+
+def recipe(source: str, optimizer: str, lr: float, weight_decay: float, poly_power: float, loss: str) -> dict:
+    """A backend's training recipe, for its defaults' ``recipe`` section.
+
+    ``source``: where the values come from (printed by ``rgbt-seg train``); ``optimizer``: adamw | adam
+    (weight decay not on biases and 1-D parameters either way); ``poly_power``: the poly decay after the
+    warm-up (0 = constant lr); ``loss``: ohem (eq. 11 of SARTM) | ce (plain cross-entropy).
+    """
+    return {
+        "source": source,
+        "optimizer": optimizer,
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "poly_power": float(poly_power),
+        "loss": loss,
+    }
+
+
+def check_recipe(rec: dict, where: str = "recipe") -> None:
+    """Raise ValueError naming the key when a recipe section cannot be trained with."""
+    if rec.get("optimizer") not in RECIPE_OPTIMIZERS:
+        choices = ", ".join(RECIPE_OPTIMIZERS)
+        raise ValueError(f"{where}.optimizer must be one of {choices}, got {rec.get('optimizer')!r}")
+    if rec.get("loss") not in RECIPE_LOSSES:
+        raise ValueError(f"{where}.loss must be one of {', '.join(RECIPE_LOSSES)}, got {rec.get('loss')!r}")
+    for key, low, strict in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("poly_power", 0.0, False)):
+        value = rec.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (value > low or (not strict and value == low)):
+            raise ValueError(f"{where}.{key} must be a number {'>' if strict else '>='} {low:g}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -150,6 +189,8 @@ def resolve_model_config(config: str | Path | dict) -> dict:
             f"model config input_size must be [H, W] with positive multiples of {spec.size_multiple}, got {size!r}"
         )
     cfg["input_size"] = [int(s) for s in size]
+    if "recipe" in cfg:
+        check_recipe(cfg["recipe"])
     for modality, channels in (("rgb", 3), ("thermal", 1)):
         norm = cfg["normalization"].get(modality) or {}
         for key in ("mean", "std"):

@@ -32,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="total optimiser steps (default: epochs x steps per epoch)")
     p.add_argument("--stop-after-steps", type=int, help="stop (saving last/) after N steps; schedule unchanged")
     p.add_argument("--batch-size", type=int, help="batch size per process (default 2)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--optimizer", choices=("adamw", "adam"), help="optimiser (default: the backend's recipe)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the backend's recipe; SARTM 1e-4)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default: the backend's recipe; SARTM 0.01)")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 5%% of the steps)")
     p.add_argument("--grad-clip", type=float, help="clip the gradient L2 norm to this value")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -79,6 +80,7 @@ def build_train_config(args: argparse.Namespace, base: dict | None = None) -> di
         "max_steps": args.max_steps,
         "stop_after_steps": args.stop_after_steps,
         "batch_size": args.batch_size,
+        "optimizer": args.optimizer,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "warmup_steps": args.warmup_steps,
@@ -143,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     except (TrainConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if trainer.dist.is_main:
+        print(trainer.recipe_line, flush=True)
     try:
         summary = trainer.fit()
     finally:

@@ -9,9 +9,13 @@ YAML serves several experiments.
 What one step does: a batch of augmented items (:mod:`.transforms`, each item's randomness drawn
 from ``(seed, epoch, index)``, so workers, ranks and resumption never change it) is normalised
 with :func:`rgbt_seg_ros.segmenter.normalize_batch` (the Segmenter's own function), run through
-the model, scored with :class:`.losses.SartmLoss` (eq. 15) and optimised with AdamW (no weight
-decay on biases and 1-D parameters, as the paper's code); the learning rate follows a linear
-warm-up then a poly(0.9) decay (:class:`WarmupPolySchedule`).
+the model, scored with :class:`.losses.SartmLoss` (eq. 15) and optimised with the backend's
+**recipe** (the ``recipe`` section of its model config: optimizer AdamW or Adam, lr, weight decay,
+poly power, OHEM or plain cross-entropy; SARTM: AdamW 1e-4, 0.01, poly 0.9, OHEM). A train-config
+key that is set (``optimizer``, ``lr``, ``weight_decay``, ``poly_power``, ``loss.kind``) wins over the
+recipe; :func:`apply_recipe` merges them and ``Trainer.recipe_line`` says what was used. No weight
+decay on biases and 1-D parameters (as the papers' code); the learning rate follows a linear
+warm-up then the poly decay (:class:`WarmupPolySchedule`; power 0 = constant).
 
 Outputs under ``OUT``::
 
@@ -62,6 +66,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..classes import DatasetInfo, load_dataset_info
 from ..models import LOSS_TERMS, backend_loss_terms, build_model, load_model_config, resolve_model_config
+from ..models.registry import RECIPE_LOSSES, RECIPE_OPTIMIZERS
 from ..segmenter import PRECISIONS, fit_size, normalize_batch, resolve_device
 from .datasets import DATASET_KINDS, DatasetError, build_dataset
 from .losses import PAPER_WEIGHTS, SartmLoss, enet_class_weights
@@ -85,13 +90,15 @@ TRAIN_DEFAULTS: dict = {
     "max_steps": None,  # total optimiser steps (the schedule's length); default epochs x steps per epoch
     "stop_after_steps": None,  # stop (and save last/) after this many steps; the schedule is unchanged
     "batch_size": 2,  # per process
-    "lr": 1.0e-4,
-    "weight_decay": 0.01,
+    # optimizer / lr / weight_decay / poly_power / loss.kind: null = the backend's recipe (model config)
+    "optimizer": None,  # adamw | adam
+    "lr": None,
+    "weight_decay": None,
     "betas": [0.9, 0.999],
     "warmup_steps": None,  # default: warmup_fraction of the total steps
     "warmup_fraction": 0.05,
     "warmup_start": 1.0e-3,  # warm-up starts at lr * warmup_start
-    "poly_power": 0.9,
+    "poly_power": None,
     "min_lr": 0.0,
     "grad_clip": None,  # max gradient L2 norm, or null
     "seed": 0,
@@ -102,6 +109,7 @@ TRAIN_DEFAULTS: dict = {
     "transform": {},  # build_train_transform options; crop_size defaults to the model's input_size
     "modalities": "rgbt",  # rgbt | rgb (thermal blanked: thermal = 0, valid = 0, in training and validation)
     "loss": {
+        "kind": None,  # ohem | ce (plain cross-entropy: every labelled pixel); null = the recipe's
         "weights": list(PAPER_WEIGHTS),  # w0 CE(S0), w1 CE(S1), w2 L_cr, w3 L_se
         "ohem_thresh": 0.7,
         "min_kept_fraction": 1.0 / 16.0,
@@ -158,8 +166,16 @@ def resolve_train_config(cfg: dict | None) -> dict:
     for key in ("max_steps", "stop_after_steps", "warmup_steps"):
         if out[key] is not None and (not isinstance(out[key], int) or out[key] < 0):
             raise TrainConfigError(f"train config '{key}' must be null or an integer >= 0, got {out[key]!r}")
-    if not float(out["lr"]) > 0:
+    if out["lr"] is not None and not float(out["lr"]) > 0:
         raise TrainConfigError(f"train config 'lr' must be > 0, got {out['lr']!r}")
+    if out["optimizer"] is not None and out["optimizer"] not in RECIPE_OPTIMIZERS:
+        raise TrainConfigError(
+            f"train config 'optimizer' must be one of {', '.join(RECIPE_OPTIMIZERS)}, got {out['optimizer']!r}"
+        )
+    if out["loss"]["kind"] is not None and out["loss"]["kind"] not in RECIPE_LOSSES:
+        raise TrainConfigError(
+            f"train config loss.kind must be one of {', '.join(RECIPE_LOSSES)}, got {out['loss']['kind']!r}"
+        )
     if out["modalities"] not in ("rgbt", "rgb"):
         raise TrainConfigError(f"train config 'modalities' must be 'rgbt' or 'rgb', got {out['modalities']!r}")
     if out["precision"] not in PRECISIONS:
@@ -170,7 +186,56 @@ def resolve_train_config(cfg: dict | None) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- schedule, optimiser
+# --------------------------------------------------------------------------- recipe, schedule, optimiser
+
+#: The recipe of a backend that declares none (SARTM's paper).
+FALLBACK_RECIPE = {
+    "source": "SARTM paper",
+    "optimizer": "adamw",
+    "lr": 1.0e-4,
+    "weight_decay": 0.01,
+    "poly_power": 0.9,
+    "loss": "ohem",
+}
+#: train-config key -> recipe key
+RECIPE_KEYS = {"optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "poly_power": "poly_power"}
+
+
+def apply_recipe(train_cfg: dict, model_cfg: dict) -> tuple[dict, str]:
+    """Fill the train config's unset optimiser keys from the model config's ``recipe``.
+
+    Returns the filled copy and one line saying what was used and what the train config overrode.
+    """
+    rec = {**FALLBACK_RECIPE, **(model_cfg.get("recipe") or {})}
+    out = copy.deepcopy(train_cfg)
+    overridden = []
+    for key, rkey in RECIPE_KEYS.items():
+        if out[key] is None:
+            out[key] = rec[rkey]
+        elif out[key] != rec[rkey]:
+            overridden.append(f"{key} {out[key]:g}" if isinstance(out[key], float) else f"{key} {out[key]}")
+    if out["loss"]["kind"] is None:
+        out["loss"]["kind"] = rec["loss"]
+    elif out["loss"]["kind"] != rec["loss"]:
+        overridden.append(f"loss {out['loss']['kind']}")
+    source = rec.get("source") or f"{model_cfg.get('backend')} defaults"
+    line = f"recipe: {source} ({describe_recipe(rec)})"
+    if overridden:
+        line += f"; train config overrides {', '.join(overridden)} -> {describe_recipe(out_recipe(out))}"
+    return out, line
+
+
+def out_recipe(train_cfg: dict) -> dict:
+    """The recipe a filled train config trains with."""
+    return {key: train_cfg[tkey] for tkey, key in RECIPE_KEYS.items()} | {"loss": train_cfg["loss"]["kind"]}
+
+
+def describe_recipe(rec: dict) -> str:
+    """``AdamW lr 0.0001, wd 0.01, poly 0.9, OHEM``."""
+    opt = {"adamw": "AdamW", "adam": "Adam"}[rec["optimizer"]]
+    sched = "constant lr" if float(rec["poly_power"]) == 0 else f"poly {float(rec['poly_power']):g}"
+    loss = {"ohem": "OHEM cross-entropy", "ce": "cross-entropy"}[rec["loss"]]
+    return f"{opt} lr {float(rec['lr']):g}, wd {float(rec['weight_decay']):g}, {sched}, {loss}"
 
 
 @dataclass(frozen=True)
@@ -436,6 +501,8 @@ class Trainer:
         raw["classes"] = self.info.to_dict()
         self.model_cfg = resolve_model_config(raw)
         self.input_size = tuple(self.model_cfg["input_size"])
+        self.cfg, self.recipe_line = apply_recipe(cfg, self.model_cfg)
+        cfg = self.cfg
 
         seed_everything(int(cfg["seed"]))
         lang = self.model_cfg.get("language") or {}
@@ -493,13 +560,15 @@ class Trainer:
             weights=tuple(float(w) if t in self.loss_terms else 0.0 for t, w in zip(LOSS_TERMS, lc["weights"])),
             ignore_index=self.info.ignore_index,
             ohem_thresh=float(lc["ohem_thresh"]),
-            min_kept_fraction=float(lc["min_kept_fraction"]),
+            # plain cross-entropy = OHEM that keeps every labelled pixel
+            min_kept_fraction=1.0 if lc["kind"] == "ce" else float(lc["min_kept_fraction"]),
             feature_level=lc["feature_level"],
             temperature=float(lc["temperature"]),
             cr_temperature=float(lc["cr_temperature"]),
             class_weights=None if self.class_weights is None else torch.tensor(self.class_weights),
         )
-        self.optimizer = torch.optim.AdamW(
+        optimizer = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg["optimizer"]]
+        self.optimizer = optimizer(
             param_groups(self.model, float(cfg["weight_decay"])), lr=float(cfg["lr"]), betas=tuple(cfg["betas"])
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and cfg["precision"] == "fp16")
