@@ -17,6 +17,11 @@
 Loading never unpickles: safetensors for our files, ``torch.load(weights_only=True)`` for an
 official SAM2 file. A checkpoint whose backend, class count or tensor names do not match
 fails with a message naming the file and the keys.
+
+Format 2 added the tensors named in :data:`ADDED_SINCE_FORMAT_1` (SAM2's ``no_mem_embed``,
+added to the image embedding before the mask decoder). A format-1 checkpoint lacks them and
+ran with them at zero: they load as zeros, also where the base weights file has them, so an
+old model computes what it computed when it was trained. Any other missing key is refused.
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ from .classes import DatasetInfo
 from .models.registry import backend_spec, build_model, resolve_model_config
 from .models.sam2_checkpoint import file_sha256
 
-CHECKPOINT_FORMAT = "rgbt_seg_ros.checkpoint/1"
+CHECKPOINT_FORMAT = "rgbt_seg_ros.checkpoint/2"
+FORMAT_1 = "rgbt_seg_ros.checkpoint/1"
+READABLE_FORMATS = (FORMAT_1, CHECKPOINT_FORMAT)
+#: State-dict keys format 1 did not have; a format-1 checkpoint loads them as zeros.
+ADDED_SINCE_FORMAT_1 = ("sam_head.no_mem_embed",)
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 BASE_FILE = "base_sam2.safetensors"
@@ -144,9 +153,9 @@ def read_checkpoint_config(ckpt_dir: str | Path) -> dict:
             config = yaml.safe_load(f)
         except yaml.YAMLError as exc:
             raise ValueError(f"{path} is not valid YAML (damaged checkpoint?): {exc}") from None
-    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(config, dict) or config.get("format") not in READABLE_FORMATS:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{path}: expected format '{CHECKPOINT_FORMAT}', found {found!r}")
+        raise ValueError(f"{path}: expected format {' or '.join(map(repr, READABLE_FORMATS))}, found {found!r}")
     for key in ("backend", "classes", "model"):
         if key not in config:
             raise ValueError(f"{path}: missing key '{key}'")
@@ -232,9 +241,14 @@ def load_checkpoint(
     model = build_model(resolved, dataset_info)
 
     frozen = set(_frozen_base_keys(model))
-    expected = {k: v for k, v in model.state_dict().items() if k not in frozen}
-    missing = set(expected) - set(tensors)
+    state = model.state_dict()
+    zeros = {}
+    if config["format"] == FORMAT_1:  # zeros, as the model ran then (even if the base file has them)
+        zeros = {k: torch.zeros_like(state[k]) for k in ADDED_SINCE_FORMAT_1 if k in state and k not in tensors}
+    expected = {k: v for k, v in state.items() if k not in frozen}
+    missing = set(expected) - set(tensors) - set(zeros)
     unexpected = set(tensors) - set(expected)
+    tensors |= zeros
     if missing or unexpected:
         parts = []
         if missing:

@@ -29,6 +29,12 @@ class SAM2MaskDecoderHead(nn.Module):
 
     ``conv_s0``/``conv_s1`` live in the decoder (as in SAM2) but are applied per modality by
     :meth:`pyramid` before fusion, so that fusion runs at d/8, d/4 and d channels.
+
+    ``no_mem_embed`` (1, 1, d) is SAM2's "no memory" embedding: SAM2's image predictor adds it
+    to the stride-16 map before the mask decoder (``directly_add_no_mem_embed`` in the
+    ``sam2.1_hiera_*`` configs), and the official decoder was trained on features that carry
+    it. :meth:`image_embedding` adds it the same way, so the decoder sees the fused SFM as it
+    would see SAM2's own image embedding. Zeros until loaded from a SAM2 checkpoint.
     """
 
     def __init__(
@@ -62,12 +68,20 @@ class SAM2MaskDecoderHead(nn.Module):
         )
         self.pe_layer = PositionEmbeddingRandom(dim // 2)
         self.no_mask_embed = nn.Embedding(1, dim)
+        self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, dim))
 
     def pyramid(self, backbone_fpn: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(FFP, IFP, SFM) of one modality from the neck's stride 4/8/16 maps."""
         ffp = self.mask_decoder.conv_s0(backbone_fpn[0])
         ifp = self.mask_decoder.conv_s1(backbone_fpn[1])
         return ffp, ifp, backbone_fpn[2]
+
+    def image_embedding(self, sfm: torch.Tensor) -> torch.Tensor:
+        """The decoder's image embedding: the stride-16 map (B, d, h, w) + ``no_mem_embed``.
+
+        SAM2 adds the (1, 1, d) embedding to the flattened (h*w, B, d) map; per channel here.
+        """
+        return sfm + self.no_mem_embed.to(sfm.dtype).reshape(1, -1, 1, 1)
 
     def forward(
         self, sfm: torch.Tensor, ifp: torch.Tensor, ffp: torch.Tensor, dense: torch.Tensor | None = None
@@ -81,7 +95,7 @@ class SAM2MaskDecoderHead(nn.Module):
             raise ValueError(f"dense prompt must be (B, d, h, w) = {(b, c, h, w)}, got {tuple(dense.shape)}")
         sparse = sfm.new_zeros(b, 0, c)
         masks, _iou, _tokens, _obj = self.mask_decoder.predict_masks(
-            image_embeddings=sfm,
+            image_embeddings=self.image_embedding(sfm),
             image_pe=image_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,

@@ -18,7 +18,13 @@ official key                                           here
 ``sam_prompt_encoder.pe_layer.positional_encoding_``    ``pe_gaussian`` (image PE frequencies)
 ``gaussian_matrix``
 ``sam_prompt_encoder.no_mask_embed.weight``             ``no_mask_embed`` (dense prompt embedding)
+``no_mem_embed``                                        ``no_mem_embed`` (added to the stride-16
+                                                       image embedding before the decoder)
 =====================================================  ==========================================
+
+``no_mem_embed`` is optional on read (None when absent): every official SAM2 file has it, but
+the ``base_sam2.safetensors`` of a standalone export of checkpoint format 1 does not, and those
+models ran with it at zero.
 
 The decoder's mask tokens, hypernetwork MLPs and IoU head are per-class here (one mask token
 per class) and are not taken from the official file; memory modules are ignored.
@@ -38,6 +44,7 @@ ENCODER_PREFIX = "image_encoder."
 DECODER_PREFIX = "sam_mask_decoder."
 PE_KEY = "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
 NO_MASK_KEY = "sam_prompt_encoder.no_mask_embed.weight"
+NO_MEM_KEY = "no_mem_embed"
 #: Decoder sub-modules taken from the official file (prompt-agnostic, class-agnostic parts).
 DECODER_SHARED_PARTS = ("transformer.", "iou_token.", "output_upscaling.", "conv_s0.", "conv_s1.")
 
@@ -53,6 +60,7 @@ class Sam2Parts:
     mask_decoder: dict[str, torch.Tensor] = field(default_factory=dict)
     pe_gaussian: torch.Tensor | None = None
     no_mask_embed: torch.Tensor | None = None
+    no_mem_embed: torch.Tensor | None = None  # (1, 1, d); None: not in the file (loads as zeros)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -111,6 +119,7 @@ def official_to_parts(state: dict[str, torch.Tensor], source: str = "<state dict
                 parts.mask_decoder[local] = value
     parts.pe_gaussian = state.get(PE_KEY)
     parts.no_mask_embed = state.get(NO_MASK_KEY)
+    parts.no_mem_embed = state.get(NO_MEM_KEY)
     missing = [k for k, v in ((PE_KEY, parts.pe_gaussian), (NO_MASK_KEY, parts.no_mask_embed)) if v is None]
     if not parts.image_encoder:
         missing.append(ENCODER_PREFIX + "*")
@@ -126,6 +135,7 @@ def parts_to_official(
     mask_decoder: dict[str, torch.Tensor],
     pe_gaussian: torch.Tensor,
     no_mask_embed: torch.Tensor,
+    no_mem_embed: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Inverse of :func:`official_to_parts`: local tensors -> official key layout.
 
@@ -152,4 +162,6 @@ def parts_to_official(
             out[DECODER_PREFIX + key] = value.detach().clone()
     out[PE_KEY] = pe_gaussian.detach().clone()
     out[NO_MASK_KEY] = no_mask_embed.detach().clone()
+    if no_mem_embed is not None:
+        out[NO_MEM_KEY] = no_mem_embed.detach().clone()
     return out

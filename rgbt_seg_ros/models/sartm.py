@@ -161,6 +161,8 @@ class SARTM(nn.Module):
             self.sam_head.pe_layer.positional_encoding_gaussian_matrix.copy_(parts.pe_gaussian)
             with torch.no_grad():
                 self.sam_head.no_mask_embed.weight.copy_(parts.no_mask_embed)
+                if parts.no_mem_embed is not None:  # absent: stays zero (see sam2_checkpoint.py)
+                    self.sam_head.no_mem_embed.copy_(parts.no_mem_embed)
         except RuntimeError as exc:
             raise ValueError(f"SAM2 checkpoint {source} does not fit the mask decoder: {exc}") from exc
         loaded = dict(self.image_encoder.named_parameters()) | dict(self.image_encoder.named_buffers())
@@ -168,6 +170,7 @@ class SARTM(nn.Module):
         dec_all = dict(dec.named_parameters()) | dict(dec.named_buffers())
         tensors += [dec_all[k] for k in parts.mask_decoder]
         tensors += [self.sam_head.pe_layer.positional_encoding_gaussian_matrix, self.sam_head.no_mask_embed.weight]
+        tensors.append(self.sam_head.no_mem_embed)
         self._base_tensor_ids = {id(t) for t in tensors}
 
     def _encoder_name(self) -> str:
@@ -184,6 +187,7 @@ class SARTM(nn.Module):
         for module in (dec.transformer, dec.iou_token, self.sam_head.no_mask_embed):
             for p in module.parameters():
                 p.requires_grad_(not freeze_transformer)
+        self.sam_head.no_mem_embed.requires_grad_(not freeze_transformer)  # what the decoder was trained with
         # The IoU head's output is not used for semantic segmentation: it gets no gradient.
         for p in dec.iou_prediction_head.parameters():
             p.requires_grad_(False)
@@ -208,6 +212,7 @@ class SARTM(nn.Module):
             {k: v for k, v in dec_state.items() if k.startswith(DECODER_SHARED_PARTS)},
             self.sam_head.pe_layer.positional_encoding_gaussian_matrix,
             self.sam_head.no_mask_embed.weight,
+            self.sam_head.no_mem_embed,
         )
 
     def set_text_embeddings(self, text_embeddings: torch.Tensor) -> None:
