@@ -168,6 +168,25 @@ def fit_size(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> tuple[int, int
     return max(1, min(dst_hw[0], round(src_hw[0] * scale))), max(1, min(dst_hw[1], round(src_hw[1] * scale)))
 
 
+def resize_image(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """How the Segmenter brings an RGB or thermal image (B, C, H, W) to its grid: bilinear, antialiased
+    when shrinking. uint8 RGB stays uint8 on CPU (torch's uint8 kernel); anything else is resized as float.
+    The trainer fits its items with this function too, so training sees the pixels deployment sees."""
+    h = t.shape[-2]
+    if tuple(size) == tuple(t.shape[-2:]):
+        return t
+    if t.dtype != torch.uint8 or t.device.type != "cpu":
+        t = t.float()
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=size[0] < h)
+
+
+def resize_valid(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The validity mask (B, 1, H, W) at ``size``: nearest, so it stays 0/1."""
+    if tuple(size) == tuple(t.shape[-2:]):
+        return t
+    return F.interpolate(t.float(), size=size, mode="nearest")
+
+
 class Segmenter:
     """Runs an RGB-T segmentation backend on numpy image pairs."""
 
@@ -338,14 +357,8 @@ class Segmenter:
 
     def _rgb_tensor(self, rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         """(H, W, 3) uint8 -> (1, 3, h, w) float in [0, 255] at ``size``, antialiased when shrinking."""
-        h, w = rgb.shape[:2]
         t = self._upload("rgb", rgb).permute(2, 0, 1)[None]  # a channels-last view, no copy
-        if size == (h, w):
-            return t.float()
-        if self._device.type == "cpu":  # uint8 kernel: no full-size float image
-            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=size[0] < h)
-            return t.float()
-        return F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False, antialias=size[0] < h)
+        return resize_image(t, size).float()  # uint8 kernel on CPU: no full-size float image
 
     def _model_input(self, rgb_t, th_t, valid_t, size, timings) -> ModelInput:
         """Normalise, pad to the input size and mask thermal (tensors already at ``size``)."""
@@ -368,11 +381,8 @@ class Segmenter:
         rgb_t = self._rgb_tensor(rgb, size)
         th_t = self._upload("thermal", np.asarray(thermal, dtype=np.float32))[None, None]
         valid_t = None if valid is None else self._upload("valid", valid)[None, None].float()
-        if size != (h, w):
-            anti = size[0] < h
-            th_t = F.interpolate(th_t, size=size, mode="bilinear", align_corners=False, antialias=anti)
-            if valid_t is not None:
-                valid_t = F.interpolate(valid_t, size=size, mode="nearest")
+        th_t = resize_image(th_t, size)
+        valid_t = None if valid_t is None else resize_valid(valid_t, size)
         return self._model_input(rgb_t, th_t, valid_t, size, {})
 
     def prepare(

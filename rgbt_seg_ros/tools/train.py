@@ -48,7 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-count", type=int, help="synthetic: training scenes (default 64)")
     p.add_argument("--synthetic-val-count", type=int, help="synthetic: validation scenes (default: as training)")
     p.add_argument("--synthetic-seed", type=int, help="synthetic: scene seed (default 0)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="synthetic: scene size (default: input size)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="synthetic: camera size of the scenes (default 480 640); fitted to the model like a camera frame",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last (exactly: weights, optimizer, RNG)")

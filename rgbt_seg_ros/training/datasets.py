@@ -315,6 +315,11 @@ def folder_samples(root: Path, split: str) -> list[SampleFiles]:
 # --------------------------------------------------------------------------- synthetic
 
 
+#: The synthetic camera's image size (H, W): scenes are rendered at it and fitted to a model's input
+#: size by the same resize as a camera frame, in training, validation and evaluation alike.
+SYNTHETIC_CAMERA_SIZE = (480, 640)
+
+
 def split_seed(seed: int, split: str) -> int:
     """A generator seed per (seed, split): train, val and test never draw the same scene."""
     digest = hashlib.sha256(f"rgbt-synthetic:{int(seed)}:{split}".encode()).digest()
@@ -337,7 +342,7 @@ class SyntheticDataset(Dataset):
         split: str = "train",
         count: int = 64,
         seed: int = 0,
-        size: tuple[int, int] = (480, 640),
+        size: tuple[int, int] = SYNTHETIC_CAMERA_SIZE,
         thermal_size: tuple[int, int] | None = None,
         conditions: tuple[str, ...] | list[str] | None = None,
         transform: Callable[[dict], dict] | None = None,

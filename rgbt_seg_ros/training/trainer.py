@@ -68,9 +68,9 @@ from ..classes import DatasetInfo, load_dataset_info
 from ..models import LOSS_TERMS, backend_loss_terms, build_model, load_model_config, resolve_model_config
 from ..models.registry import RECIPE_LOSSES, RECIPE_OPTIMIZERS
 from ..segmenter import PRECISIONS, fit_size, normalize_batch, resolve_device
-from .datasets import DATASET_KINDS, DatasetError, build_dataset
+from .datasets import DATASET_KINDS, SYNTHETIC_CAMERA_SIZE, DatasetError, build_dataset
 from .losses import PAPER_WEIGHTS, SartmLoss, enet_class_weights
-from .transforms import build_train_transform, resize_item
+from .transforms import build_train_transform, fit_item
 
 TRAIN_STATE_FILE = "train_state.pt"
 TRAIN_CONFIG_FILE = "train_config.yaml"
@@ -326,26 +326,41 @@ def set_rng_state(state: dict) -> None:
 
 
 class AugmentedDataset(Dataset):
-    """A dataset's items, fitted to the model's input size and augmented with a per-item generator
-    seeded by ``(seed, epoch, index)``: the same batch content whatever the workers, ranks or resumption."""
+    """A dataset's items, fitted to the model's input size (:func:`.transforms.fit_item`, the
+    Segmenter's resize) and augmented with a per-item generator seeded by ``(seed, epoch, index)``:
+    the same batch content whatever the workers, ranks or resumption.
 
-    def __init__(self, base: Dataset, transform, seed: int, fit_size_hw: tuple[int, int] | None) -> None:
+    ``cache``: keep each fitted item in memory (before augmentation), for generated data whose
+    camera-size rendering costs more than a training step (the synthetic scenes: ~0.17 s each at
+    640x480). Each DataLoader worker has its own cache."""
+
+    def __init__(
+        self, base: Dataset, transform, seed: int, fit_size_hw: tuple[int, int] | None, cache: bool = False
+    ) -> None:
         self.base = base
         self.transform = transform
         self.seed = int(seed)
         self.fit_hw = fit_size_hw
         self.epoch = 0
+        self.cache: dict[int, dict] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> dict:
+    def fitted(self, index: int) -> dict:
+        if self.cache is not None and index in self.cache:
+            return dict(self.cache[index])
         item = self.base[index]
         if self.fit_hw is not None:
             h, w = item["labels"].shape[-2:]
-            nh, nw = fit_size((h, w), self.fit_hw)
-            if (nh, nw) != (h, w):
-                item = resize_item(item, (nh, nw))
+            item = fit_item(item, fit_size((h, w), self.fit_hw))
+        if self.cache is not None:
+            self.cache[index] = item
+            return dict(item)
+        return item
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.fitted(int(index))
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         item = self.transform(item, rng)
         item.pop("name", None)  # strings are not needed by the step; keep collation cheap
@@ -395,9 +410,8 @@ def dataset_info_for_training(cfg: dict) -> DatasetInfo:
 
 def _dataset(cfg: dict, info: DatasetInfo, split: str, options: dict, input_size) -> Dataset:
     opts = copy.deepcopy(options)
-    if cfg["dataset"] == "synthetic":
-        opts.setdefault("size", list(input_size))
-        opts["size"] = tuple(opts["size"])
+    if cfg["dataset"] == "synthetic":  # rendered at camera size, fitted to the model like a camera frame
+        opts["size"] = tuple(opts.get("size") or SYNTHETIC_CAMERA_SIZE)
     try:
         return build_dataset(cfg["dataset"], cfg["data"], split, info, **opts)
     except (DatasetError, FileNotFoundError) as exc:
@@ -520,7 +534,11 @@ class Trainer:
         self.transform = build_train_transform(transform_cfg)
         base = _dataset(cfg, self.info, cfg["train_split"], cfg["dataset_options"], self.input_size)
         self.train_set = AugmentedDataset(
-            base, self.transform, int(cfg["seed"]), self.input_size if cfg["fit_to_input"] else None
+            base,
+            self.transform,
+            int(cfg["seed"]),
+            self.input_size if cfg["fit_to_input"] else None,
+            cache=cfg["dataset"] == "synthetic",
         )
         self.val_set = None
         if cfg["val_split"]:

@@ -53,6 +53,26 @@ def resize_item(item: dict, size: tuple[int, int], resize_labels: bool = True) -
     return out
 
 
+def fit_item(item: dict, size: tuple[int, int]) -> dict:
+    """An item at ``size`` exactly as the Segmenter resizes a camera frame (:func:`..segmenter.resize_image`:
+    RGB as uint8, bilinear, antialiased when shrinking; thermal as float; ``valid`` nearest); labels
+    nearest. Training fits its items with this, so the model is trained on the pixels it will be given."""
+    from ..segmenter import resize_image, resize_valid
+
+    if _size(item) == tuple(size):
+        return item
+    out = dict(item)
+    rgb_u8 = np.clip(np.rint(item["rgb"] * 255.0), 0, 255).astype(np.uint8)  # the camera's bytes
+    rgb = resize_image(torch.from_numpy(rgb_u8)[None], size)[0]
+    out["rgb"] = rgb.numpy().astype(np.float32) * np.float32(1.0 / 255.0)
+    out["thermal"] = resize_image(torch.from_numpy(np.ascontiguousarray(item["thermal"]))[None], size)[0].numpy()
+    if "valid" in item:
+        out["valid"] = resize_valid(torch.from_numpy(np.ascontiguousarray(item["valid"]))[None], size)[0].numpy()
+    labels = item["labels"].astype(np.int32)  # OpenCV cannot resize int64
+    out["labels"] = cv2.resize(labels, (size[1], size[0]), interpolation=cv2.INTER_NEAREST).astype(np.int64)
+    return out
+
+
 def pad_item(item: dict, top: int, bottom: int, left: int, right: int, label_fill: int = 255) -> dict:
     """Pad every array: images and ``valid`` with 0, ``labels`` with ``label_fill`` (ignore).
 
