@@ -45,10 +45,21 @@ is ours, see :func:`channel_kl`), and
   that stay consistent across images, days and nights.
 
 The KL is averaged over all K x D entries, the authors' reduction, under which ``w2 = 10000``
-was tuned. Per-entry values are tiny: for 256-channel unit prototypes at temperature 1, about
-1e-8 between similar prototypes and up to ~1e-5 between unrelated ones, so ``w2 * L_cr`` stays
-below ~0.1 next to cross-entropies of ~1. (In the authors' code the prototypes were divided by
+was tuned with SAM2's 256-channel neck; for another width D the mean is taken as if D were 256
+(:func:`channel_kl`), so that w2 means the same for the micro models' 32 channels. Per-entry
+values are tiny: for 256-channel unit prototypes at temperature 1, about 1e-8 between similar
+prototypes and up to ~1e-5 between unrelated ones, so ``w2 * L_cr`` stays below ~0.1 next to
+cross-entropies of ~1. (In the authors' code the prototypes were divided by
 their pixel count twice, which drove the term to ~0.) Lower ``cr_temperature`` to strengthen it.
+**Balance at initialisation** (the paper states no reductions; these are the authors' code's, with
+L_cr referenced to 256 channels). Gradient norm of each weighted term on the SAM2 encoder of a random
+micro SARTM, relative to CE(S0)'s, on one synthetic batch (``test_losses.py`` asserts the bands):
+w1 CE(S1) 0.008 (32-channel neck) / 0.012 (256); w2 L_cr 0.25 / 0.11 (the plain mean gave 14x at 32
+channels); w3 L_se 5.8 / 1.9. L_se is the largest term at initialisation because CE reaches the
+encoder only through a random decoder; with official SAM2 decoder weights CE's path is the trained
+one. The ablation (``experiments.py ablation``, results in README) measures what the language terms do
+to accuracy.
+
 Unlike the authors' code, the memory is updated after the loss is computed (their update came
 first, so a batch was partly compared with itself), absent classes are left out instead of
 entering as zero vectors, and prototypes are divided by their mass once.
@@ -215,15 +226,26 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     return (log_q.exp() * (log_q - log_p)).sum() / (k * k)
 
 
+#: The feature width the paper's w2 was tuned at: SAM2's neck (d_model 256) gives the fused features.
+CR_REFERENCE_DIM = 256
+
+
 def channel_kl(target: torch.Tensor, student: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(softmax(t_hat/T) || softmax(s_hat/T)) over the channels of L2-normalised (K, D) prototypes, mean over K x D.
+    """KL(softmax(t_hat/T) || softmax(s_hat/T)) over the channels of L2-normalised (K, D) prototypes.
 
     Normalising first makes the term independent of the features' scale: on raw prototypes a
     network could lower it by shrinking its features towards 0 (every softmax turns uniform).
+
+    Reduction: the authors' mean over K x D entries, taken as if D were :data:`CR_REFERENCE_DIM`
+    (``mean over K of the row KL * D / 256**2``; equal to the plain mean at D = 256). The row KL of
+    unit vectors shrinks like 1 / D (each softmax entry is ~1/D), so the plain mean shrinks like
+    1 / D**2: with the 32-channel micro neck it was 64x the 256-channel value and w2 = 10000 made L_cr's
+    gradient 14x CE(S0)'s at initialisation. Referenced to 256 the paper's w2 means the same at any width.
     """
     log_q = F.log_softmax(F.normalize(target, dim=-1, eps=1e-8) / temperature, dim=-1)
     log_p = F.log_softmax(F.normalize(student, dim=-1, eps=1e-8) / temperature, dim=-1)
-    return (log_q.exp() * (log_q - log_p)).mean()
+    d = target.shape[-1]
+    return (log_q.exp() * (log_q - log_p)).sum(dim=-1).mean() * (d / CR_REFERENCE_DIM**2)
 
 
 class PrototypeMemory:
