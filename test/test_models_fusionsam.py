@@ -1,4 +1,5 @@
-"""FusionSAM backend: VQ straight-through and codebook usage, FMP structure, dense prompt, optional LSTG terms."""
+"""FusionSAM backend: the shared EMA codebook (k-means init, dead-code restarts, statistics), FMP
+structure, the fusion reaching the image encoder, the dense and point prompts, optional LSTG terms."""
 
 import copy
 
@@ -8,9 +9,14 @@ import torch.nn.functional as F
 
 from rgbt_seg_ros.classes import load_dataset_info
 from rgbt_seg_ros.models import build_model, resolve_model_config
-from rgbt_seg_ros.models.fusionsam import FusionSAM
-from rgbt_seg_ros.models.fusionsam_blocks import BidirectionalCrossAttention, FusionMaskPrompting, windowed_attention
-from rgbt_seg_ros.models.vq import VectorQuantizer, VQAutoencoder
+from rgbt_seg_ros.models.fusionsam import POSITIVE_POINT_KEY, FusionSAM
+from rgbt_seg_ros.models.fusionsam_blocks import (
+    BidirectionalCrossAttention,
+    FusionMaskPrompting,
+    FusionPointPrompts,
+    windowed_attention,
+)
+from rgbt_seg_ros.models.vq import LatentAutoencoder, LatentSpaceTokenGenerator, VectorQuantizer, code_statistics
 
 MICRO = "models/fusionsam_micro.yaml"
 
@@ -18,8 +24,8 @@ MICRO = "models/fusionsam_micro.yaml"
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny tensors
 
 
-def make(info, seed=0, **lstg):
-    cfg = resolve_model_config(MICRO)
+def make(info, seed=0, cfg=None, **lstg):
+    cfg = cfg or resolve_model_config(MICRO)
     cfg["lstg"].update(lstg)
     torch.manual_seed(seed)
     return build_model(cfg, info)
@@ -30,29 +36,36 @@ def pair(b=1, h=64, w=96, seed=0):
     return torch.randn(b, 3, h, w, generator=g), torch.randn(b, 1, h, w, generator=g)
 
 
-# --------------------------------------------------------------------------- LSTG
+def set_codebook(vq, codes, count=1.0):
+    """Put ``codes`` in the codebook as if each had been assigned ``count`` latents per batch."""
+    with torch.no_grad():
+        vq.codebook.copy_(codes)
+        vq.cluster_size.fill_(count)
+        vq.embed_sum.copy_(codes * count)
+        vq.initialized.fill_(True)
+
+
+# --------------------------------------------------------------------------- LSTG: the shared codebook
 def test_quantizer_picks_nearest_codes_with_straight_through_gradient():
     torch.manual_seed(0)
-    vq = VectorQuantizer(16, 4, beta=0.25)
-    with torch.no_grad():
-        vq.codebook.weight.normal_()
+    vq = VectorQuantizer(16, 4, beta=0.25).eval()
+    set_codebook(vq, torch.randn(16, 4))
+    assert not list(vq.parameters())  # the codebook is EMA-updated state, no optimiser touches it
     z = torch.randn(2, 4, 3, 5, requires_grad=True)
     z_q, idx, loss = vq(z)
     flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 4)
-    nearest = torch.cdist(flat, vq.codebook.weight.detach()).argmin(1)
+    nearest = torch.cdist(flat, vq.codebook).argmin(1)
     assert torch.equal(idx.flatten(), nearest)
-    assert torch.allclose(z_q, vq.codebook.weight[idx].permute(0, 3, 1, 2))
+    assert torch.allclose(z_q, vq.codebook[idx].permute(0, 3, 1, 2))
     # eq. 6: codebook term + beta * commitment term, both the same squared distance in value
     assert torch.allclose(loss, 1.25 * F.mse_loss(z_q, z), atol=1e-6)
     g = torch.randn_like(z)
     (z_q * g).sum().backward()
     assert torch.equal(z.grad, g)  # straight-through: identity gradient
-    assert vq.codebook.weight.grad is None  # the codebook learns from the loss only
     z.grad = None
-    loss.backward()
-    used = set(idx.flatten().tolist())
-    grad_rows = {i for i in range(16) if vq.codebook.weight.grad[i].abs().sum() > 0}
-    assert grad_rows == used
+    loss.backward()  # the gradient of eq. 6 is the commitment term: beta * 2 (z - q) / numel
+    expected = 0.25 * 2 * (z - z_q).detach() / z.numel()
+    assert torch.allclose(z.grad, expected, atol=1e-7)
 
 
 def test_codebook_usage_statistics():
@@ -61,28 +74,125 @@ def test_codebook_usage_statistics():
     assert frac == 1.0 and perplexity == pytest.approx(8.0)
     frac, perplexity = vq.usage(torch.zeros(10, dtype=torch.long))
     assert frac == 1 / 8 and perplexity == pytest.approx(1.0)
+    stats = code_statistics(torch.tensor([0, 0, 1, 1]), 4)
+    assert float(stats["usage"]) == 0.5 and float(stats["perplexity"]) == pytest.approx(2.0)
 
 
-def test_autoencoder_shapes_and_bad_downsample():
-    ae = VQAutoencoder(1, hidden=16, latent_dim=8, num_codes=32, downsample=4)
-    x = torch.randn(2, 1, 32, 48)
-    z_q, idx, _ = ae.encode(x)
-    assert z_q.shape == (2, 8, 8, 12) and idx.shape == (2, 8, 12)
-    assert ae.decode(z_q).shape == x.shape
-    with pytest.raises(ValueError, match="power of two"):
-        VQAutoencoder(3, 16, 8, 32, downsample=3)
+def test_ema_update_moves_codes_to_the_mean_of_their_latents():
+    torch.manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0], [-4.0, 0.0], [0.0, 4.0], [0.0, -4.0]])
+    data = (centres.repeat_interleave(50, 0) + 0.3 * torch.randn(200, 2)).T.reshape(1, 2, 10, 20)
+    start = centres + 1.0
+    vq = VectorQuantizer(4, 2, decay=0.9, dead_threshold=0.0, kmeans_iters=0).train()
+    set_codebook(vq, start, count=50.0)
+    flat = data.permute(0, 2, 3, 1).reshape(-1, 2)
+    _, idx, _ = vq(data)
+    means = torch.stack([flat[idx.flatten() == k].mean(0) for k in range(4)])
+    before = (start - means).norm(dim=1)
+    after = (vq.codebook - means).norm(dim=1)
+    assert (after < 0.95 * before).all()
+    # the EMA of counts and sums: 0.9 * old + 0.1 * batch, code = sum / count (up to Laplace smoothing)
+    ema = (0.9 * start * 50 + 0.1 * means * 50) / 50
+    assert torch.allclose(vq.codebook, ema, atol=1e-3)
+    vq.eval()
+    frozen = vq.codebook.clone()
+    vq(data)
+    assert torch.equal(vq.codebook, frozen)  # eval mode: no update
 
 
-def test_micro_model_uses_many_codes_and_reconstruction_trains(info):
+def test_kmeans_initialisation_puts_a_code_on_every_cluster():
+    torch.manual_seed(0)
+    centres = torch.tensor([[6.0, 0.0], [-6.0, 0.0], [0.0, 6.0], [0.0, -6.0]])
+    data = (centres.repeat_interleave(64, 0) + 0.2 * torch.randn(256, 2)).T.reshape(1, 2, 16, 16)
+    vq = VectorQuantizer(4, 2, decay=0.99, dead_threshold=0.0, kmeans_iters=10).train()
+    assert not bool(vq.initialized)
+    vq(data)
+    assert bool(vq.initialized)
+    nearest = torch.cdist(centres, vq.codebook).min(dim=1)
+    assert (nearest.values < 0.3).all() and len(set(nearest.indices.tolist())) == 4
+    assert vq.usage(vq.eval()(data)[1])[0] == 1.0
+
+
+@pytest.mark.parametrize("threshold, revived", [(1.0, True), (0.0, False)])
+def test_dead_code_restart_revives_unused_codes(threshold, revived):
+    torch.manual_seed(0)
+    data = torch.randn(2, 4, 8, 8)
+    vq = VectorQuantizer(16, 4, decay=0.99, dead_threshold=threshold, kmeans_iters=0).train()
+    codes = torch.randn(16, 4) * 0.5
+    codes[4:] += 100.0  # 12 codes far from every latent: never assigned
+    set_codebook(vq, codes, count=1.0)
+    assert vq.usage(vq(data)[1])[0] == 4 / 16  # the lookup uses the codebook as it was
+    dead_after = (vq.codebook[4:] - 100.0).norm(dim=1) > 50  # moved from the far cluster
+    frac, perplexity = vq.eval().usage(vq(data)[1])
+    if revived:
+        assert dead_after.all()
+        assert vq.codebook[4:].abs().max() < 10  # restarted at latents of the batch
+        assert frac > 12 / 16 and perplexity > 6
+        assert (vq.cluster_size >= threshold).all()
+    else:
+        assert not dead_after.any() and frac == 4 / 16
+
+
+def test_lstg_has_one_codebook_that_both_modalities_index(info):
+    model = make(info).train()
+    quantizers = [m for m in model.modules() if isinstance(m, VectorQuantizer)]
+    assert quantizers == [model.lstg.quantizer]
+    assert [k for k in model.state_dict() if k.endswith(".codebook")] == ["lstg.quantizer.codebook"]
+    rgb, th = pair(2)
+    out = model(rgb, th)
+    h, w = out["codes"]["rgb"].shape[-2:]
+    # the first training forward initialised the codebook on the tokens of BOTH modalities
+    assert float(model.lstg.quantizer.cluster_size.sum()) == pytest.approx(2 * 2 * h * w, rel=1e-4)
+    model.eval()
+    with torch.no_grad():
+        out = model(rgb, th)
+        codebook = model.lstg.quantizer.codebook
+        for m, image in (("rgb", rgb), ("thermal", th)):
+            z = model.lstg[m].encoder(image).permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+            assert torch.equal(out["codes"][m].flatten(), torch.cdist(z, codebook).argmin(1)), m
+    assert set(out["codes"]["rgb"].unique().tolist()) | set(out["codes"]["thermal"].unique().tolist()) <= set(
+        range(model.lstg.quantizer.num_codes)
+    )
+
+
+def test_micro_model_uses_most_codes_and_reports_perplexity(info):
+    model = make(info).train()
+    rgb, th = pair(2)
+    model(rgb, th)  # k-means initialisation + EMA update on this batch
+    model.eval()
+    with torch.no_grad():
+        out = model(rgb, th)
+    k = model.lstg.quantizer.num_codes
+    stats = out["codebook"]
+    assert set(stats) == {"perplexity", "usage", "perplexity_rgb", "perplexity_thermal"}
+    both = torch.cat([out["codes"]["rgb"].flatten(), out["codes"]["thermal"].flatten()])
+    assert float(stats["usage"]) == pytest.approx(len(both.unique()) / k)
+    assert float(stats["perplexity"]) == pytest.approx(model.lstg.quantizer.usage(both)[1], rel=1e-5)
+    assert float(stats["usage"]) > 0.75 and float(stats["perplexity"]) > k / 4
+    model.train()
+    assert float(model(rgb, th)["codebook"]["restarted"]) >= 0  # training mode also counts restarts
+
+
+def test_reconstruction_trains_the_autoencoders_through_the_straight_through_estimator(info):
     model = make(info).train()
     out = model(*pair(2))
-    for m in ("rgb", "thermal"):
-        frac, perplexity = model.lstg[m].quantizer.usage(out["codes"][m])
-        assert frac > 2 / model.lstg[m].quantizer.num_codes and perplexity > 2, m
     model.zero_grad()
     out["aux_losses"]["lstg_rec"].backward()
-    assert model.lstg["rgb"].encoder[0].weight.grad.abs().sum() > 0  # through the straight-through estimator
+    assert model.lstg["rgb"].encoder[0].weight.grad.abs().sum() > 0
     assert model.lstg["thermal"].decoder[-1].weight.grad.abs().sum() > 0
+
+
+def test_autoencoder_shapes_and_bad_settings():
+    lstg = LatentSpaceTokenGenerator({"rgb": 3, "thermal": 1}, hidden=16, latent_dim=8, num_codes=32, downsample=4)
+    images = {"rgb": torch.randn(2, 3, 32, 48), "thermal": torch.randn(2, 1, 32, 48)}
+    latents, codes, commits, stats = lstg.eval()(images)
+    assert latents["thermal"].shape == (2, 8, 8, 12) and codes["rgb"].shape == (2, 8, 12)
+    assert lstg["thermal"].decode(latents["thermal"]).shape == images["thermal"].shape
+    assert set(commits) == {"rgb", "thermal"} and set(stats) >= {"perplexity", "usage"}
+    with pytest.raises(ValueError, match="power of two"):
+        LatentAutoencoder(3, 16, 8, downsample=3)
+    with pytest.raises(ValueError, match="ema_decay"):
+        VectorQuantizer(8, 2, decay=1.0)
 
 
 # --------------------------------------------------------------------------- FMP
@@ -133,7 +243,7 @@ def test_fmp_combines_both_modalities():
         assert not torch.allclose(out, fmp(z1 * 2, z2))
 
 
-# --------------------------------------------------------------------------- prompt and heads
+# --------------------------------------------------------------------------- the fusion in SAM2
 def test_fusion_mask_is_the_dense_prompt(info):
     model = make(info).eval()
     assert isinstance(model, FusionSAM)
@@ -144,8 +254,11 @@ def test_fusion_mask_is_the_dense_prompt(info):
         assert torch.equal(model(rgb, th)["logits"], base["logits"])
         assert base["fusion_mask"].shape == (1, 16, 16, 24)
         d = model.image_encoder.neck.d_model
-        dense = model.prompt_encoder(base["fusion_mask"], (4, 6))
+        dense = model.prompt_encoder.dense(base["fusion_mask"], (4, 6))
         assert dense.shape == (1, d, 4, 6)
+        for p in model.prompt_encoder.dense.parameters():
+            p.add_(0.1)
+        assert not torch.allclose(model(rgb, th)["logits"], base["logits"])
     with pytest.raises(ValueError, match="dense prompt"):
         model.sam_head(
             torch.zeros(1, d, 4, 6),
@@ -153,6 +266,130 @@ def test_fusion_mask_is_the_dense_prompt(info):
             torch.zeros(1, d // 8, 16, 24),
             dense=torch.zeros(1, d, 2, 2),
         )
+
+
+def test_the_fusion_reaches_the_image_encoder(info):
+    model = make(info).eval()
+    rgb, th = pair()
+    with torch.no_grad():
+        fusion = model(rgb, th)["fusion_mask"]
+        # zero-initialised projection: the encoder computes exactly SAM2's ImageEncoder on RGB
+        reference = model.image_encoder(rgb)["backbone_fpn"]
+        for a, b in zip(model.image_features(rgb, fusion), reference):
+            assert torch.equal(a, b)
+        proj = model.prompt_encoder.image.proj
+        proj.weight.normal_(0.0, 0.5)
+    inputs = []
+    hook = model.image_encoder.trunk.blocks[0].register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+    try:
+        th = th.clone().requires_grad_(True)
+        model(rgb, th)
+        inputs[-1].square().sum().backward()
+        assert th.grad is not None and th.grad.abs().sum() > 0  # thermal -> LSTG -> FMP -> the encoder's tokens
+        with torch.no_grad():  # changing thermal changes the encoder's stride-16 features
+            sfm = model.image_features(rgb, model(rgb, th)["fusion_mask"])[-1]
+            sfm_other = model.image_features(rgb, model(rgb, th.flip(-1) * 2)["fusion_mask"])[-1]
+        assert (sfm - sfm_other).abs().max() > 1e-4
+    finally:
+        hook.remove()
+    # without the encoder input the encoder's tokens do not depend on thermal
+    cfg = resolve_model_config(MICRO)
+    cfg["prompt"]["encoder_input"] = False
+    plain = make(info, cfg=cfg).eval()
+    assert plain.prompt_encoder.image is None
+    inputs.clear()
+    hook = plain.image_encoder.trunk.blocks[0].register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+    try:
+        th = th.detach().clone().requires_grad_(True)
+        plain(rgb, th)
+        assert torch.autograd.grad(inputs[-1].sum(), th, allow_unused=True)[0] is None
+    finally:
+        hook.remove()
+
+
+def test_encoder_input_projection_trains_through_the_frozen_encoder(info, tmp_path):
+    source = make(info, seed=3)
+    state = source.sam2_state_dict()
+    positive = torch.randn(1, source.image_encoder.neck.d_model)
+    state[POSITIVE_POINT_KEY] = positive
+    torch.save({"model": state}, tmp_path / "base.pt")
+    cfg = resolve_model_config(MICRO)
+    cfg["encoder"].update(checkpoint=str(tmp_path / "base.pt"), freeze=True)
+    model = make(info, seed=7, cfg=cfg).train()
+    # the point embedding starts as SAM2's positive-point embedding
+    assert torch.equal(model.prompt_encoder.points.point_embed.weight, positive)
+    out = model(*pair(2))
+    out["logits"].logsumexp(1).mean().backward()
+    assert model.prompt_encoder.image.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.image_encoder.parameters())
+    assert not any(p.requires_grad for p in model.image_encoder.parameters())
+
+
+def test_point_prompts_are_the_peaks_of_the_fusion_map():
+    points = FusionPointPrompts(4, 8, num_points=3)
+    scores = torch.zeros(1, 1, 6, 8)
+    scores[0, 0, 1, 1] = 5.0
+    scores[0, 0, 4, 6] = 3.0
+    scores[0, 0, 4, 5] = 4.0  # neighbour of (4, 6): suppresses it
+    scores[0, 0, 2, 2] = 4.5  # neighbour of (1, 1): suppressed by it
+    scores[0, 0, 0, 7] = 1.0
+    assert points.select(scores).tolist() == [[1 * 8 + 1, 4 * 8 + 5, 0 * 8 + 7]]
+    flat = torch.zeros(1, 1, 6, 8)  # one maximum: the best other cells fill up
+    flat[0, 0, 3, 3] = 1.0
+    flat[0, 0, 5, 0] = 0.5
+    assert points.select(flat).tolist()[0][:2] == [3 * 8 + 3, 5 * 8 + 0]
+    # the score comes from the fusion map: a spike in the scored channel becomes the first point
+    from sam2.modeling.position_encoding import PositionEmbeddingRandom
+
+    pe = PositionEmbeddingRandom(4)
+    with torch.no_grad():
+        points.score.weight.zero_()
+        points.score.weight[0, 0] = 1.0
+        points.score.bias.zero_()
+    fusion = torch.randn(2, 4, 6, 8) * 0.1
+    fusion[0, 0, 2, 5] = 10.0
+    fusion[1, 0, 5, 1] = 10.0
+    tokens, info = points(fusion, (24, 32), pe)
+    assert tokens.shape == (2, 3, 8) and info["coords"].shape == (2, 3, 2)
+    assert info["coords"][0, 0].tolist() == [(5 + 0.5) * 4, (2 + 0.5) * 4]  # (x, y) in input pixels
+    assert info["coords"][1, 0].tolist() == [(1 + 0.5) * 4, (5 + 0.5) * 4]
+    assert info["scores"][:, 0].tolist() == pytest.approx([10.0, 10.0])
+    # the token is SAM's point encoding: PE of the coordinates + point embedding + gated content
+    expected = pe.forward_with_coords(info["coords"], (24, 32)) + points.point_embed.weight
+    assert torch.allclose(tokens, expected, atol=1e-6)  # content projection starts at zero
+
+
+def test_point_prompts_reach_the_decoder(info):
+    model = make(info).eval()
+    rgb, th = pair()
+    with torch.no_grad():
+        out = model(rgb, th)
+        fusion = out["fusion_mask"]
+        scores = model.prompt_encoder.points.score(fusion)
+        expected = model.prompt_encoder.points.select(scores)
+        w = fusion.shape[-1]
+        cells = (out["points"]["coords"] / model.lstg["rgb"].downsample - 0.5).round().long()
+        assert torch.equal(cells[..., 1] * w + cells[..., 0], expected)
+        assert out["points"]["coords"].shape == (1, 8, 2)
+        model.prompt_encoder.points.point_embed.weight.add_(1.0)
+        assert not torch.allclose(model(rgb, th)["logits"], out["logits"])
+        # directly at the head: other sparse tokens, other logits; a wrong shape is refused
+        d = model.image_encoder.neck.d_model
+        maps = (torch.randn(1, d, 4, 6), torch.randn(1, d // 4, 8, 12), torch.randn(1, d // 8, 16, 24))
+        dense = torch.zeros(1, d, 4, 6)
+        tokens = torch.randn(1, 3, d)
+        a = model.sam_head(*maps, dense=dense, sparse=tokens)
+        b = model.sam_head(*maps, dense=dense, sparse=tokens * 2)
+        assert not torch.allclose(a, b)
+        assert torch.allclose(model.sam_head(*maps, dense=dense), model.sam_head(*maps, dense=dense, sparse=None))
+    with pytest.raises(ValueError, match="sparse prompt"):
+        model.sam_head(*maps, dense=dense, sparse=torch.zeros(1, 3, d + 1))
+    cfg = resolve_model_config(MICRO)
+    cfg["prompt"]["points"] = 0
+    none = make(info, cfg=cfg).eval()
+    assert none.prompt_encoder.points is None
+    with torch.no_grad():
+        assert "points" not in none(rgb, th)
 
 
 def test_optional_perceptual_and_adversarial_terms(info):
@@ -179,18 +416,42 @@ def test_optional_perceptual_and_adversarial_terms(info):
 
 def test_config_errors_and_tiny_defaults(info):
     cfg = resolve_model_config(MICRO)
-    for key, value, match in (
-        ("downsample", 3, "power of two"),
-        ("downsample", 32, "<= 16"),
-        ("rec_weight", -1.0, "weights must be >= 0"),
+    for section, key, value, match in (
+        ("lstg", "downsample", 3, "power of two"),
+        ("lstg", "downsample", 32, "<= 16"),
+        ("lstg", "rec_weight", -1.0, "weights must be >= 0"),
+        ("lstg", "ema_decay", 1.5, "ema_decay"),
+        ("lstg", "dead_code_threshold", -1.0, "dead_code_threshold"),
+        ("prompt", "points", -1, "prompt.points"),
     ):
         bad = copy.deepcopy(cfg)
-        bad["lstg"][key] = value
+        bad[section][key] = value
         with pytest.raises(ValueError, match=match):
             build_model(bad, info)
     tiny = resolve_model_config("models/fusionsam_tiny.yaml")
     assert tiny["input_size"] == [480, 640] and tiny["encoder"]["freeze"] is True
     assert tiny["lstg"]["downsample"] == 4 and tiny["lstg"]["perceptual_weight"] == 0.0
     assert tiny["lstg"]["adversarial_weight"] == 0.0 and tiny["decoder"]["freeze_transformer"] is False
+    assert tiny["prompt"] == {"encoder_input": True, "points": 8}
+    rec = {k: tiny["recipe"][k] for k in ("optimizer", "lr", "weight_decay", "poly_power", "loss")}
+    assert rec == {"optimizer": "adam", "lr": 1.0e-4, "weight_decay": 1.0e-3, "poly_power": 0.0, "loss": "ce"}
     with pytest.raises(ValueError, match="encoder.checkpoint is not set"):
         build_model(tiny, load_dataset_info("mfnet"))
+
+
+def test_a_config_written_before_the_shared_codebook_still_builds(info):
+    """Checkpoint configs of older versions lack the codebook, prompt and recipe keys: defaults fill them."""
+    import yaml
+
+    from rgbt_seg_ros.resources import resolve_data_file
+
+    raw = yaml.safe_load(resolve_data_file(MICRO).read_text())
+    for key in ("ema_decay", "dead_code_threshold", "kmeans_iters"):
+        raw["lstg"].pop(key)
+    raw.pop("prompt")
+    raw.pop("recipe")
+    cfg = resolve_model_config(raw)
+    assert cfg["prompt"]["points"] == 8 and cfg["lstg"]["ema_decay"] == 0.99
+    model = build_model(cfg, info).eval()
+    with torch.no_grad():
+        assert model(*pair())["logits"].shape == (1, info.num_classes, 64, 96)

@@ -19,9 +19,24 @@ Interpretations (the paper leaves them open): eq. 11 reuses the names W_Q1/W_Q2,
 fresh projections of the complementary unit, not the eq. 9 weights; "z_0" is read as z_c (the
 cross-attention fusion), as eq. 12's residual ``+ z_c`` suggests.
 
-:class:`FusionMaskEncoder` turns the fusion mask into SAM2's dense prompt embedding, the way
-SAM's prompt encoder downscales a mask prompt (2x2 stride-2 convs with LayerNorm2d and GELU,
-then a 1x1 conv to the decoder width).
+What SAM2 receives from the fusion mask I_f (:class:`FusionPromptEncoder`, three parts):
+
+* :class:`FusionEncoderInput` (section 3.2.3, "I_f is fed into the image encoder"): a LayerNorm2d
+  and a zero-initialised 1x1 conv project I_f to the width of the SAM2 trunk's patch embedding;
+  the result is added to the patch tokens (stride 4, the LSTG grid at the paper's s = 4), so the
+  encoder's blocks process RGB patches plus the fused representation. Zero init: an untrained
+  model's encoder features are exactly those of the RGB image, which is what frozen official
+  SAM2 weights were trained on; the projection learns what to inject.
+* :class:`FusionMaskEncoder`: the dense prompt, the way SAM's prompt encoder downscales a mask
+  prompt (2x2 stride-2 convs with LayerNorm2d and GELU, then a 1x1 conv to the decoder width).
+* :class:`FusionPointPrompts` (Figure 2's "Fusion Point Prompt Encoder", points "extracted
+  directly from the fusion features"): a 1x1 conv scores every cell of I_f, the ``num_points``
+  highest local maxima (3x3 non-maximum suppression) become points at their cell centres, and
+  each point is encoded as SAM's prompt encoder encodes a positive point: the random-Fourier
+  positional encoding of its coordinates (the decoder head's own ``pe_layer``, so points and image
+  share one positional frame) plus a learned point embedding, plus the I_f vector at the point
+  (zero-initialised linear projection) scaled by the sigmoid of its score, which is how the
+  score head receives a gradient (the peak selection itself is not differentiable).
 """
 
 from __future__ import annotations
@@ -165,3 +180,81 @@ class FusionMaskEncoder(nn.Module):
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x
+
+
+class FusionEncoderInput(nn.Module):
+    """Fusion mask (B, d_c, h, w) -> a term (B, H/4, W/4, C) added to the SAM2 trunk's patch tokens."""
+
+    def __init__(self, in_channels: int, embed_dim: int):
+        super().__init__()
+        from sam2.modeling.sam2_utils import LayerNorm2d
+
+        self.norm = LayerNorm2d(in_channels)
+        self.proj = nn.Conv2d(in_channels, embed_dim, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, fusion_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        x = self.proj(self.norm(fusion_mask))
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x.permute(0, 2, 3, 1)
+
+
+class FusionPointPrompts(nn.Module):
+    """Fusion mask -> ``num_points`` point prompts (B, N, d) for the SAM2 mask decoder (see the module docstring)."""
+
+    def __init__(self, in_channels: int, embed_dim: int, num_points: int):
+        super().__init__()
+        if num_points < 1:
+            raise ValueError(f"prompt.points must be >= 1 to build point prompts, got {num_points}")
+        self.num_points = int(num_points)
+        self.score = nn.Conv2d(in_channels, 1, 1)
+        self.point_embed = nn.Embedding(1, embed_dim)  # SAM's "positive point" embedding
+        self.content = nn.Linear(in_channels, embed_dim)
+        nn.init.zeros_(self.content.weight)
+        nn.init.zeros_(self.content.bias)
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Flat cell indices (B, N) of the N best local maxima of ``scores`` (B, 1, h, w); when a map
+        has fewer than N maxima, the best remaining cells fill up."""
+        s = scores.detach()
+        peak = s == F.max_pool2d(s, 3, stride=1, padding=1)
+        span = (s.amax(dim=(1, 2, 3), keepdim=True) - s.amin(dim=(1, 2, 3), keepdim=True)) + 1.0
+        key = torch.where(peak, s, s - span).flatten(1)  # every peak ranks above every non-peak
+        return key.topk(min(self.num_points, key.shape[1]), dim=1).indices
+
+    def forward(
+        self, fusion_mask: torch.Tensor, image_size: tuple[int, int], pe_layer: nn.Module
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> (sparse prompt embeddings (B, N, d), {``coords`` (B, N, 2) as (x, y) input pixels, ``scores`` (B, N)})."""
+        b, c, h, w = fusion_mask.shape
+        scores = self.score(fusion_mask)
+        idx = self.select(scores)  # (B, N)
+        rows, cols = idx // w, idx % w
+        height, width = image_size
+        coords = torch.stack([(cols + 0.5) * (width / w), (rows + 0.5) * (height / h)], dim=-1).float()
+        feats = fusion_mask.flatten(2).transpose(1, 2)  # (B, h*w, d_c)
+        picked = torch.gather(feats, 1, idx[..., None].expand(-1, -1, c))
+        picked_scores = torch.gather(scores.flatten(1), 1, idx)
+        pe = pe_layer.forward_with_coords(coords, (height, width)).to(fusion_mask.dtype)
+        tokens = pe + self.point_embed.weight[None] + torch.sigmoid(picked_scores)[..., None] * self.content(picked)
+        return tokens, {"coords": coords, "scores": picked_scores}
+
+
+class FusionPromptEncoder(nn.Module):
+    """The three ways the fusion mask reaches SAM2: ``image`` (encoder input term, optional),
+    ``dense`` (dense prompt) and ``points`` (point prompts, optional)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        embed_dim: int,
+        latent_stride: int,
+        patch_dim: int | None,
+        num_points: int,
+    ):
+        super().__init__()
+        self.image = FusionEncoderInput(in_channels, patch_dim) if patch_dim else None
+        self.dense = FusionMaskEncoder(in_channels, embed_dim, latent_stride)
+        self.points = FusionPointPrompts(in_channels, embed_dim, num_points) if num_points > 0 else None

@@ -22,10 +22,10 @@ class SAM2MaskDecoderHead(nn.Module):
     added, and the per-class hypernetwork MLPs turn the mask tokens into weights over that
     stride-4 embedding: S0 is (B, C, H/4, W/4) logits.
 
-    No prompts are used: the sparse prompt is empty, the dense prompt is the learned
-    ``no_mask_embed`` broadcast over the map, and the image positional encoding is built by
-    ``pe_layer((h, w))`` for the actual feature size, so any input that is a multiple of 32
-    works (not only SAM2's 1024x1024).
+    No prompts by default: the sparse prompt is empty (``forward(sparse=)`` gives tokens), the
+    dense prompt is the learned ``no_mask_embed`` broadcast over the map, and the image
+    positional encoding is built by ``pe_layer((h, w))`` for the actual feature size, so any
+    input that is a multiple of 32 works (not only SAM2's 1024x1024).
 
     ``conv_s0``/``conv_s1`` live in the decoder (as in SAM2) but are applied per modality by
     :meth:`pyramid` before fusion, so that fusion runs at d/8, d/4 and d channels.
@@ -84,16 +84,25 @@ class SAM2MaskDecoderHead(nn.Module):
         return sfm + self.no_mem_embed.to(sfm.dtype).reshape(1, -1, 1, 1)
 
     def forward(
-        self, sfm: torch.Tensor, ifp: torch.Tensor, ffp: torch.Tensor, dense: torch.Tensor | None = None
+        self,
+        sfm: torch.Tensor,
+        ifp: torch.Tensor,
+        ffp: torch.Tensor,
+        dense: torch.Tensor | None = None,
+        sparse: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``dense`` (B, d, h, w) replaces the ``no_mask_embed`` dense prompt (FusionSAM's fusion mask)."""
+        """``dense`` (B, d, h, w) replaces the ``no_mask_embed`` dense prompt (FusionSAM's fusion mask);
+        ``sparse`` (B, N, d) are sparse prompt tokens (FusionSAM's fusion point prompts), none by default."""
         b, c, h, w = sfm.shape
         image_pe = self.pe_layer((h, w)).unsqueeze(0).to(sfm.dtype)
         if dense is None:
             dense = self.no_mask_embed.weight.to(sfm.dtype).reshape(1, c, 1, 1).expand(b, c, h, w)
         elif tuple(dense.shape) != (b, c, h, w):
             raise ValueError(f"dense prompt must be (B, d, h, w) = {(b, c, h, w)}, got {tuple(dense.shape)}")
-        sparse = sfm.new_zeros(b, 0, c)
+        if sparse is None:
+            sparse = sfm.new_zeros(b, 0, c)
+        elif sparse.ndim != 3 or tuple(sparse.shape[::2]) != (b, c):
+            raise ValueError(f"sparse prompt must be (B, N, d) with B={b}, d={c}, got {tuple(sparse.shape)}")
         masks, _iou, _tokens, _obj = self.mask_decoder.predict_masks(
             image_embeddings=self.image_embedding(sfm),
             image_pe=image_pe,
