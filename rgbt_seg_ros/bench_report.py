@@ -226,14 +226,19 @@ def table(results: Path) -> str:
     return "\n".join([*lines, "", f"Measured {when} on this project's 2-core CPU machine (no GPU)."])
 
 
+def replace_between(text: str, begin: str, end: str, body: str, where: str = "README") -> str:
+    """``text`` with what lies between the marker line ``begin`` and the next ``end`` replaced by ``body``."""
+    if begin not in text or end not in text.split(begin, 1)[1]:
+        raise ValueError(f"{where} has no table markers ({begin} ... {end})")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
 def update_readme(readme: Path, results: Path, check: bool = False) -> bool:
     """Write the table between the markers; with ``check`` only compare. True when README is up to date."""
     text = Path(readme).read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme} has no benchmark table markers ({BEGIN} ... {END})")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{BEGIN}\n{table(results)}\n{END}{tail}"
+    new = replace_between(text, BEGIN, END, table(results), str(readme))
     if new == text:
         return True
     if not check:

@@ -15,6 +15,9 @@ thermal-only parameter) and inherits these checks:
 * the project's Trainer trains it without warnings: the logged loss components are the
   backend's ``loss_terms`` plus its ``aux_losses``, the total is their weighted sum, and the
   optimiser moves a thermal-only parameter (and a parameter only the aux losses reach);
+* thermal reliance: after a short deterministic training on night scenes (dark RGB, people and cars
+  warm), blanking thermal costs a clear margin of person and car IoU on held-out night scenes, so a
+  backend that computes from thermal but learns to ignore it fails;
 * checkpoint round trip through ``save_checkpoint`` / ``load_checkpoint`` is bit-exact, with
   and without base weights (and through ``export_standalone``);
 * CPU inference through ``Segmenter(model, cfg, info, device="cpu")`` on numpy images.
@@ -278,6 +281,46 @@ class BackendContract:
         moved = [self.case.thermal_param] + ([self.case.aux_only_param] if self.case.aux_only_param else [])
         for name in moved:
             assert not torch.equal(params[name].detach(), before[name]), f"{name} did not train"
+
+    #: thermal reliance: night person/car IoU must drop by this much (fraction) when thermal is blanked
+    RELIANCE_MARGIN = 0.15
+
+    def test_learns_to_rely_on_thermal_at_night(self, info, tmp_path):
+        """Train a micro model (the backend's recipe, lr 3e-3) for a few seconds on night scenes, then
+        segment held-out night scenes with and without thermal: people and cars at night are found by
+        their heat, so their IoU must fall clearly when thermal is blanked."""
+        from rgbt_seg_ros.training.datasets import build_dataset
+        from rgbt_seg_ros.training.evaluation import evaluate
+        from rgbt_seg_ros.training.trainer import Trainer
+
+        night = {"size": [96, 128], "conditions": ["night"]}
+        cfg = {
+            "dataset": "synthetic",
+            "dataset_options": {"count": 32, **night},
+            "val_split": None,
+            "max_steps": 150,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "warmup_steps": 5,
+            "log_every": 150,
+            "progress": False,
+            "tensorboard": False,
+            "transform": {"color_jitter": False, "thermal_noise": False},
+            "model": {"input_size": [96, 128]},
+        }
+        tr = Trainer(self.case.config, cfg, tmp_path / "run", text_embeddings=text_for(info))
+        tr.fit()
+        tr.close()
+        seg = Segmenter(tr.model, tr.model_cfg, tr.info, device="cpu", warmup=False)
+        test = build_dataset("synthetic", None, "test", info, count=12, seed=0, **night)
+        iou = {}
+        for blank in (False, True):
+            doc = evaluate(seg, test, blank_thermal=blank, progress=False)
+            per_class = doc["conditions"]["night"]["per_class_iou"]
+            iou[blank] = np.mean([per_class["person"], per_class["car"]])
+        assert iou[False] - iou[True] >= self.RELIANCE_MARGIN, (
+            f"{self.case.name}: night person/car IoU {iou[False]:.3f} with thermal, {iou[True]:.3f} blanked"
+        )
 
     def test_checkpoint_round_trip_is_bit_exact(self, info, tmp_path):
         model, cfg = self.trained(info)

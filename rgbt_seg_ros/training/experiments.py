@@ -1,23 +1,18 @@
 """Reproducible experiments behind the README's training evidence (not part of ``make test``).
 
-    python -m rgbt_seg_ros.training.experiments ablation --out runs/ablation [--steps 1000]
-    python -m rgbt_seg_ros.training.experiments backends --out runs/backends [--steps 1000]
-    python -m rgbt_seg_ros.training.experiments realdata --out runs/realdata [--realdata ../shared/realdata]
+    python -m rgbt_seg_ros.training.experiments evidence --out runs/evidence --seeds 0 1 2 [--variants ...]
+    python -m rgbt_seg_ros.training.experiments table [--check]
+    python -m rgbt_seg_ros.training.experiments realdata --out runs/realdata [--realdata DIR]
     python -m rgbt_seg_ros.training.experiments step-bench --config models/sartm_micro.yaml --size 480 640 --batch 2
 
-``ablation``: the same model config, data, seed and number of steps for each variant (RGB-T
-with every term; thermal blanked in training and test; without the auxiliary head; without the
-language losses L_cr and L_se), then the Segmenter on a held-out synthetic ``test`` split
-(scenes of another seed than train and val) per condition. Writes ``OUT/<variant>/`` runs,
-``OUT/<variant>/eval/`` reports and ``OUT/ablation.json`` / ``OUT/ablation.md``.
-
-``backends``: SARTM, CPAL and FusionSAM (their micro configs) trained at the same budget as the
-ablation (data, seed, steps, batch, lr), then evaluated on the same held-out test split per
-condition. Writes ``OUT/<backend>/`` runs and ``OUT/backends.json`` / ``OUT/backends.md``.
+``evidence`` (:mod:`.evidence`): the three backends with their own recipes and the SARTM ablation
+variants (thermal blanked, no auxiliary head, no language losses), each trained from scratch per seed
+at one budget and tested at camera size with and without thermal; one JSON per run under
+``docs/results/learning/``. ``table``: README's backend and ablation tables from those files.
 
 ``realdata``: the real-format path end to end: trains on the PST900 sample (``pst900`` layout)
 and on the MFNet figure tiles (``folder`` layout, MFNet classes), each read through symlinks
-from ``../shared/realdata`` (nothing copied), and reports the training-set mIoU reached.
+from the folder given by ``--realdata`` (nothing copied), and reports the training-set mIoU reached.
 
 ``step-bench``: time and peak memory of training steps (forward + loss + backward + AdamW) at a
 given size and batch, on random data.
@@ -36,122 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import evidence
+
 REPO_DEFAULT_REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
-
-
-# --------------------------------------------------------------------------- ablation
-
-ABLATION_VARIANTS: dict[str, dict] = {
-    "rgbt": {},
-    "rgb_only": {"modalities": "rgb"},
-    "no_aux_head": {"model": {"output": {"combine": "s0"}}, "loss": {"weights": [1.0, 0.0, 10000.0, 100.0]}},
-    "no_language_losses": {"loss": {"weights": [1.0, 0.008, 0.0, 0.0]}},
-}
-
-
-def _ablation_base(steps: int, batch: int, size: list[int]) -> dict:
-    return {
-        "dataset": "synthetic",
-        "dataset_options": {"count": max(64, steps * batch // 4), "seed": 0, "size": size},
-        "val_dataset_options": {"count": 32},
-        "max_steps": steps,
-        "batch_size": batch,
-        "lr": 1.0e-3,
-        "val_every": 1000,  # validate at the end only
-        "log_every": 50,
-        "progress": False,
-        "seed": 0,
-        "model": {"input_size": size},
-    }
-
-
-def _train_and_test(model_config: str, cfg: dict, run_dir: Path, args, title: str, blank: bool = False) -> dict:
-    """Train one run, then evaluate its last checkpoint on the held-out synthetic ``test`` split
-    (scenes of another seed than train and val) per condition; the common row of a results table."""
-    from ..segmenter import Segmenter
-    from .datasets import build_dataset
-    from .evaluation import evaluate
-    from .trainer import Trainer
-
-    t0 = time.perf_counter()
-    trainer = Trainer(model_config, cfg, run_dir)
-    summary = trainer.fit()
-    trainer.close()
-    wall = time.perf_counter() - t0
-    seg = Segmenter.from_checkpoint(run_dir / "last", device="cpu")
-    test = build_dataset(
-        "synthetic", None, "test", seg.dataset_info, count=args.test_count, seed=0, size=tuple(args.size)
-    )
-    doc = evaluate(seg, test, out_dir=run_dir / "eval", blank_thermal=blank, title=title, progress=False)
-    return {
-        "train_wall_s": round(wall, 1),
-        "steps": summary["steps"],
-        "median_step_s": summary["step_time_s_median"],
-        "params": seg.model.parameter_counts(),
-        "loss_terms": list(trainer.loss_terms),
-        "test_miou": doc["miou"],
-        "conditions": {c: v["miou"] for c, v in doc["conditions"].items()},
-        "per_class_iou_night": doc["conditions"].get("night", {}).get("per_class_iou"),
-        "per_class_iou_day": doc["conditions"].get("day", {}).get("per_class_iou"),
-    }
-
-
-def run_ablation(args) -> int:
-    from .trainer import _merge
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name in args.variants or list(ABLATION_VARIANTS):
-        cfg = _merge(_ablation_base(args.steps, args.batch, list(args.size)), ABLATION_VARIANTS[name])
-        blank = cfg.get("modalities") == "rgb"
-        results[name] = _train_and_test(args.config, cfg, out / name, args, f"ablation {name}", blank)
-        (out / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(name, json.dumps(results[name]["conditions"]), flush=True)
-    (out / "ablation.md").write_text(ablation_markdown(results))
-    print(ablation_markdown(results))
-    return 0
-
-
-def ablation_markdown(results: dict) -> str:
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.1f}"
-
-    lines = [
-        "| variant | mIoU all | day | night | fog | glare | steps | train wall (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        c = r["conditions"]
-        lines.append(
-            f"| {name} | {pct(r['test_miou'])} | {pct(c.get('day'))} | {pct(c.get('night'))} | {pct(c.get('fog'))} | "
-            f"{pct(c.get('glare'))} | {r['steps']} | {r['train_wall_s']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- backends
-
-BACKEND_CONFIGS = {
-    "sartm": "models/sartm_micro.yaml",
-    "cpal": "models/cpal_micro.yaml",
-    "fusionsam": "models/fusionsam_micro.yaml",
-}
-
-
-def run_backends(args) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name in args.backends or list(BACKEND_CONFIGS):
-        cfg = _ablation_base(args.steps, args.batch, list(args.size))
-        row = _train_and_test(BACKEND_CONFIGS[name], cfg, out / name, args, f"backend {name}")
-        results[name] = {"config": BACKEND_CONFIGS[name], **row}
-        (out / "backends.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(name, json.dumps(results[name]["conditions"]), flush=True)
-    (out / "backends.md").write_text(ablation_markdown(results))
-    print(ablation_markdown(results))
-    return 0
 
 
 # --------------------------------------------------------------------------- real data
@@ -355,21 +237,37 @@ def run_step_bench(args) -> int:
     return 0
 
 
+def run_table(args) -> int:
+    ok = evidence.update_readme(Path(args.readme), Path(args.results), check=args.check)
+    if args.check and not ok:
+        print(f"{args.readme}: the learning tables differ from {args.results}; run without --check", file=sys.stderr)
+        return 1
+    print(f"{args.readme}: learning tables {'up to date' if ok else 'written'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(prog="python -m rgbt_seg_ros.training.experiments")
     sub = p.add_subparsers(dest="what", required=True)
-    a = sub.add_parser("ablation", help="RGB-T vs RGB-only, aux head on/off, language losses on/off")
-    a.add_argument("--config", default="models/sartm_micro.yaml")
-    a.add_argument("--variants", nargs="*", choices=list(ABLATION_VARIANTS))
-    b = sub.add_parser("backends", help="SARTM, CPAL and FusionSAM micro at the ablation's budget")
-    b.add_argument("--backends", nargs="*", choices=list(BACKEND_CONFIGS))
-    for q in (a, b):  # the shared synthetic budget (README tables: 1000 steps of batch 8 at 96x128)
-        q.add_argument("--out", required=True)
-        q.add_argument("--steps", type=int, default=1000)
-        q.add_argument("--batch", type=int, default=8)
-        q.add_argument("--size", type=int, nargs=2, default=[96, 128])
-        q.add_argument("--test-count", type=int, default=128)
+    e = sub.add_parser("evidence", help="backends and SARTM ablation, per seed, tested with and without thermal")
+    e.add_argument("--out", required=True, help="run directories (checkpoints, evaluation reports)")
+    e.add_argument(
+        "--results", default=str(evidence.RESULTS), help="result JSON folder (default docs/results/learning)"
+    )
+    e.add_argument("--variants", nargs="*", choices=list(evidence.VARIANTS), default=list(evidence.VARIANTS))
+    e.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    e.add_argument("--steps", type=int, default=500)
+    e.add_argument("--batch", type=int, default=8)
+    e.add_argument("--scenes", type=int, default=500, help="training scenes (rendered once per process)")
+    e.add_argument("--size", type=int, nargs=2, default=[96, 128], help="model input size")
+    e.add_argument("--test-count", type=int, default=128)
+    e.add_argument("--rerun", action="store_true", help="train runs whose result file exists again")
+    e.add_argument("--no-progress", action="store_true")
+    t = sub.add_parser("table", help="README's backend and ablation tables from docs/results/learning")
+    t.add_argument("--results", default=str(evidence.RESULTS))
+    t.add_argument("--readme", default=str(Path(__file__).resolve().parents[2] / "README.md"))
+    t.add_argument("--check", action="store_true", help="only compare; exit 1 when README differs")
     r = sub.add_parser("realdata", help="train on the PST900 sample and the MFNet tiles; training mIoU")
     r.add_argument("--out", required=True)
     r.add_argument("--config", default="models/sartm_micro.yaml")
@@ -386,12 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps", type=int, default=3)
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--random-init", action="store_true", help="unfreeze encoder and decoder (no SAM2 weights)")
-    for q in (a, b, r):
+    for q in (e, r):
         q.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    runs = {"ablation": run_ablation, "backends": run_backends, "realdata": run_realdata, "step-bench": run_step_bench}
+    runs = {
+        "evidence": evidence.run_evidence,
+        "table": run_table,
+        "realdata": run_realdata,
+        "step-bench": run_step_bench,
+    }
     return runs[args.what](args)
 
 

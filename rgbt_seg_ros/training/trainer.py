@@ -325,6 +325,10 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------- data
 
 
+#: (dataset cache_key, fit size) -> {index: fitted item}, shared by the trainers of one process
+_FITTED_ITEMS: dict[tuple, dict[int, dict]] = {}
+
+
 class AugmentedDataset(Dataset):
     """A dataset's items, fitted to the model's input size (:func:`.transforms.fit_item`, the
     Segmenter's resize) and augmented with a per-item generator seeded by ``(seed, epoch, index)``:
@@ -332,7 +336,8 @@ class AugmentedDataset(Dataset):
 
     ``cache``: keep each fitted item in memory (before augmentation), for generated data whose
     camera-size rendering costs more than a training step (the synthetic scenes: ~0.17 s each at
-    640x480). Each DataLoader worker has its own cache."""
+    640x480). Datasets with a ``cache_key`` share one cache per process (several runs of one
+    experiment render each scene once); each DataLoader worker has its own."""
 
     def __init__(
         self, base: Dataset, transform, seed: int, fit_size_hw: tuple[int, int] | None, cache: bool = False
@@ -342,7 +347,10 @@ class AugmentedDataset(Dataset):
         self.seed = int(seed)
         self.fit_hw = fit_size_hw
         self.epoch = 0
-        self.cache: dict[int, dict] | None = {} if cache else None
+        self.cache: dict | None = None
+        if cache:
+            key = getattr(base, "cache_key", None)
+            self.cache = _FITTED_ITEMS.setdefault((key, fit_size_hw), {}) if key is not None else {}
 
     def __len__(self) -> int:
         return len(self.base)
