@@ -5,8 +5,10 @@
    registration;
 3. plays the bag's camera topics over DDS with their original timing (the project's
    :class:`~rgbt_seg_ros.player.BagPlayer`; on a robot: ``ros2 bag play`` + ``ros2 launch``);
-4. records the node's outputs and writes ``overlay.gif``, ``contact_sheet.png`` and
-   ``metrics.json`` (live latency p50/p95, drops, mIoU against the bag's ground truth).
+4. records the node's outputs and writes ``overlay.gif``, ``contact_sheet.png`` (one row per
+   condition first, so a night frame is on it) and ``metrics.json`` (live latency p50/p95, drops,
+   mIoU against the bag's ground truth, per condition, and night person and car IoU: where thermal
+   is what finds them).
 
 Latency here is label arrival minus the moment the player published that RGB image (the bag's
 header stamps are from the recording, not from now).
@@ -23,6 +25,7 @@ import numpy as np
 
 from .bags import read_messages, stamp_to_ns
 from .data.sample_bag import (
+    CONDITIONS_FILE,
     GT_TOPIC,
     RGB_INFO_TOPIC,
     RGB_TOPIC,
@@ -68,7 +71,7 @@ def run_demo(
         )
     info = DatasetInfo.from_dict(read_checkpoint_config(checkpoint)["classes"], source=str(checkpoint))
     sample = out / "sample"
-    if not (sample / "bag" / BAG_PARAMS).exists():  # missing, or written by an older version
+    if not (sample / "bag" / BAG_PARAMS).exists() or not (sample / CONDITIONS_FILE).exists():  # or older
         shutil.rmtree(sample / "bag", ignore_errors=True)
         log(f"writing the sample bag ({frames} frames at 10 Hz) to {sample}/bag ...")
         write_sample_bag(sample, frames=frames, fps=10.0, drop_rate=0.05, seed=0)
@@ -76,6 +79,7 @@ def run_demo(
         stamp_to_ns(m.msg.header.stamp): image_to_numpy(m.msg).copy() for m in read_messages(sample / "bag", [GT_TOPIC])
     }
     rgb_stamps = [stamp_to_ns(m.msg.header.stamp) for m in read_messages(sample / "bag", [RGB_TOPIC])]
+    conditions = {int(k): v for k, v in json.loads((sample / CONDITIONS_FILE).read_text()).items()}
 
     params = load_param_file(sample / "bag" / BAG_PARAMS)  # the rig's registration and thermal scaling
     params.update(
@@ -124,10 +128,15 @@ def run_demo(
     labels = received["labels"]
     latencies = [(arr - published_at[s]) * 1e3 for s, (arr, _) in labels.items() if s in published_at]
     cm = ConfusionMatrix(info.num_classes, info.ignore_index)
+    by_condition: dict[str, ConfusionMatrix] = {}
     for stamp, (_, pred) in labels.items():
         if stamp in gt:
             cm.update(pred, gt[stamp])
+            cond = conditions.get(stamp, "unknown")
+            by_condition.setdefault(cond, ConfusionMatrix(info.num_classes, info.ignore_index)).update(pred, gt[stamp])
     seg = cm.as_json(info.class_names)
+    per_condition = {c: m.as_json(info.class_names) for c, m in sorted(by_condition.items())}
+    night = per_condition.get("night")
     metrics = json_safe(
         {
             "checkpoint": str(checkpoint),
@@ -142,14 +151,34 @@ def run_demo(
             "miou": seg["miou"],
             "per_class_iou": {k: v["iou"] for k, v in seg["per_class"].items()},
             "ground_truth_frames": sum(1 for s in labels if s in gt),
+            "conditions": {
+                c: {"miou": m["miou"], "frames": sum(1 for s in labels if s in gt and conditions.get(s) == c)}
+                for c, m in per_condition.items()
+            },
+            # at night people and cars are found by their heat: the figures that show thermal at work
+            "night_iou": {k: night["per_class"][k]["iou"] for k in ("person", "car")} if night else None,
         }
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _write_pictures(out, received, gt, info)
+    _write_pictures(out, received, gt, info, conditions)
     return metrics
 
 
-def _write_pictures(out: Path, received: dict, gt: dict, info) -> None:
+def _contact_stamps(stamps: list[int], conditions: dict[int, str], rows: int = 6) -> list[int]:
+    """Up to ``rows`` stamps: the middle frame of each condition first (day, night, ...), then evenly spread."""
+    chosen = []
+    for cond in dict.fromkeys(conditions.get(s) for s in stamps):
+        of_cond = [s for s in stamps if conditions.get(s) == cond]
+        chosen.append(of_cond[len(of_cond) // 2])
+    for s in stamps[:: max(1, len(stamps) // rows)]:
+        if len(chosen) >= rows:
+            break
+        if s not in chosen:
+            chosen.append(s)
+    return sorted(chosen[:rows])
+
+
+def _write_pictures(out: Path, received: dict, gt: dict, info, conditions: dict[int, str]) -> None:
     from PIL import Image as PilImage
 
     overlays = [img for _, (_, img) in sorted(received["overlay"].items())]
@@ -157,7 +186,7 @@ def _write_pictures(out: Path, received: dict, gt: dict, info) -> None:
         return
     frames = [PilImage.fromarray(o).resize((320, round(o.shape[0] * 320 / o.shape[1]))) for o in overlays]
     frames[0].save(out / "overlay.gif", save_all=True, append_images=frames[1:], duration=200, loop=0)
-    stamps = sorted(s for s in received["overlay"] if s in gt)[:: max(1, len(received["overlay"]) // 6)][:6]
+    stamps = _contact_stamps(sorted(s for s in received["overlay"] if s in gt), conditions)
     tiles, captions = [], []
     for s in stamps:
         thermal = received["thermal_registered"].get(s)
@@ -172,7 +201,7 @@ def _write_pictures(out: Path, received: dict, gt: dict, info) -> None:
             colorize(gt[s], info.palette),
         ]
         tiles += row
-        captions += ["overlay", "thermal (registered)", "prediction", "ground truth"]
+        captions += [f"overlay ({conditions.get(s, '?')})", "thermal (registered)", "prediction", "ground truth"]
     if tiles:
         import cv2
 

@@ -22,6 +22,7 @@ parameter file is given.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ THERMAL_TOPIC = "/thermal/image"
 RGB_INFO_TOPIC = "/rgb/camera_info"
 THERMAL_INFO_TOPIC = "/thermal/camera_info"
 GT_TOPIC = "/rgbt/labels_gt"
+#: beside the bag: {RGB stamp (ns, as text): condition} for every RGB frame written (day/night/fog/glare)
+CONDITIONS_FILE = "conditions.json"
 RGB_FRAME = "rgb_camera_optical_frame"
 THERMAL_FRAME = "thermal_camera_optical_frame"
 START_NS = 1_700_000_000_000_000_000  # a realistic epoch stamp (2023-11-14)
@@ -60,7 +63,8 @@ def write_sample_bag(
     scene_seconds: float = 1.0,
 ) -> Path:
     """Write ``out_dir/bag`` (ROS 2 bag, format 9, with ``rgbt_seg_params.yaml`` inside) and
-    ``out_dir/calibration.yaml``; return the bag path."""
+    ``out_dir/calibration.yaml`` and ``out_dir/conditions.json`` (each RGB frame's condition, by stamp);
+    return the bag path."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     if not fps > 0:
@@ -88,6 +92,7 @@ def write_sample_bag(
     )
 
     events: list[tuple[int, int, str, object]] = []  # (receive ns, order, topic, msg)
+    conditions: dict[str, str] = {}
     order = 0
     for i in range(frames):
         scene = i // frames_per_scene
@@ -99,6 +104,7 @@ def write_sample_bag(
         rx_rgb = t_rgb + int(rng.uniform(4, 12) * 1e6)
         rx_th = t_th + int(rng.uniform(15, 35) * 1e6)
         if not drop_rgb:
+            conditions[str(t_rgb)] = CONDITIONS[scene % len(CONDITIONS)]
             bgr = np.ascontiguousarray(sample.rgb[:, :, ::-1])
             events.append((rx_rgb, order, "rgb", make_image(bgr, "bgr8", t_rgb, RGB_FRAME)))
             events.append((rx_rgb, order + 1, "rgb_info", make_camera_info(w, h, k_rgb, t_rgb, RGB_FRAME)))
@@ -118,6 +124,7 @@ def write_sample_bag(
     with BagWriter(bag_path, storage=storage) as writer:
         for rx, _, key, msg in events:
             writer.write(topics[key], msg, rx)
+    (out_dir / CONDITIONS_FILE).write_text(json.dumps(conditions, indent=0) + "\n")
     calibration = out_dir / "calibration.yaml"
     with open(calibration, "w") as f:
         f.write("# thermal -> RGB registration of the sample bag's synthetic rig (exact)\n")

@@ -33,5 +33,11 @@ def run(args: argparse.Namespace) -> int:
         )
     if m["miou"] is not None:
         print(f"  mIoU against the bag's ground truth: {100 * m['miou']:.1f} over {m['ground_truth_frames']} frames")
+        conds = ", ".join(f"{c} {100 * v['miou']:.1f}" for c, v in m["conditions"].items() if v["miou"] is not None)
+        print(f"  by condition: {conds}")
+    if m.get("night_iou"):
+        n = m["night_iou"]
+        pct = {k: "n/a" if v is None else f"{100 * v:.1f}" for k, v in n.items()}
+        print(f"  at night (found by their heat): person IoU {pct['person']}, car IoU {pct['car']}")
     print(f"  wrote {args.out}/overlay.gif, contact_sheet.png, metrics.json")
     return 0
