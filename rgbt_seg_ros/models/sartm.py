@@ -62,6 +62,7 @@ SARTM_DEFAULTS = {
     "language": {"enabled": True, "text_dim": 384, "hidden": 64, "text_encoder": "minilm"},
     "aux_head": {"channels": 64},
     "output": {"combine": "mean", "s1_weight": 0.5},
+    # The paper's training (section IV-A): AdamW lr 1e-4, weight decay 0.01, poly decay, OHEM cross-entropy.
     "recipe": recipe("SARTM paper", "adamw", 1.0e-4, 0.01, 0.9, "ohem"),
 }
 

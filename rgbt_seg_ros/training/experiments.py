@@ -246,6 +246,13 @@ def run_table(args) -> int:
     return 0
 
 
+def run_demo_card(args) -> int:
+    doc = evidence.demo_card(Path(args.checkpoint), Path(args.run) if args.run else None, args.test_count)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(evidence.demo_table(doc))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(prog="python -m rgbt_seg_ros.training.experiments")
@@ -268,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--results", default=str(evidence.RESULTS))
     t.add_argument("--readme", default=str(Path(__file__).resolve().parents[2] / "README.md"))
     t.add_argument("--check", action="store_true", help="only compare; exit 1 when README differs")
+    d = sub.add_parser("demo-card", help="evaluate the demo checkpoint at camera size, write its metrics.json")
+    d.add_argument("--checkpoint", default=str(evidence.DEMO_METRICS.parent))
+    d.add_argument("--run", help="the training run directory (its summary.json goes into the card)")
+    d.add_argument("--out", default=str(evidence.DEMO_METRICS))
+    d.add_argument("--test-count", type=int, default=128)
     r = sub.add_parser("realdata", help="train on the PST900 sample and the MFNet tiles; training mIoU")
     r.add_argument("--out", required=True)
     r.add_argument("--config", default="models/sartm_micro.yaml")
@@ -284,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps", type=int, default=3)
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--random-init", action="store_true", help="unfreeze encoder and decoder (no SAM2 weights)")
-    for q in (e, r):
+    for q in (e, r, d):
         q.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if getattr(args, "threads", None):
@@ -292,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {
         "evidence": evidence.run_evidence,
         "table": run_table,
+        "demo-card": run_demo_card,
         "realdata": run_realdata,
         "step-bench": run_step_bench,
     }
