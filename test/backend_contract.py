@@ -283,12 +283,14 @@ class BackendContract:
             assert not torch.equal(params[name].detach(), before[name]), f"{name} did not train"
 
     #: thermal reliance: night person/car IoU must drop by this much (fraction) when thermal is blanked
-    RELIANCE_MARGIN = 0.15
+    RELIANCE_MARGIN = 0.10
 
     def test_learns_to_rely_on_thermal_at_night(self, info, tmp_path):
-        """Train a micro model (the backend's recipe, lr 3e-3) for a few seconds on night scenes, then
-        segment held-out night scenes with and without thermal: people and cars at night are found by
-        their heat, so their IoU must fall clearly when thermal is blanked."""
+        """Train a micro model (its config's recipe: the backend's optimiser, schedule and loss at lr 1e-3)
+        for 150 steps on night scenes, then segment held-out night scenes with and without thermal: people
+        and cars at night are found by their heat, so their IoU must fall clearly when thermal is blanked.
+        Measured drops: SARTM 0.19, CPAL 0.18, FusionSAM 0.28; the thermal-blind FusionSAM before the
+        shared codebook and the encoder input: 0.000."""
         from rgbt_seg_ros.training.datasets import build_dataset
         from rgbt_seg_ros.training.evaluation import evaluate
         from rgbt_seg_ros.training.trainer import Trainer
@@ -300,7 +302,6 @@ class BackendContract:
             "val_split": None,
             "max_steps": 150,
             "batch_size": 4,
-            "lr": 3e-3,
             "warmup_steps": 5,
             "log_every": 150,
             "progress": False,
