@@ -193,11 +193,11 @@ def stage_table(before: list[dict], after: list[dict]) -> list[str]:
     return lines
 
 
-def load_runs(results: Path) -> dict[str, list[dict]]:
-    """``<name>_run<k>.json`` files grouped by name, in run order."""
+def load_numbered(folder: Path, tag: str) -> dict[str, list[dict]]:
+    """``<name>_<tag><k>.json`` files grouped by name, in the order of k (runs, seeds)."""
     runs: dict[str, list[tuple[int, dict]]] = {}
-    for path in sorted(Path(results).glob("*_run*.json")):
-        m = re.fullmatch(r"(.+)_run(\d+)\.json", path.name)
+    for path in sorted(Path(folder).glob(f"*_{tag}*.json")):
+        m = re.fullmatch(rf"(.+)_{tag}(\d+)\.json", path.name)
         if not m:
             continue
         try:
@@ -206,6 +206,11 @@ def load_runs(results: Path) -> dict[str, list[dict]]:
             raise ValueError(f"{path} is not valid JSON: {exc}") from exc
         runs.setdefault(m.group(1), []).append((int(m.group(2)), data))
     return {name: [d for _, d in sorted(items, key=lambda x: x[0])] for name, items in runs.items()}
+
+
+def load_runs(results: Path) -> dict[str, list[dict]]:
+    """``<name>_run<k>.json`` files grouped by name, in run order."""
+    return load_numbered(results, "run")
 
 
 def table(results: Path) -> str:

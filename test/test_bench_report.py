@@ -51,5 +51,5 @@ def test_a_broken_result_file_is_named(tmp_path):
         bench_report.table(tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("no markers")
-    with pytest.raises(ValueError, match="no benchmark table markers"):
+    with pytest.raises(ValueError, match="has no table markers"):
         bench_report.update_readme(readme, tmp_path / "empty")

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..bench_report import replace_between, spread
+from ..bench_report import load_numbered, replace_between, spread
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "learning"
 
@@ -172,17 +171,7 @@ def run_evidence(args) -> int:
 
 def load_results(results: Path = RESULTS) -> dict[str, list[dict]]:
     """``<variant>_seed<k>.json`` grouped by variant, in seed order."""
-    out: dict[str, list[tuple[int, dict]]] = {}
-    for path in sorted(Path(results).glob("*_seed*.json")):
-        m = re.fullmatch(r"(.+)_seed(\d+)\.json", path.name)
-        if not m:
-            continue
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-        out.setdefault(m.group(1), []).append((int(m.group(2)), doc))
-    return {k: [d for _, d in sorted(v, key=lambda x: x[0])] for k, v in out.items()}
+    return load_numbered(results, "seed")
 
 
 def _pct(runs: list[dict], get) -> str:
