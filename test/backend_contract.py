@@ -245,7 +245,7 @@ class BackendContract:
         import warnings
 
         from rgbt_seg_ros.models import LOSS_TERMS
-        from rgbt_seg_ros.training.trainer import Trainer
+        from rgbt_seg_ros.training.trainer import CODEBOOK_STATS, Trainer
 
         cfg = {
             "dataset": "synthetic",
@@ -269,6 +269,7 @@ class BackendContract:
         row = rows[0]
         terms = set(tr.loss_terms) & set(LOSS_TERMS)
         bookkeeping = {"type", "step", "epoch", "total", "lr", "step_time_s", "peak_rss_mb", "grad_norm"}
+        bookkeeping |= {f"codebook_{k}" for k in CODEBOOK_STATS}  # logged, not part of the loss
         aux = set(row) - set(LOSS_TERMS) - bookkeeping
         assert terms and terms <= set(row)
         assert not (set(LOSS_TERMS) - terms) & set(row), "a term the backend does not support was computed"
@@ -277,6 +278,11 @@ class BackendContract:
         assert row["total"] == pytest.approx(
             sum(weight[t] * row[t] for t in terms) + sum(row[k] for k in aux), rel=1e-5
         )
+        with torch.no_grad():  # a VQ backend's codebook statistics are logged with the losses
+            has_codebook = "codebook" in tr.model.train()(*pair(1))
+        assert ("codebook_perplexity" in row) == has_codebook
+        if has_codebook:
+            assert row["codebook_perplexity"] >= 1.0 and 0.0 < row["codebook_usage"] <= 1.0
         params = dict(tr.model.named_parameters())
         moved = [self.case.thermal_param] + ([self.case.aux_only_param] if self.case.aux_only_param else [])
         for name in moved:

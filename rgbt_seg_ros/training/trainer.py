@@ -188,6 +188,9 @@ def resolve_train_config(cfg: dict | None) -> dict:
 
 # --------------------------------------------------------------------------- recipe, schedule, optimiser
 
+#: A VQ backend's codebook statistics (``out["codebook"]``) logged as ``codebook_<name>`` per step.
+CODEBOOK_STATS = ("perplexity", "usage", "restarted")
+
 #: The recipe of a backend that declares none (SARTM's paper).
 FALLBACK_RECIPE = {
     "source": "SARTM paper",
@@ -785,6 +788,9 @@ class Trainer:
         self.scaler.update()
         self.step += 1
         comps["lr"] = lr
+        for key, value in (out.get("codebook") or {}).items():  # FusionSAM's VQ codebook: usage, perplexity
+            if key in CODEBOOK_STATS:
+                comps[f"codebook_{key}"] = float(value)
         return comps
 
     # ------------------------------------------------------------------ validation
