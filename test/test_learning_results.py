@@ -72,7 +72,8 @@ def test_tables_give_median_and_range_over_seeds_and_write_between_the_markers_o
     row = [line for line in evidence.backends_table(res).splitlines() if line.startswith("| SARTM")][0]
     assert "| 45.0 (40.0-50.0, 3 seeds) | 25.0 (20.0-30.0, 3 seeds) | 10.0 (5.0-15.0, 3 seeds) |" in row
     assert "| 20.0 (5.0-20.0, 3 seeds) |" in row  # night drop per seed (20, 5, 20), then the median
-    assert "50.0 (50.0-50.0, 3 seeds) (0.0)" in row  # person IoU with thermal (blanked)
+    assert "| 50.0 / 0.0 | 60.0 / 20.0 |" in row  # night person and car IoU, medians with / without thermal
+    assert "| AdamW lr 0.001, wd 0.01, poly 0.9, OHEM cross-entropy |" in row
     readme = tmp_path / "README.md"
     readme.write_text(
         f"a\n{evidence.BACKENDS_BEGIN}\nold\n{evidence.END}\nb\n{evidence.ABLATION_BEGIN}\nold\n{evidence.END}\nc\n"
