@@ -156,7 +156,7 @@ def run_demo(
                 for c, m in per_condition.items()
             },
             # at night people and cars are found by their heat: the figures that show thermal at work
-            "night_iou": {k: night["per_class"][k]["iou"] for k in ("person", "car")} if night else None,
+            "night_iou": {k: night["per_class"].get(k, {}).get("iou") for k in ("person", "car")} if night else None,
         }
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

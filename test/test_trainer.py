@@ -364,3 +364,25 @@ def test_trainer_validation_and_evaluate_at_camera_size_agree(tmp_path, text):
     report = json.loads((out / "metrics.json").read_text())
     assert report["items"] == 3
     assert abs(report["miou"] - summary["best_miou"]) <= 0.01, (report["miou"], summary["best_miou"])
+
+
+def test_a_run_saved_before_recipes_resumes_as_it_started(tmp_path):
+    """A train_config.yaml written before per-backend recipes (no optimizer, no loss.kind) and before
+    camera-size synthetic scenes resumes with AdamW + OHEM on scenes at the model's input size, the one
+    recipe and data it started with; YAML's 1e-3 (a string) is read as a number."""
+    saved = {
+        "dataset": "synthetic",
+        "lr": "1e-3",
+        "weight_decay": 0.01,
+        "poly_power": 0.9,
+        "loss": {"weights": [1, 0, 0, 0]},
+    }
+    (tmp_path / "model_config.yaml").write_text(yaml.safe_dump({"backend": "cpal", "input_size": [96, 128]}))
+    old = train_tool._legacy_defaults(saved, tmp_path / "model_config.yaml")
+    assert old["optimizer"] == "adamw" and old["loss"]["kind"] == "ohem" and old["loss"]["weights"] == [1, 0, 0, 0]
+    assert old["dataset_options"]["size"] == [96, 128]
+    assert resolve_train_config(old)["lr"] == 1e-3
+    new = {**saved, "optimizer": "adam"}
+    assert train_tool._legacy_defaults(new, tmp_path / "model_config.yaml") == new
+    with pytest.raises(TrainConfigError, match="'weight_decay' must be >= 0"):
+        resolve_train_config({**tiny_config(), "weight_decay": -1})

@@ -84,9 +84,13 @@ def check_recipe(rec: dict, where: str = "recipe") -> None:
         raise ValueError(f"{where}.loss must be one of {', '.join(RECIPE_LOSSES)}, got {rec.get('loss')!r}")
     for key, low, strict in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("poly_power", 0.0, False)):
         value = rec.get(key)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not (value > low or (not strict and value == low)):
-            raise ValueError(f"{where}.{key} must be a number {'>' if strict else '>='} {low:g}, got {value!r}")
+        try:  # YAML reads 1e-3 (no dot) as a string
+            value = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not (value > low or (not strict and value == low)):
+            raise ValueError(f"{where}.{key} must be a number {'>' if strict else '>='} {low:g}, got {rec.get(key)!r}")
+        rec[key] = value
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,11 @@ def _distributed() -> bool:
 
 
 def _nearest(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code (squared Euclidean distance) for every row of x (N, d)."""
-    dist_sq = x.pow(2).sum(1, keepdim=True) - 2 * x @ codes.t() + codes.pow(2).sum(1)[None]
+    """Index of the nearest code (squared Euclidean distance) for every row of x (N, d), in fp32 even
+    under autocast (fp16/bf16 distances would pick other codes in training and in inference)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, codes = x.float(), codes.float()
+        dist_sq = x.pow(2).sum(1, keepdim=True) - 2 * x @ codes.t() + codes.pow(2).sum(1)[None]
     return dist_sq.argmin(1)
 
 

@@ -72,6 +72,21 @@ def _load_yaml(path: Path) -> dict:
     return data
 
 
+def _legacy_defaults(saved: dict, saved_model: Path) -> dict:
+    """A run saved before per-backend recipes and camera-size synthetic scenes resumes as it started:
+    AdamW with OHEM (the one recipe then), synthetic scenes rendered at the model's input size."""
+    if "optimizer" in saved:
+        return saved
+    saved = dict(saved)
+    saved["optimizer"] = "adamw"
+    saved["loss"] = {**(saved.get("loss") or {}), "kind": "ohem"}
+    if saved.get("dataset") == "synthetic" and not (saved.get("dataset_options") or {}).get("size"):
+        size = _load_yaml(saved_model).get("input_size") if saved_model.is_file() else None
+        if size:
+            saved["dataset_options"] = {**(saved.get("dataset_options") or {}), "size": list(size)}
+    return saved
+
+
 def build_train_config(args: argparse.Namespace, base: dict | None = None) -> dict:
     """Train-config dict from ``--train-config`` (or a resumed run's saved config) and the flags."""
     cfg = dict(base or {})
@@ -135,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --resume: {saved_train} does not exist; is {args.out} a run directory?", file=sys.stderr)
             return 2
         if saved_train.is_file():
-            base = _load_yaml(saved_train)
+            base = _legacy_defaults(_load_yaml(saved_train), saved_model)
             base.pop("stop_after_steps", None)
         if model_config is None and saved_model.is_file():
             model_config = str(saved_model)

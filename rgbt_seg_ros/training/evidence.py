@@ -34,7 +34,7 @@ from ..bench_report import load_numbered, replace_between, spread
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "learning"
 
-#: name -> (model config, train-config overrides, evaluated with thermal blanked too)
+#: name -> (model config, train-config overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "sartm": ("models/sartm_micro.yaml", {}),
     "cpal": ("models/cpal_micro.yaml", {}),
@@ -102,6 +102,8 @@ def _scores(doc: dict) -> dict:
 
 def run_variant(variant: str, seed: int, args, test_set) -> dict:
     """Train one run and evaluate it with and without thermal; returns the result document."""
+    import torch
+
     from ..segmenter import Segmenter
     from .evaluation import evaluate
     from .trainer import Trainer
@@ -134,6 +136,7 @@ def run_variant(variant: str, seed: int, args, test_set) -> dict:
         "test_scenes": len(test_set),
         "recipe": recipe,
         "train_wall_s": round(wall, 1),
+        "threads": torch.get_num_threads(),
         "date": datetime.date.today().isoformat(),
         "test": tests,
     }
@@ -222,7 +225,7 @@ def backends_table(res: dict[str, list[dict]]) -> str:
             blank = _median_pct(runs, lambda r, c=cls: r["test"]["blank"]["night_iou"][c])
             cells.append(f"{with_t} / {blank}")
         lines.append(f"| {label} | {_recipe(runs[0]['recipe'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", _budget(res, list(BACKEND_ROWS))])
+    return "\n".join(lines + ["", _budget(res, list(BACKEND_ROWS)) + " Person and car IoU: medians."])
 
 
 def ablation_table(res: dict[str, list[dict]]) -> str:
@@ -245,13 +248,14 @@ def _budget(res: dict[str, list[dict]], names: list[str]) -> str:
     r0 = runs[0]
     dates = sorted({r["date"] for r in runs})
     walls = [r["train_wall_s"] / 60 for r in runs]
+    threads = "/".join(sorted({str(r.get("threads", 1)) for r in runs}))  # files without the key: 1 thread
     return (
         f"Each run: {r0['steps']} steps of batch {r0['batch']} from random init on {r0['train_scenes']} synthetic "
         f"scenes rendered at {r0['camera_size'][1]}x{r0['camera_size'][0]} and fitted to the model's "
         f"{r0['input_size'][1]}x{r0['input_size'][0]}; tested through the Segmenter on {r0['test_scenes']} held-out "
         f"scenes at {r0['camera_size'][1]}x{r0['camera_size'][0]} (a quarter per condition). Median "
-        f"(range, seeds) in percent (the person and car IoU columns: medians); training {np.median(walls):.1f} min "
-        f"per run on 1 CPU thread; {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "") + "."
+        f"(range, seeds) in percent; training {np.median(walls):.1f} min per run on {threads} CPU thread(s); "
+        f"{dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "") + "."
     )
 
 
@@ -269,7 +273,7 @@ def demo_card(checkpoint: Path, run_dir: Path | None, test_count: int = 128) -> 
 
     seg = Segmenter.from_checkpoint(checkpoint, device="cpu", warmup=False)
     test = build_dataset("synthetic", None, "test", load_dataset_info("synthetic"), count=test_count, seed=0)
-    doc: dict = {"checkpoint": "models/demo", "date": datetime.date.today().isoformat()}
+    doc: dict = {"checkpoint": str(checkpoint), "date": datetime.date.today().isoformat()}
     if run_dir is not None:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
         keys = ("steps", "total_steps", "wall_s", "step_time_s_median", "peak_rss_mb", "best_miou")

@@ -129,6 +129,8 @@ class OhemCrossEntropy(nn.Module):
         if n_valid == 0:
             return ce, valid
         n_min = max(1, int(n_valid * self.min_kept_fraction))
+        if n_min >= n_valid:  # plain cross-entropy (min_kept_fraction 1): every labelled pixel, no sort
+            return ce, valid
         hard = valid & (ce.detach() > -math.log(self.thresh))
         if int(hard.sum()) >= n_min:
             return ce, hard
