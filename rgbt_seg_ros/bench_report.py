@@ -30,16 +30,16 @@ class Row:
     result: Callable[[list[dict]], str]  # the runs' JSON -> the table cell
 
 
-def spread(values, digits: int = 1, unit: str = "") -> str:
-    """``median (min-max)`` over the runs; a single run says so."""
+def spread(values, digits: int = 1, unit: str = "", noun: str = "run") -> str:
+    """``median (min-max, n runs)`` over the runs (or seeds: ``noun``); a single one says so."""
     vals = [float(v) for v in values if v is not None]
     if not vals:
         return "n/a"
     f = f"{{:.{digits}f}}"
     med = f.format(float(np.median(vals)))
     if len(vals) == 1:
-        return f"{med}{unit} (1 run)"
-    return f"{med}{unit} ({f.format(min(vals))}-{f.format(max(vals))}, {len(vals)} runs)"
+        return f"{med}{unit} (1 {noun})"
+    return f"{med}{unit} ({f.format(min(vals))}-{f.format(max(vals))}, {len(vals)} {noun}s)"
 
 
 def _size(run: dict, hw: tuple[int, int]) -> dict:

@@ -274,15 +274,21 @@ def test_live_worker_keeps_the_newest_frame_and_never_queues():
     assert worker.prepared <= len(delivered) + 2
 
 
+def feed(source: LatestSlot, n: int) -> threading.Thread:
+    """A producer thread putting n jobs into the mailbox (it blocks while a keep_all mailbox is full)."""
+    feeder = threading.Thread(
+        target=lambda: [source.put(Job(Pair(i, i, (None, i), (None, i), 0), 0.0)) for i in range(n)]
+    )
+    feeder.start()
+    return feeder
+
+
 def test_stopping_mid_stream_accounts_for_every_frame_taken():
     source = LatestSlot(keep_all=True)
     drops = []
     worker = StagedWorker(source, lambda: SlowPipeline(infer_s=0.1), lambda job, r: None, on_drop=drops.append)
     worker.start()
-    feeder = threading.Thread(
-        target=lambda: [source.put(Job(Pair(i, i, (None, i), (None, i), 0), 0.0)) for i in range(20)]
-    )
-    feeder.start()
+    feeder = feed(source, 20)
     time.sleep(0.35)
     assert worker.stop(timeout=5.0)
     feeder.join(timeout=2.0)
@@ -321,10 +327,7 @@ def test_worker_overlaps_the_forward_with_the_other_stages():
 def test_stop_ends_every_thread_even_when_waiting_on_a_full_mailbox():
     source = LatestSlot(keep_all=True)
     worker = StagedWorker(source, lambda: SlowPipeline(infer_s=0.5), lambda job, r: None).start()
-    feeder = threading.Thread(
-        target=lambda: [source.put(Job(Pair(i, i, (None, i), (None, i), 0), 0.0)) for i in range(10)]
-    )
-    feeder.start()
+    feeder = feed(source, 10)
     time.sleep(0.2)
     assert worker.stop(timeout=5.0)
     feeder.join(timeout=2.0)

@@ -45,6 +45,12 @@ def set_codebook(vq, codes, count=1.0):
         vq.initialized.fill_(True)
 
 
+def usage(idx, num_codes):
+    """(fraction of codes used, perplexity) as floats, from the model's own code_statistics."""
+    stats = code_statistics(idx, num_codes)
+    return float(stats["usage"]), float(stats["perplexity"])
+
+
 # --------------------------------------------------------------------------- LSTG: the shared codebook
 def test_quantizer_picks_nearest_codes_with_straight_through_gradient():
     torch.manual_seed(0)
@@ -70,9 +76,9 @@ def test_quantizer_picks_nearest_codes_with_straight_through_gradient():
 
 def test_codebook_usage_statistics():
     vq = VectorQuantizer(8, 2)
-    frac, perplexity = vq.usage(torch.arange(8).repeat(3))
+    frac, perplexity = usage(torch.arange(8).repeat(3), vq.num_codes)
     assert frac == 1.0 and perplexity == pytest.approx(8.0)
-    frac, perplexity = vq.usage(torch.zeros(10, dtype=torch.long))
+    frac, perplexity = usage(torch.zeros(10, dtype=torch.long), vq.num_codes)
     assert frac == 1 / 8 and perplexity == pytest.approx(1.0)
     stats = code_statistics(torch.tensor([0, 0, 1, 1]), 4)
     assert float(stats["usage"]) == 0.5 and float(stats["perplexity"]) == pytest.approx(2.0)
@@ -110,7 +116,7 @@ def test_kmeans_initialisation_puts_a_code_on_every_cluster():
     assert bool(vq.initialized)
     nearest = torch.cdist(centres, vq.codebook).min(dim=1)
     assert (nearest.values < 0.3).all() and len(set(nearest.indices.tolist())) == 4
-    assert vq.usage(vq.eval()(data)[1])[0] == 1.0
+    assert usage(vq.eval()(data)[1], vq.num_codes)[0] == 1.0
 
 
 @pytest.mark.parametrize("threshold, revived", [(1.0, True), (0.0, False)])
@@ -121,9 +127,9 @@ def test_dead_code_restart_revives_unused_codes(threshold, revived):
     codes = torch.randn(16, 4) * 0.5
     codes[4:] += 100.0  # 12 codes far from every latent: never assigned
     set_codebook(vq, codes, count=1.0)
-    assert vq.usage(vq(data)[1])[0] == 4 / 16  # the lookup uses the codebook as it was
+    assert usage(vq(data)[1], vq.num_codes)[0] == 4 / 16  # the lookup uses the codebook as it was
     dead_after = (vq.codebook[4:] - 100.0).norm(dim=1) > 50  # moved from the far cluster
-    frac, perplexity = vq.eval().usage(vq(data)[1])
+    frac, perplexity = usage(vq.eval()(data)[1], vq.num_codes)
     if revived:
         assert dead_after.all()
         assert vq.codebook[4:].abs().max() < 10  # restarted at latents of the batch
@@ -167,7 +173,7 @@ def test_micro_model_uses_most_codes_and_reports_perplexity(info):
     assert set(stats) == {"perplexity", "usage", "perplexity_rgb", "perplexity_thermal"}
     both = torch.cat([out["codes"]["rgb"].flatten(), out["codes"]["thermal"].flatten()])
     assert float(stats["usage"]) == pytest.approx(len(both.unique()) / k)
-    assert float(stats["perplexity"]) == pytest.approx(model.lstg.quantizer.usage(both)[1], rel=1e-5)
+    assert float(stats["perplexity"]) == pytest.approx(usage(both, k)[1], rel=1e-5)
     assert float(stats["usage"]) > 0.75 and float(stats["perplexity"]) > k / 4
     model.train()
     assert float(model(rgb, th)["codebook"]["restarted"]) >= 0  # training mode also counts restarts

@@ -75,6 +75,10 @@ def recipe(source: str, optimizer: str, lr: float, weight_decay: float, poly_pow
     }
 
 
+#: SARTM's paper recipe (section IV-A), the default of a backend that declares none.
+DEFAULT_RECIPE = recipe("SARTM paper", "adamw", 1.0e-4, 0.01, 0.9, "ohem")
+
+
 def check_recipe(rec: dict, where: str = "recipe") -> None:
     """Raise ValueError naming the key when a recipe section cannot be trained with."""
     if rec.get("optimizer") not in RECIPE_OPTIMIZERS:

@@ -36,7 +36,7 @@ from ..classes import DatasetInfo
 from .fusion import FeatureFusionModule, FeatureRectifyModule, LanguageGuidedChannelAttention
 from .heads import AuxiliaryFPNHead, SAM2MaskDecoderHead
 from .lora import MODALITY_ADAPTERS, activate_adapter, add_modality_lora, modality_batch
-from .registry import check_rgbt_inputs, recipe, refuse_frozen_random, register_backend
+from .registry import DEFAULT_RECIPE, check_rgbt_inputs, refuse_frozen_random, register_backend
 from .sam2_checkpoint import (
     DECODER_SHARED_PARTS,
     Sam2Parts,
@@ -63,7 +63,7 @@ SARTM_DEFAULTS = {
     "aux_head": {"channels": 64},
     "output": {"combine": "mean", "s1_weight": 0.5},
     # The paper's training (section IV-A): AdamW lr 1e-4, weight decay 0.01, poly decay, OHEM cross-entropy.
-    "recipe": recipe("SARTM paper", "adamw", 1.0e-4, 0.01, 0.9, "ohem"),
+    "recipe": dict(DEFAULT_RECIPE),
 }
 
 LEVELS = ("ffp", "ifp", "sfm")  # strides 4, 8, 16

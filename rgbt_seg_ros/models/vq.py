@@ -208,11 +208,6 @@ class VectorQuantizer(nn.Module):
         z_q = z + (q - z).detach()  # straight-through: forward value q, gradient of identity to z
         return z_q, idx, self.commitment_loss(z, q)
 
-    def usage(self, idx: torch.Tensor) -> tuple[float, float]:
-        """(fraction of codes used, perplexity) of a batch of indices."""
-        stats = code_statistics(idx, self.num_codes)
-        return float(stats["usage"]), float(stats["perplexity"])
-
 
 class ResBlock(nn.Module):
     def __init__(self, ch: int):

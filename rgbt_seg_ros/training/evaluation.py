@@ -30,14 +30,14 @@ import numpy as np
 from ..classes import DatasetInfo
 from ..frame_flow import latency_summary
 from .metrics import ConfusionMatrix, json_safe
+from .transforms import rgb_bytes
 
 OVERLAY_MAX_WIDTH = 320
 
 
 def item_to_numpy_pair(item: dict, blank_thermal: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A dataset item -> (rgb HxWx3 uint8, thermal HxW float32, valid HxW bool), as the node has them."""
-    rgb = np.asarray(item["rgb"])
-    rgb = np.ascontiguousarray(np.clip(np.rint(rgb.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8))
+    rgb = np.ascontiguousarray(rgb_bytes(np.asarray(item["rgb"]).transpose(1, 2, 0)))
     thermal = np.ascontiguousarray(np.asarray(item["thermal"], dtype=np.float32)[0])
     valid = np.asarray(item.get("valid", np.ones_like(item["thermal"])))[0] > 0.5
     if blank_thermal:

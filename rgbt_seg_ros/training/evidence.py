@@ -179,11 +179,8 @@ def load_results(results: Path = RESULTS) -> dict[str, list[dict]]:
 
 
 def _pct(runs: list[dict], get) -> str:
-    vals = []
-    for r in runs:
-        v = get(r)
-        vals.append(None if v is None else 100.0 * v)
-    return spread(vals, 1).replace(" runs)", " seeds)").replace("(1 run)", "(1 seed)")
+    vals = [get(r) for r in runs]
+    return spread([None if v is None else 100.0 * v for v in vals], 1, noun="seed")
 
 
 def night_drop(run: dict) -> float:

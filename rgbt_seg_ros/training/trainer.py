@@ -66,11 +66,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..classes import DatasetInfo, load_dataset_info
 from ..models import LOSS_TERMS, backend_loss_terms, build_model, load_model_config, resolve_model_config
-from ..models.registry import RECIPE_LOSSES, RECIPE_OPTIMIZERS
+from ..models.registry import DEFAULT_RECIPE, RECIPE_LOSSES, RECIPE_OPTIMIZERS
 from ..segmenter import PRECISIONS, fit_size, normalize_batch, resolve_device
 from .datasets import DATASET_KINDS, SYNTHETIC_CAMERA_SIZE, DatasetError, build_dataset
 from .losses import PAPER_WEIGHTS, SartmLoss, enet_class_weights
-from .transforms import build_train_transform, fit_item
+from .transforms import build_train_transform, fit_item, rgb_bytes
 
 TRAIN_STATE_FILE = "train_state.pt"
 TRAIN_CONFIG_FILE = "train_config.yaml"
@@ -199,15 +199,9 @@ def resolve_train_config(cfg: dict | None) -> dict:
 #: A VQ backend's codebook statistics (``out["codebook"]``) logged as ``codebook_<name>`` per step.
 CODEBOOK_STATS = ("perplexity", "usage", "restarted")
 
-#: The recipe of a backend that declares none (SARTM's paper).
-FALLBACK_RECIPE = {
-    "source": "SARTM paper",
-    "optimizer": "adamw",
-    "lr": 1.0e-4,
-    "weight_decay": 0.01,
-    "poly_power": 0.9,
-    "loss": "ohem",
-}
+#: The recipe of a backend that declares none.
+FALLBACK_RECIPE = DEFAULT_RECIPE
+
 #: train-config key -> recipe key
 RECIPE_KEYS = {"optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "poly_power": "poly_power"}
 
@@ -339,7 +333,7 @@ def set_rng_state(state: dict) -> None:
 def _compact(item: dict) -> dict:
     """A fitted item as it is cached: RGB and valid as uint8, labels as int16 (exact: RGB is 8-bit data)."""
     out = dict(item)
-    out["rgb"] = np.clip(np.rint(item["rgb"] * 255.0), 0, 255).astype(np.uint8)
+    out["rgb"] = rgb_bytes(item["rgb"])
     out["valid"] = item["valid"].astype(np.uint8)
     out["labels"] = item["labels"].astype(np.int16)
     return out

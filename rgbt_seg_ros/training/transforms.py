@@ -53,6 +53,11 @@ def resize_item(item: dict, size: tuple[int, int], resize_labels: bool = True) -
     return out
 
 
+def rgb_bytes(rgb: np.ndarray) -> np.ndarray:
+    """An item's RGB (float in [0, 1], any layout) as the camera's 8-bit values (exact for 8-bit data)."""
+    return np.clip(np.rint(np.asarray(rgb) * 255.0), 0, 255).astype(np.uint8)
+
+
 def fit_item(item: dict, size: tuple[int, int]) -> dict:
     """An item at ``size`` exactly as the Segmenter resizes a camera frame (:func:`..segmenter.resize_image`:
     RGB as uint8, bilinear, antialiased when shrinking; thermal as float; ``valid`` nearest); labels
@@ -62,8 +67,7 @@ def fit_item(item: dict, size: tuple[int, int]) -> dict:
     if _size(item) == tuple(size):
         return item
     out = dict(item)
-    rgb_u8 = np.clip(np.rint(item["rgb"] * 255.0), 0, 255).astype(np.uint8)  # the camera's bytes
-    rgb = resize_image(torch.from_numpy(rgb_u8)[None], size)[0]
+    rgb = resize_image(torch.from_numpy(rgb_bytes(item["rgb"]))[None], size)[0]
     out["rgb"] = rgb.numpy().astype(np.float32) * np.float32(1.0 / 255.0)
     out["thermal"] = resize_image(torch.from_numpy(np.ascontiguousarray(item["thermal"]))[None], size)[0].numpy()
     if "valid" in item:
