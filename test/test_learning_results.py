@@ -21,7 +21,7 @@ def test_readme_tables_are_what_the_committed_results_give():
 
 def test_every_row_rests_on_three_seeds_at_one_budget():
     res = evidence.load_results(RESULTS)
-    rows = set(evidence.BACKEND_ROWS) | set(evidence.ABLATION_ROWS)
+    rows = set(evidence.BACKEND_ROWS) | set(evidence.ABLATION_ROWS) | set(evidence.SEGRGBX_ABLATION_ROWS)
     budgets = set()
     for name in rows:
         runs = res.get(name, [])
