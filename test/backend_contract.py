@@ -253,6 +253,7 @@ class BackendContract:
             "val_split": None,
             "max_steps": 2,
             "batch_size": 2,
+            "pretrain_steps": 2,  # a backend's pretraining stage (SegRGB-X: MA-CLIP), kept short
             "lr": 1e-2,
             "warmup_steps": 0,
             "log_every": 1,
@@ -266,7 +267,9 @@ class BackendContract:
             before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
             tr.fit()
         rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-        row = rows[0]
+        pretrain_rows = [r for r in rows if r["type"] == "pretrain"]
+        assert bool(pretrain_rows) == (getattr(tr.model, "pretrain_stage", None) is not None)
+        row = next(r for r in rows if r["type"] == "train")
         terms = set(tr.loss_terms) & set(LOSS_TERMS)
         bookkeeping = {"type", "step", "epoch", "total", "lr", "step_time_s", "peak_rss_mb", "grad_norm"}
         bookkeeping |= {f"codebook_{k}" for k in CODEBOOK_STATS}  # logged, not part of the loss

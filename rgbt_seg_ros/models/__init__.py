@@ -17,6 +17,7 @@ from .registry import (
     resolve_model_config,
 )
 from .sartm import SARTM
+from .segrgbx import SegRGBX  # noqa: F401  (registers the "segrgbx" backend)
 
 __all__ = [
     "LOSS_TERMS",

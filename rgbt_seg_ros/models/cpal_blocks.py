@@ -26,11 +26,15 @@ from torch import nn
 
 
 # --------------------------------------------------------------------------- Hiera block halves
-def attention_sublayer(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_sublayer(
+    block: nn.Module, x: torch.Tensor, prompts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """First half of a sam2 ``MultiScaleBlock``: ``(shortcut + attn(norm1(x)), norm1(x))``.
 
     ``x`` is (B, H, W, C); the result has the block's output width and, at a stage change
     (q pooling), half the resolution. Same operations, in the same order, as sam2's forward.
+    ``prompts`` (B, K, C): tokens normalised by the same ``norm1`` that join every window's
+    attention as extra keys and values (SegRGB-X; needs split q/k/v attention).
     """
     from sam2.modeling.backbones.hieradet import do_pool
     from sam2.modeling.backbones.utils import window_partition, window_unpartition
@@ -44,7 +48,7 @@ def attention_sublayer(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     if window_size > 0:
         h, w = y.shape[1], y.shape[2]
         y, pad_hw = window_partition(y, window_size)
-    y = block.attn(y)
+    y = block.attn(y) if prompts is None else block.attn(y, block.norm1(prompts))
     if block.q_stride:
         window_size = block.window_size // block.q_stride[0]
         h, w = shortcut.shape[1:3]

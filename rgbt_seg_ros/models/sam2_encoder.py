@@ -160,12 +160,24 @@ class SplitQKVAttention(nn.Module):
             new.proj.load_state_dict(attn.proj.state_dict())
         return new.to(attn.qkv.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (B, H, W, dim) tokens (B = windows); ``extra`` (B_s, K, dim) optional prompt tokens per
+        sample (B a multiple of B_s: the windows of sample s are contiguous) that join every window as
+        K more keys and values; their own outputs are not computed (SegRGB-X's discarded O_M)."""
         b, h, w, _ = x.shape
         q, k, v = self._qkv(x)
         q = q.reshape(b, h * w, self.num_heads, -1)
         k = k.reshape(b, h * w, self.num_heads, -1)
         v = v.reshape(b, h * w, self.num_heads, -1)
+        if extra is not None:
+            if extra.ndim != 3 or b % extra.shape[0] or extra.shape[-1] != self.dim:
+                raise ValueError(f"prompt tokens must be (B, K, {self.dim}) for {b} windows, got {tuple(extra.shape)}")
+            _, k_m, v_m = self._qkv(extra)
+            per_window = b // extra.shape[0]
+            n_prompts = extra.shape[1]
+            k_m = k_m.repeat_interleave(per_window, 0).reshape(b, n_prompts, self.num_heads, -1)
+            v_m = v_m.repeat_interleave(per_window, 0).reshape(b, n_prompts, self.num_heads, -1)
+            k, v = torch.cat([k, k_m], dim=1), torch.cat([v, v_m], dim=1)
         if self.q_pool is not None:
             # Q pooling at stage changes: (B, H, W, C) -> (B, C, H, W) -> pool -> back.
             q = self.q_pool(q.reshape(b, h, w, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

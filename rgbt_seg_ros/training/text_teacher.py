@@ -93,3 +93,21 @@ def class_text_embeddings(
             emb = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
             _results[key] = torch.nn.functional.normalize(emb, dim=-1)
         return _results[key].clone()
+
+
+_sentences: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def sentence_embeddings(texts: list[str] | tuple[str, ...], backend: str = "minilm") -> torch.Tensor:
+    """Embeddings of free text (captions), (N, D) float32, unit rows; cached per sentence, so a caption
+    seen in an earlier batch is not encoded again. ``backend``: minilm (the offline encoder)."""
+    if backend != "minilm":
+        raise ValueError(f"sentence_embeddings supports the offline 'minilm' encoder only, got '{backend}'")
+    texts = [str(t) for t in texts]
+    with _lock:
+        missing = sorted({t for t in texts if (backend, t) not in _sentences})
+        if missing:
+            emb = torch.nn.functional.normalize(torch.from_numpy(_encode_minilm(missing)), dim=-1)
+            for t, e in zip(missing, emb):
+                _sentences[(backend, t)] = e
+        return torch.stack([_sentences[(backend, t)] for t in texts]).clone()

@@ -71,6 +71,8 @@ TRAIN_DEFAULTS: dict = {
     "progress": None,  # tqdm bar: null = when stderr is a terminal
     "tensorboard": True,  # also write TensorBoard scalars when the package is installed
     "sam2_checkpoint": None,  # official SAM2 weights (overrides the model config's encoder.checkpoint)
+    # steps of the backend's pretraining stage (SegRGB-X: MA-CLIP), run before step 1; null = the model config's
+    "pretrain_steps": None,
     "model": {},  # overrides merged into the model config
 }
 
@@ -106,7 +108,7 @@ def resolve_train_config(cfg: dict | None) -> dict:
     for key in ("epochs", "batch_size"):
         if not isinstance(out[key], int) or out[key] < 1:
             raise TrainConfigError(f"train config '{key}' must be an integer >= 1, got {out[key]!r}")
-    for key in ("max_steps", "stop_after_steps", "warmup_steps"):
+    for key in ("max_steps", "stop_after_steps", "warmup_steps", "pretrain_steps"):
         if out[key] is not None and (not isinstance(out[key], int) or out[key] < 0):
             raise TrainConfigError(f"train config '{key}' must be null or an integer >= 0, got {out[key]!r}")
     for key in ("lr", "weight_decay", "poly_power"):  # YAML reads 1e-3 (no dot) as a string

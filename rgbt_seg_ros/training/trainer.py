@@ -537,6 +537,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and cfg["precision"] == "fp16")
         self.step = 0
+        self.pretrained = False  # the backend's pretraining stage has run (or there is none)
         self.best_miou = -1.0
         self.history: list[dict] = []
         self.seen_indices: list[int] = []  # training item indices this process consumed (tests, DDP checks)
@@ -710,6 +711,7 @@ class Trainer:
             "rng": rng_state(),
             "memory_prototypes": mem.prototypes.detach().cpu() if mem.prototypes is not None else None,
             "memory_seen": mem.seen.detach().cpu() if mem.seen is not None else None,
+            "pretrained": bool(self.pretrained),
         } | ({"memory_sets": self._set_memories()} if self.joint else {})
 
     def _set_memories(self) -> dict:
@@ -768,6 +770,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.best_miou = float(state["best_miou"])
+        self.pretrained = bool(state.get("pretrained", self.step > 0))
         if state.get("memory_prototypes") is not None:
             self.loss.memory.prototypes = state["memory_prototypes"].to(self.device)
             self.loss.memory.seen = state["memory_seen"].to(self.device)
@@ -865,9 +868,44 @@ class Trainer:
         return {"miou": res["miou"], "macc": res["macc"], "pixel_acc": res["pixel_acc"], "report": res}
 
     # ------------------------------------------------------------------ the loop
+    def pretrain_sources(self) -> list[tuple[Dataset, tuple[str, ...]]]:
+        """(training set, class names) pairs a pretraining stage draws its batches from: one per dataset."""
+        if self.joint:
+            return [(part, tuple(info.class_names)) for part, info in zip(self.train_set.parts, self.set_infos)]
+        return [(self.train_set, tuple(self.info.class_names))]
+
+    def run_pretrain_stage(self) -> None:
+        """The backend's pretraining stage (``pretrain_stage`` on the model class), once per run."""
+        stage = getattr(self.model, "pretrain_stage", None)
+        if self.pretrained or stage is None:
+            self.pretrained = True
+            return
+        if stage != "ma_clip":
+            raise TrainConfigError(f"{type(self.model).__name__} asks for an unknown pretraining stage '{stage}'")
+        from .ma_clip import pretrain
+
+        steps = self.cfg["pretrain_steps"]
+        if steps is None:
+            steps = int(self.model_cfg["ma_clip"]["pretrain"]["steps"])
+        rows = pretrain(
+            self.model,
+            self.pretrain_sources(),
+            self.model_cfg,
+            int(steps),
+            int(self.cfg["seed"]),
+            self.device,
+            log_every=int(self.cfg["log_every"]),
+            progress=bool(self.cfg["progress"] if self.cfg["progress"] is not None else sys.stderr.isatty())
+            and self.dist.is_main,
+        )
+        for row in rows:
+            self._log(row)
+        self.pretrained = True
+
     def fit(self) -> dict:
         """Train until the planned steps (or ``stop_after_steps``); returns a summary dict."""
         cfg = self.cfg
+        self.run_pretrain_stage()
         stop_at = self.total_steps
         if cfg["stop_after_steps"] is not None:
             stop_at = min(stop_at, int(cfg["stop_after_steps"]))

@@ -1,0 +1,307 @@
+"""SegRGB-X backend: the shared contract, prompts in windowed attention, DSRM, MA-CLIP, class sets, ablations."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from backend_contract import BackendCase, BackendContract, randomize_named
+
+from rgbt_seg_ros.checkpoint import load_checkpoint, save_checkpoint
+from rgbt_seg_ros.classes import load_dataset_info
+from rgbt_seg_ros.models import build_model, resolve_model_config
+from rgbt_seg_ros.models.segrgbx import SegRGBX
+from rgbt_seg_ros.models.segrgbx_blocks import DSRM, prompted_block
+from rgbt_seg_ros.training.ma_clip import caption, contrastive_loss
+
+MICRO = "models/segrgbx_micro.yaml"
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny tensors
+
+
+def _freeze_with_base(cfg: dict, path: str) -> None:
+    cfg["encoder"].update(checkpoint=path, freeze=True)
+
+
+class TestSegRGBXContract(BackendContract):
+    case = BackendCase(
+        name="segrgbx",
+        config=MICRO,
+        trainable_prefixes=("control.", "aligned_prompts.", "frm.", "ffm.", "dsrm.", "head."),
+        frozen_prefixes=("trunk.", "ma_clip."),
+        thermal_param="aligned_prompts.thermal.0",
+        freeze_with_base=_freeze_with_base,
+        randomize=lambda m: randomize_named(m, ("lora_B", "dsrm.out.")),
+    )
+
+
+def make(info, seed=0, text=None, **sections):
+    cfg = resolve_model_config(MICRO)
+    for key, value in sections.items():
+        if isinstance(cfg.get(key), dict) and isinstance(value, dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    torch.manual_seed(seed)
+    return build_model(cfg, info, text)
+
+
+def pair(b=1, h=64, w=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, h, w, generator=g), torch.randn(b, 1, h, w, generator=g)
+
+
+def unit(n, d=384, seed=0):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+# --------------------------------------------------------------------------- III-C prompts in attention
+
+
+def test_prompted_global_block_is_attention_over_patches_and_prompts():
+    """The paper's [E; M] attention with O_M discarded, written out by hand for a global-attention block."""
+    from sam2.modeling.backbones.hieradet import MultiScaleBlock
+
+    from rgbt_seg_ros.models.sam2_encoder import SplitQKVAttention
+
+    torch.manual_seed(0)
+    block = MultiScaleBlock(16, 16, num_heads=2, window_size=0).eval()
+    block.attn = SplitQKVAttention.from_fused(block.attn)
+    x, m = torch.randn(2, 4, 6, 16), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        got = prompted_block(block, x, m)
+        a = block.attn
+        e, p = block.norm1(x).reshape(2, 24, 16), block.norm1(m)
+        q = a.q(e).reshape(2, 24, 2, 8).transpose(1, 2)
+        seq = torch.cat([e, p], dim=1)
+        k = a.k(seq).reshape(2, 27, 2, 8).transpose(1, 2)
+        v = a.v(seq).reshape(2, 27, 2, 8).transpose(1, 2)
+        o = ((q @ k.transpose(-2, -1)) / 8**0.5).softmax(-1) @ v
+        t = x + a.proj(o.transpose(1, 2).reshape(2, 4, 6, 16))
+        want = t + block.mlp(block.norm2(t))
+    assert torch.allclose(got, want, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(got, block(x), atol=1e-4)  # the prompts change the output
+
+
+def test_prompts_reach_every_window_of_a_windowed_block():
+    from sam2.modeling.backbones.hieradet import MultiScaleBlock
+
+    from rgbt_seg_ros.models.sam2_encoder import SplitQKVAttention
+
+    torch.manual_seed(1)
+    block = MultiScaleBlock(16, 32, num_heads=2, q_stride=(2, 2), window_size=4).eval()
+    block.attn = SplitQKVAttention.from_fused(block.attn)
+    x = torch.randn(2, 8, 8, 16)
+    m1, m2 = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    m2[1] = m1[1]  # sample 1's prompts unchanged
+    with torch.no_grad():
+        a, b = prompted_block(block, x, m1), prompted_block(block, x, m2)
+    assert a.shape == (2, 4, 4, 32)
+    changed = (a[0] - b[0]).abs().amax(dim=-1) > 1e-6  # (4, 4) after q pooling: 4 windows of 2x2
+    assert changed.all(), "a window did not see sample 0's prompts"
+    assert torch.equal(a[1], b[1]), "prompts leaked across samples"
+
+
+def test_stage_groups_cover_every_block_and_prompt_widths_match(info):
+    model = make(info)
+    assert sorted(set(model.group_of_block)) == [0, 1, 2, 3]
+    for i, block in enumerate(model.trunk.blocks):
+        assert model.dims[model.group_of_block[i]] == block.dim
+    prompts = model._prompts(torch.randn(4, 384), 2, torch.float32)
+    n = model.control[0].tokens + model.aligned_prompts["rgb"][0].shape[0]
+    assert [p.shape for p in prompts] == [(4, n, d) for d in model.dims]
+
+
+def test_rgb_dominant_gives_both_branches_the_rgb_guidance(info):
+    model = make(info)
+    s = torch.randn(4, 384)
+    s_other = s.clone()
+    s_other[2:] = torch.randn(2, 384)  # only S^m changes
+    with torch.no_grad():
+        a, b = model._prompts(s, 2, torch.float32), model._prompts(s_other, 2, torch.float32)
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+    aligned = make(info, prompts={"pairing": "aligned"})
+    with torch.no_grad():
+        a, b = aligned._prompts(s, 2, torch.float32), aligned._prompts(s_other, 2, torch.float32)
+    assert torch.equal(a[0][:2], b[0][:2]) and not torch.equal(a[0][2:], b[0][2:])
+
+
+# --------------------------------------------------------------------------- III-D DSRM
+
+
+def test_dsrm_starts_as_identity_and_uses_the_ma_clip_map():
+    torch.manual_seed(0)
+    dsrm = DSRM(32, 384, num_prompts=4, prompt_size=2, heads=2)
+    x, s1, s2 = torch.randn(2, 3, 5, 32), torch.randn(2, 2, 2, 384), torch.randn(2, 2, 2, 384)
+    with torch.no_grad():
+        assert torch.equal(dsrm(x, s1), x)  # zero-initialised output projection
+        chi = dsrm.last_indicator
+        assert chi.shape == (2, 4) and torch.allclose(chi.sum(-1), torch.ones(2))
+        dsrm.out.weight.normal_(0, 0.1)
+        assert not torch.allclose(dsrm(x, s1), dsrm(x, s2))  # spatial queries come from S
+        y = dsrm(x, None)  # the ablation without MA-CLIP: queries from F_c
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_dsrm_runs_after_every_last_stage_block(info):
+    model = make(info)
+    ends = model.trunk.stage_ends
+    assert sorted(model.dsrm_blocks) == list(range(ends[-2] + 1, ends[-1] + 1))
+    assert len(model.dsrm_blocks) == 2  # x 2 modality pairs = the paper's four DSRM applications
+
+
+# --------------------------------------------------------------------------- MA-CLIP
+
+
+def test_ma_clip_lora_pool_and_what_pretraining_trains(info, tmp_path):
+    model = make(info).eval()
+    rgb, th = pair(2)
+    x3 = th.expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        s_map, s = model.ma_clip(rgb, x3, "thermal")
+    assert s_map.shape[0] == 4 and s.shape == (4, 384)
+    assert torch.allclose(s.norm(dim=-1), torch.ones(4), atol=1e-5)
+    randomize_named(model, ("ma_clip.trunk.blocks.1.attn.q.lora_B",))
+    with torch.no_grad():
+        assert not torch.allclose(model.ma_clip(rgb, x3, "thermal")[1], s)
+    with pytest.raises(ValueError, match="no LoRA for modality 'depth'"):
+        model.ma_clip(rgb, x3, "depth")
+    # random init: pretraining may train the trunk; on base weights only LoRA, norm and projection
+    assert any(p is model.ma_clip.trunk.blocks[0].mlp.layers[0].weight for p in model.ma_clip_parameters())
+    source = make(info, seed=3)
+    torch.save({"model": source.sam2_state_dict()}, tmp_path / "base.pt")
+    based = make(info, encoder={"checkpoint": str(tmp_path / "base.pt"), "freeze": True})
+    names = {n for n, p in based.ma_clip.named_parameters() if any(p is q for q in based.ma_clip_parameters())}
+    assert names and all(".lora_" in n or not n.startswith("trunk.") for n in names)
+    assert not any(p.requires_grad for p in based.ma_clip.parameters())  # frozen outside its stage
+
+
+def test_captions_count_regions_and_name_the_condition():
+    names = ("background", "road", "building", "vegetation", "person", "car", "traffic cone", "traffic sign")
+    labels = np.zeros((60, 80), np.int64)
+    labels[40:, :] = 1
+    labels[5:15, 5:10] = 4
+    labels[5:15, 30:35] = 4
+    labels[20:30, 50:70] = 5
+    text = caption(labels, names, "night")
+    assert text == "a scene at night with a road, two people and a car"
+    assert caption(np.zeros((8, 8), np.int64), names, "") == "a scene with nothing labelled"
+
+
+def test_contrastive_loss_prefers_matching_pairs_and_tolerates_equal_captions():
+    t = unit(3)
+    good, _ = contrastive_loss(torch.cat([t, t]), t, ["a", "b", "c"], 0.07)
+    bad, acc = contrastive_loss(torch.cat([t.roll(1, 0), t.roll(1, 0)]), t, ["a", "b", "c"], 0.07)
+    assert good < bad and acc == 0.0
+    # images 0 and 1 swapped: a mismatch, unless their captions are equal (then either text is a match)
+    swapped = torch.cat([t[[1, 0, 2]], t[[1, 0, 2]]])
+    assert contrastive_loss(swapped, t, ["x", "y", "c"], 0.07)[1] == pytest.approx(1 / 3)
+    assert contrastive_loss(swapped, t, ["x", "x", "c"], 0.07)[1] == 1.0
+
+
+def test_trainer_runs_the_ma_clip_stage_first_and_freezes_it_again(tmp_path):
+    import json
+
+    from rgbt_seg_ros.training.trainer import Trainer
+
+    cfg = {
+        "dataset": "synthetic",
+        "dataset_options": {"count": 8, "size": [64, 96]},
+        "val_split": None,
+        "max_steps": 1,
+        "batch_size": 2,
+        "pretrain_steps": 3,
+        "log_every": 1,
+        "progress": False,
+        "tensorboard": False,
+        "model": {"input_size": [64, 96], "ma_clip": {"pretrain": {"batch_size": 4}}},
+    }
+    info = load_dataset_info("synthetic")
+    tr = Trainer(MICRO, cfg, tmp_path / "run", text_embeddings=unit(info.num_classes))
+    before = {n: p.detach().clone() for n, p in tr.model.ma_clip.named_parameters()}
+    tr.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in rows] == ["pretrain"] * 3 + ["train"]
+    assert all(np.isfinite(r["contrastive"]) for r in rows[:3])
+    after = dict(tr.model.ma_clip.named_parameters())
+    assert not torch.equal(before["proj.weight"], after["proj.weight"].detach())
+    assert not any(p.requires_grad for p in tr.model.ma_clip.parameters())
+    assert tr.train_state()["pretrained"] is True
+
+
+# --------------------------------------------------------------------------- class sets
+
+
+def test_one_model_holds_several_class_sets(info, tmp_path):
+    mfnet = load_dataset_info("mfnet")
+    text = {"synthetic": unit(info.num_classes, seed=1), "mfnet": unit(mfnet.num_classes, seed=2)}
+    model = make(info, text=text, class_sets={"mfnet": mfnet.to_dict()}).eval()
+    assert model.class_set_names == ("synthetic", "mfnet")
+    rgb, th = pair()
+    with torch.no_grad():
+        a = model(rgb, th)["logits"]
+        model.select_class_set("mfnet")
+        b = model(rgb, th)["logits"]
+    assert a.shape[1] == info.num_classes and b.shape[1] == mfnet.num_classes
+    assert model.class_names == mfnet.class_names
+    with pytest.raises(ValueError, match="unknown class set 'fmb'; this model has synthetic, mfnet"):
+        model.select_class_set("fmb")
+    with pytest.raises(ValueError, match="text_embeddings of class set 'mfnet' must be"):
+        make(info, text={"mfnet": unit(3)}, class_sets={"mfnet": mfnet.to_dict()})
+    # the sets and their embeddings travel in the checkpoint
+    model.select_class_set("synthetic")
+    ckpt = save_checkpoint(model, copy.deepcopy(model_cfg_of(info, mfnet)), info, tmp_path / "ckpt")
+    loaded, cfg, _ = load_checkpoint(ckpt)
+    assert loaded.class_set_names == ("synthetic", "mfnet")
+    assert torch.equal(loaded.class_text("mfnet"), text["mfnet"])
+    loaded.select_class_set("mfnet")
+    with torch.no_grad():
+        assert torch.equal(loaded(rgb, th)["logits"], b)
+
+
+def model_cfg_of(info, mfnet):
+    cfg = resolve_model_config(MICRO)
+    cfg["class_sets"] = {"mfnet": mfnet.to_dict()}
+    return cfg
+
+
+# --------------------------------------------------------------------------- ablations (paper Table VI)
+
+
+@pytest.mark.parametrize(
+    "sections, params",
+    [
+        ({"ma_clip": {"enabled": False}}, {"ma_clip": 0, "control": 0}),
+        ({"prompts": {"aligned_tokens": 0}}, {"aligned_prompts": 0}),
+        ({"dsrm": {"enabled": False}}, {"dsrm": 0}),
+        (
+            {"ma_clip": {"enabled": False}, "prompts": {"aligned_tokens": 0}, "dsrm": {"enabled": False}},
+            {"ma_clip": 0, "control": 0, "aligned_prompts": 0, "dsrm": 0},
+        ),
+    ],
+)
+def test_each_part_can_be_switched_off(info, sections, params):
+    model = make(info, **sections).eval()
+    assert isinstance(model, SegRGBX)
+    counts: dict[str, int] = {}
+    for n, p in model.named_parameters():
+        counts[n.split(".")[0]] = counts.get(n.split(".")[0], 0) + p.numel()
+    for part, expected in params.items():
+        assert counts.get(part, 0) == expected, part
+    with torch.no_grad():
+        out = model(*pair(2))["logits"]
+    assert out.shape == (2, info.num_classes, 64, 96) and torch.isfinite(out).all()
+
+
+def test_config_errors_name_the_key(info):
+    with pytest.raises(ValueError, match="modality must be one of"):
+        make(info, modality="depth")
+    with pytest.raises(ValueError, match="prompts.pairing must be one of"):
+        make(info, prompts={"pairing": "sideways"})
+    with pytest.raises(ValueError, match="ma_clip.image_size must be"):
+        make(info, ma_clip={"image_size": [50, 64]})
+    with pytest.raises(ValueError, match="class set name 'my set'"):
+        make(info, class_sets={"my set": load_dataset_info("mfnet").to_dict()})
