@@ -902,6 +902,18 @@ class Trainer:
             self._log(row)
         self.pretrained = True
 
+    def _epoch_batches(self, resumed_mid_epoch: bool):
+        """The loader's iterator for one epoch. Making it draws the workers' base seed from torch's global RNG
+        (DataLoader does that at the start of every epoch). A run resumed mid-epoch restored the RNG state
+        saved after that draw, so its draw is undone: otherwise every random op after a mid-epoch resume
+        (dropout in the model) would differ from the uninterrupted run."""
+        if not resumed_mid_epoch:
+            return iter(self.loader)
+        state = torch.get_rng_state()
+        batches = iter(self.loader)
+        torch.set_rng_state(state)
+        return batches
+
     def fit(self) -> dict:
         """Train until the planned steps (or ``stop_after_steps``); returns a summary dict."""
         cfg = self.cfg
@@ -921,7 +933,7 @@ class Trainer:
                 self.train_set.epoch = epoch
                 self.seen_indices.extend(self.sampler.indices())
                 t0 = time.perf_counter()
-                for batch in self.loader:
+                for batch in self._epoch_batches(resumed_mid_epoch=skip > 0):
                     comps = self.train_step(batch)
                     t1 = time.perf_counter()
                     step_times.append(t1 - t0)
