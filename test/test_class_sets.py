@@ -57,6 +57,7 @@ def joint_config(entries: list[dict], **over) -> dict:
         "log_every": 1,
         "progress": False,
         "tensorboard": False,
+        "pretrain_steps": 0,  # segrgbx's MA-CLIP stage: off, except in the end-to-end run
         "model": {"input_size": SIZE},
     }
     cfg.update(over)
@@ -218,6 +219,7 @@ def joint_run(tmp_path_factory):
         [synthetic_entry(4), {"dataset": "folder", "data": str(tiles), "classes": "mfnet"}],
         max_steps=4,
         val_max_items=2,
+        pretrain_steps=2,  # MA-CLIP draws from both datasets, each with its own class names
     )
     tr = Trainer(SEGRGBX_MICRO, cfg, tmp / "run")
     summary = tr.fit()
@@ -227,6 +229,14 @@ def joint_run(tmp_path_factory):
 def test_a_joint_checkpoint_segments_with_either_class_set(joint_run):
     tr, summary, run, _ = joint_run
     assert summary["steps"] == 4 and summary["best_miou"] is not None  # validated on the primary (synthetic)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "pretrain"] == [1, 2]  # MA-CLIP: one batch from each dataset
+    assert [names for _, names in tr.pretrain_sources()] == [
+        load_dataset_info("synthetic").class_names,
+        load_dataset_info("mfnet").class_names,
+    ]
+    val = [r for r in rows if r["type"] == "val"]
+    assert len(val) == 1 and set(val[0]["per_class_iou"]) == set(load_dataset_info("synthetic").class_names)
     from rgbt_seg_ros.training.text_teacher import class_text_embeddings
 
     assert set(tr.text_embeddings) == {"synthetic", "mfnet"}
