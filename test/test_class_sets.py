@@ -23,7 +23,7 @@ from rgbt_seg_ros.frame_flow import checked_class_set, segmenter_from_params
 from rgbt_seg_ros.params import defaults
 from rgbt_seg_ros.segmenter import Segmenter
 from rgbt_seg_ros.training.experiments import mfnet_tiles_layout
-from rgbt_seg_ros.training.joint import JointBatchSampler, share_batches
+from rgbt_seg_ros.training.joint import JointBatchSampler, model_class_sets, share_batches
 from rgbt_seg_ros.training.trainer import TrainConfigError, Trainer, resolve_train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +121,17 @@ def test_a_backend_with_one_class_set_is_refused_for_several_datasets(tmp_path):
     cfg = joint_config([synthetic_entry(2), synthetic_entry(2, classes=renamed_synthetic(tmp_path, "synthetic_b"))])
     with pytest.raises(TrainConfigError, match="backend 'sartm' has one class set"):
         Trainer(SARTM_MICRO, cfg, tmp_path / "run", text_embeddings=unit_rows(8, 0))
+
+
+def test_class_sets_given_in_the_model_config_must_be_the_ones_the_datasets_make():
+    infos = [load_dataset_info("synthetic"), load_dataset_info("mfnet")]
+    made = model_class_sets({"backend": "segrgbx"}, infos)
+    assert made == {"mfnet": infos[1].to_dict()}
+    assert model_class_sets({"backend": "segrgbx", "class_sets": made}, infos) == made  # a resumed run's config
+    with pytest.raises(
+        TrainConfigError, match=r"lists class_sets \['pst900'\], but the train config's 'datasets' make"
+    ):
+        model_class_sets({"backend": "segrgbx", "class_sets": {"pst900": {}}}, infos)
 
 
 # --------------------------------------------------------------------------- the joint sampler

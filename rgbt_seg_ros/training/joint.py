@@ -29,6 +29,7 @@ import numpy as np
 from torch.utils.data import Dataset, Sampler
 
 from ..classes import DatasetInfo
+from ..models.registry import backend_spec
 from .train_config import TrainConfigError
 
 
@@ -45,6 +46,25 @@ def class_set_names_of(infos: Sequence[DatasetInfo], entries: Sequence[dict]) ->
             )
         seen[info.name] = i
     return [info.name for info in infos]
+
+
+def model_class_sets(model_cfg: dict, infos: Sequence[DatasetInfo]) -> dict:
+    """The model config's ``class_sets`` for a joint run: every dataset's set but the primary's (the first)."""
+    backend = model_cfg.get("backend")
+    if "class_sets" not in backend_spec(backend).defaults:
+        raise TrainConfigError(
+            f"train config 'datasets' lists {len(infos)} datasets, but backend '{backend}' has one class set "
+            "(no class_sets, no select_class_set); joint training needs a backend that segments against "
+            "class-name embeddings, such as segrgbx"
+        )
+    sets = {info.name: info.to_dict() for info in infos[1:]}
+    given = model_cfg.get("class_sets") or {}
+    if given and given != sets:  # a resumed run's model_config.yaml holds the same sets: fine
+        raise TrainConfigError(
+            f"the model config lists class_sets {sorted(given)}, but the train config's 'datasets' make "
+            f"{sorted(sets)}; with 'datasets' the trainer builds class_sets itself: remove them from the model config"
+        )
+    return sets
 
 
 def _describe(entry: dict) -> str:

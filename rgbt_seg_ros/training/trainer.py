@@ -2,7 +2,7 @@
 
 A run is described by two dicts: the **model config** (``models/*.yaml``, resolved by
 :func:`rgbt_seg_ros.models.resolve_model_config`) and the **train config** (``TRAIN_DEFAULTS``
-below; from ``--train-config FILE.yaml`` and the command-line flags). The train config's
+in :mod:`.train_config`; from ``--train-config FILE.yaml`` and the command-line flags). The train config's
 ``model:`` section overrides model-config keys (e.g. ``{output: {combine: s0}}``), so one model
 YAML serves several experiments.
 
@@ -35,7 +35,14 @@ Exact resumption: ``last/`` holds the trained tensors, the AdamW state, the step
 python / numpy / torch (and CUDA) RNG states and the prototype memory of the loss. Resuming
 from a mid-epoch stop skips the batches the epoch had already served (the epoch's order is a
 function of the seed and the epoch). On CPU, N steps in one go and N/2 + resume + N/2 give
-bit-identical weights (``test/test_trainer.py``).
+bit-identical weights (``test/test_trainer.py``), also for a backend that draws from torch's global
+RNG while training (see ``Trainer._epoch_batches``) and for joint runs (``test/test_class_sets.py``).
+
+Several datasets (train config ``datasets``, a backend with class sets such as segrgbx): each batch
+comes from one dataset (:mod:`.joint`), the model is switched to that dataset's class set and the
+batch is scored in that dataset's own label space by that set's loss; validation and the checkpoint's
+``classes`` are the first (primary) dataset's, the others travel in the model config's ``class_sets``
+(docs/class_sets.md). The train config's keys and checks live in :mod:`.train_config`.
 
 Distributed: started by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the
 environment) the trainer joins a process group (``nccl`` on CUDA, ``gloo`` on CPU), wraps the
@@ -67,10 +74,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from ..class_sets import has_class_sets, text_embeddings_for
 from ..classes import DatasetInfo, load_dataset_info
 from ..models import LOSS_TERMS, backend_loss_terms, build_model, load_model_config, resolve_model_config
-from ..models.registry import DEFAULT_RECIPE, backend_spec
+from ..models.registry import DEFAULT_RECIPE
 from ..segmenter import PRECISIONS, fit_size, normalize_batch, resolve_device
 from .datasets import SYNTHETIC_CAMERA_SIZE, DatasetError, build_dataset
-from .joint import JointBatchSampler, JointDataset, class_set_names_of
+from .joint import JointBatchSampler, JointDataset, class_set_names_of, model_class_sets
 from .losses import SartmLoss, enet_class_weights
 from .train_config import (  # noqa: F401  (re-exported: the train config's keys and checks live there)
     DATASET_ENTRY_DEFAULTS,
@@ -454,7 +461,7 @@ class Trainer:
         raw.pop("dataset", None)
         raw["classes"] = self.info.to_dict()
         if self.joint:
-            raw["class_sets"] = self._joint_class_sets(raw)
+            raw["class_sets"] = model_class_sets(raw, self.set_infos)
         self.model_cfg = resolve_model_config(raw)
         self.input_size = tuple(self.model_cfg["input_size"])
         self.cfg, self.recipe_line = apply_recipe(cfg, self.model_cfg)
@@ -568,25 +575,6 @@ class Trainer:
                     self._writer = None
 
     # ------------------------------------------------------------------ helpers
-    def _joint_class_sets(self, raw: dict) -> dict:
-        """The model config's ``class_sets`` for a joint run: every dataset's set but the primary's."""
-        backend = raw.get("backend")
-        if "class_sets" not in backend_spec(backend).defaults:
-            raise TrainConfigError(
-                f"train config 'datasets' lists {len(self.entries)} datasets, but backend '{backend}' has one class "
-                "set (no class_sets, no select_class_set); joint training needs a backend that segments against "
-                "class-name embeddings, such as segrgbx"
-            )
-        sets = {info.name: info.to_dict() for info in self.set_infos[1:]}
-        given = raw.get("class_sets") or {}
-        if given and given != sets:  # a resumed run's model_config.yaml holds the same sets: fine
-            raise TrainConfigError(
-                f"the model config lists class_sets {sorted(given)}, but the train config's 'datasets' make "
-                f"{sorted(sets)}; with 'datasets' the trainer builds class_sets itself: remove them from the model "
-                "config"
-            )
-        return sets
-
     def _text_embeddings(self, given):
         """Class-name embeddings for build_model: the given ones, or the text teacher's when the model uses
         language; a dict ``{set: (K, D)}`` when the model config has class sets."""
