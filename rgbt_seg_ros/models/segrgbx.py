@@ -300,6 +300,17 @@ class SegRGBX(nn.Module):
             groups.append(torch.cat(parts, dim=1))
         return groups
 
+    def reference_forward(self, rgb: torch.Tensor, thermal: torch.Tensor) -> torch.Tensor:
+        """The bare dual Hiera encoder this backend is built on: both modalities as one batch through the
+        same trunk, no MA-CLIP, prompts, fusion, DSRM or head (``rgbt-seg bench model`` times it against
+        :meth:`forward`). Returns the last stage's tokens."""
+        trunk = self.trunk
+        x = trunk.patch_embed(torch.cat([rgb, thermal.expand(-1, 3, -1, -1)]))
+        x = x + trunk._get_pos_embed(x.shape[1:3])
+        for block in trunk.blocks:
+            x = block(x)
+        return x
+
     def forward(self, rgb: torch.Tensor, thermal: torch.Tensor, valid: torch.Tensor | None = None) -> dict:
         """Segment a batch of registered RGB-X pairs -> ``{"logits": (B, K, H, W)}`` (the active class set)."""
         check_rgbt_inputs(rgb, thermal, valid, "SegRGB-X")

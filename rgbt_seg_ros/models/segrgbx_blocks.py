@@ -108,7 +108,7 @@ class DSRM(nn.Module):
     ``V_c = W_c^V F``, all (B, C, N); per head, ``A = softmax(norm(Q_c) norm(K_c)^T * tau)`` (C/h x C/h,
     queries and keys L2-normalised over N, a learned temperature per head, as transposed attention is
     usually made scale-free in N) and ``F_c = A V_c``.
-    Spatial attention (eq. 5-7): ``Q_s = W_s^Q MLP(S)`` from the MA-CLIP token map resized to F's grid,
+    Spatial attention (eq. 5-7): ``Q_s = W_s^Q MLP(S)`` on the MA-CLIP token map, resized to F's grid,
     ``K_s = W_s^K F_c``, ``V_s = W_s^V F_c``, multi-head cross-attention over the N positions -> F_s.
     The output is ``F + W_o F_s`` with ``W_o`` zero-initialised, so a fresh DSRM leaves F as it is.
     ``s_map=None`` (the ablation without MA-CLIP) takes the spatial queries from F_c itself.
@@ -139,19 +139,19 @@ class DSRM(nn.Module):
         chi = self.indicator(f.mean(dim=(2, 3))).softmax(dim=-1)  # B, K
         self.last_indicator = chi.detach()
         prompt = torch.einsum("bk,kchw->bchw", chi, self.universal.to(chi.dtype))
-        prompt = F.interpolate(prompt, size=(h, w), mode="bilinear", align_corners=False)
-        q = self.q_c(prompt).reshape(b, self.heads, c // self.heads, h * w)
+        # W_c^Q (a 1x1 conv) commutes with the bilinear resize: applied on the s x s prompt map, it is cheap
+        q = F.interpolate(self.q_c(prompt), size=(h, w), mode="bilinear", align_corners=False)
+        q = q.reshape(b, self.heads, c // self.heads, h * w)
         k, v = self.kv_c(f).reshape(b, 2, self.heads, c // self.heads, h * w).unbind(1)
         attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
         f_c = (attn.softmax(dim=-1) @ v).reshape(b, c, h * w).transpose(1, 2)  # B, N, C
 
         if s_map is None:
-            query = f_c
-        else:
-            s = s_map.to(x.dtype).permute(0, 3, 1, 2)
-            s = F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-            query = self.s_mlp(s)
-        q_s = self.q_s(query).reshape(b, h * w, self.heads, -1).transpose(1, 2)
+            q_s = self.q_s(f_c)
+        else:  # eq. 5: W_s^Q Reshape(MLP(S)), on MA-CLIP's own grid, then resized to F's N positions
+            q_s = self.q_s(self.s_mlp(s_map.to(x.dtype))).permute(0, 3, 1, 2)
+            q_s = F.interpolate(q_s, size=(h, w), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+        q_s = q_s.reshape(b, h * w, self.heads, -1).transpose(1, 2)
         k_s, v_s = self.kv_s(f_c).reshape(b, h * w, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         f_s = F.scaled_dot_product_attention(q_s, k_s, v_s).transpose(1, 2).reshape(b, h, w, c)
         return x + self.out(f_s)

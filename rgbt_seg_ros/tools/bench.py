@@ -214,6 +214,36 @@ def time_forward(model: torch.nn.Module, inputs: tuple, repeats: int, device: to
     return [once() for _ in range(max(1, repeats))]
 
 
+def compare_with_reference(model: torch.nn.Module, inputs: tuple, repeats: int, device: torch.device) -> dict:
+    """``model.forward`` and ``model.reference_forward`` timed alternately (so both see the same machine
+    noise), with the reference's FLOPs: medians and their ratio."""
+
+    class Reference(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner.reference_forward(*args)
+
+    ref = Reference(model)
+    full_t, ref_t = [], []
+    time_forward(model, inputs, 1, device)
+    time_forward(ref, inputs, 1, device)
+    for _ in range(max(1, repeats)):
+        full_t += time_forward(model, inputs, 1, device)[-1:]
+        ref_t += time_forward(ref, inputs, 1, device)[-1:]
+    full, bare = statistics.median(full_t), statistics.median(ref_t)
+    batch = inputs[0].shape[0]
+    return {
+        "what": "the bare dual Hiera encoder (same trunk, both modalities as one batch)",
+        "gflop_per_pair": count_flops(ref, *inputs)["total"] / batch / 1e9,
+        "forward_ms_median": bare * 1e3,
+        "model_forward_ms_median": full * 1e3,
+        "ratio": full / bare,
+    }
+
+
 def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """Best-of-``repeats`` fp32 GFLOP/s of an n x n matmul (the machine's practical peak)."""
     a = torch.randn(n, n, device=device)
@@ -277,6 +307,9 @@ def bench_model(
         model.batched_inference = False
         two_pass = statistics.median(time_forward(model, (rgb, thermal), repeats, dev))
         model.batched_inference = True
+    reference = None
+    if hasattr(model, "reference_forward"):  # SegRGB-X: the bare dual Hiera encoder, timed in turn with forward
+        reference = compare_with_reference(model, (rgb, thermal), repeats, dev)
     gflop_pair = flops["total"] / batch / 1e9
     achieved = flops["total"] / median / 1e9
     peak = matmul_gflops(dev)
@@ -299,6 +332,7 @@ def bench_model(
         "forward_ms_all": [t * 1e3 for t in times],
         "forward_ms_two_pass": None if two_pass is None else two_pass * 1e3,
         "batched_vs_two_pass": None if two_pass is None else median / two_pass,
+        "reference": reference,
         "achieved_gflops": achieved,
         "matmul_gflops": peak,
         "ratio_to_matmul": achieved / peak,
@@ -326,6 +360,16 @@ def markdown(result: dict) -> str:
         rows += [
             ("forward median, one encoder pass per modality", f"{result['forward_ms_two_pass']:.1f} ms"),
             ("batched / two-pass time", f"{result['batched_vs_two_pass']:.2f}"),
+        ]
+    ref = result.get("reference")
+    if ref:
+        rows += [
+            ("reference", ref["what"]),
+            ("reference GFLOP per pair", f"{ref['gflop_per_pair']:.2f}"),
+            (
+                "forward / reference, medians of alternate runs",
+                f"{ref['model_forward_ms_median']:.1f} ms / {ref['forward_ms_median']:.1f} ms = {ref['ratio']:.2f}x",
+            ),
         ]
     rows += [
         ("achieved", f"{result['achieved_gflops']:.1f} GFLOP/s"),

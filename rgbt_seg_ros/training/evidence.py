@@ -45,8 +45,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {"model": {"output": {"combine": "s0"}}, "loss": {"weights": [1.0, 0.0, 10000.0, 100.0]}},
     ),
     "sartm_no_language_losses": ("models/sartm_micro.yaml", {"loss": {"weights": [1.0, 0.008, 0.0, 0.0]}}),
+    "segrgbx": ("models/segrgbx_micro.yaml", {}),
+    # the paper's Table VI: one part off at a time
+    "segrgbx_no_ma_clip": ("models/segrgbx_micro.yaml", {"model": {"ma_clip": {"enabled": False}}}),
+    "segrgbx_no_aligned_prompts": ("models/segrgbx_micro.yaml", {"model": {"prompts": {"aligned_tokens": 0}}}),
+    "segrgbx_no_dsrm": ("models/segrgbx_micro.yaml", {"model": {"dsrm": {"enabled": False}}}),
 }
-BACKEND_ROWS = {"sartm": "SARTM", "cpal": "CPAL", "fusionsam": "FusionSAM"}
+BACKEND_ROWS = {"sartm": "SARTM", "cpal": "CPAL", "fusionsam": "FusionSAM", "segrgbx": "SegRGB-X"}
 ABLATION_ROWS = {
     "sartm": "RGB-T, all loss terms (paper weights)",
     "sartm_rgb_only": "RGB only (thermal blanked in training and test)",
