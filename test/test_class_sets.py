@@ -338,6 +338,17 @@ def test_evaluate_and_replay_take_a_class_set(joint_run, tmp_path, capsys):
     assert "model.class_set: model" in capsys.readouterr().err
 
 
+def test_bench_model_runs_a_model_config_with_class_sets_in_the_chosen_set():
+    from rgbt_seg_ros.tools.bench import bench_model
+
+    cfg = yaml.safe_load(Path(SEGRGBX_MICRO).read_text()) | {"input_size": SIZE}
+    cfg["class_sets"] = {"mfnet": load_dataset_info("mfnet").to_dict()}  # random text embeddings for both sets
+    result = bench_model(cfg, class_set="mfnet", repeats=1)
+    assert result["class_set"] == "mfnet" and result["classes"] == 9
+    with pytest.raises(ClassSetError, match="its class sets are 'synthetic', 'mfnet'"):
+        bench_model(cfg, class_set="fmb", repeats=1)
+
+
 # --------------------------------------------------------------------------- the node's parameter
 
 
