@@ -7,7 +7,8 @@
     backend and the class count.
 ``config.yaml``
     ``format``, ``backend``, ``model`` (the resolved model config), ``classes``
-    (``DatasetInfo.to_dict()``: names, palette, ignore index), ``input_size``,
+    (``DatasetInfo.to_dict()``: names, palette, ignore index; the primary class set of a model
+    with several, whose others travel in ``model.class_sets``), ``input_size``,
     ``normalization`` and ``base_weights``: the SAM2 config, the path and sha256 of the base
     weights file it was trained on (null when the model needs none).
 ``base_sam2.safetensors`` (only in a standalone export)
@@ -82,6 +83,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     resolved = resolve_model_config(cfg)
+    _check_class_sets(model, resolved, dataset_info)
     num_classes = dataset_info.num_classes
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +140,38 @@ def save_checkpoint(
     with open(out / CONFIG_FILE, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False, default_flow_style=None)
     return out
+
+
+def _check_class_sets(model: nn.Module, resolved: dict, dataset_info: DatasetInfo) -> None:
+    """A model with several class sets is saved with its primary set as ``classes`` and the others in the
+    config's ``class_sets`` (so that loading rebuilds the same sets): refuse anything else."""
+    from .class_sets import has_class_sets
+
+    if not has_class_sets(model):
+        return
+    names = tuple(model.class_set_names)
+    primary = model.class_set_info(names[0])
+    if dataset_info.name != primary.name or tuple(dataset_info.class_names) != tuple(primary.class_names):
+        raise ValueError(
+            f"save_checkpoint: dataset_info is class set '{dataset_info.name}' but the model's primary class set is "
+            f"'{primary.name}'; save with the primary set's DatasetInfo (model.class_set_info('{primary.name}'))"
+        )
+    listed = tuple(resolved.get("class_sets") or {})
+    if set(listed) != set(names[1:]):
+        raise ValueError(
+            f"save_checkpoint: the model has class sets {list(names)} but the config's class_sets list "
+            f"{list(listed)} besides the primary '{primary.name}'"
+        )
+
+
+def checkpoint_class_sets(ckpt_dir: str | Path) -> tuple[str, ...]:
+    """The class sets a checkpoint can segment with, primary first, read from its ``config.yaml`` (no model
+    is built): the ``classes`` name, then the model config's ``class_sets``."""
+    from .class_sets import config_class_sets
+
+    config = read_checkpoint_config(ckpt_dir)
+    primary = DatasetInfo.from_dict(config["classes"], source=str(Path(ckpt_dir) / CONFIG_FILE))
+    return tuple(config_class_sets(config["model"], primary))
 
 
 def read_checkpoint_config(ckpt_dir: str | Path) -> dict:

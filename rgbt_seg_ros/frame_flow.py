@@ -169,14 +169,58 @@ def registrar_from_params(params: dict[str, Any]) -> ThermalRegistrar | None:
     return registrar
 
 
-def segmenter_from_params(params: dict[str, Any]):
-    """Load the model the parameters name: a checkpoint directory, else a model config (+ SAM2 weights)."""
+def class_sets_from_params(params: dict[str, Any]) -> tuple[str, ...]:
+    """The class sets of the model the parameters name, primary first, read from its files (no model is built):
+    the checkpoint's ``config.yaml``, or ``model.config`` with ``model.dataset`` as its primary set."""
+    from .checkpoint import checkpoint_class_sets
+    from .class_sets import config_class_sets
+    from .classes import load_dataset_info
+    from .models.registry import load_model_config
+
+    if params["model.checkpoint"]:
+        return checkpoint_class_sets(resolve_data_file(params["model.checkpoint"]))
+    cfg = load_model_config(resolve_data_file(params["model.config"]))
+    primary = load_dataset_info(params["model.dataset"]) if params["model.dataset"] else None
+    return tuple(config_class_sets(cfg, primary))
+
+
+def checked_class_set(params: dict[str, Any], on_problem=None) -> str | None:
+    """``model.class_set`` when the model has that set; None for "" (the primary).
+
+    An unknown set is the node's bad-parameter case: with ``on_problem`` it is reported there (a sentence
+    naming the sets there are) and the primary set is used, as any refused parameter falls back to its
+    default; without, :class:`~rgbt_seg_ros.class_sets.ClassSetError` is raised.
+    """
+    from .class_sets import ClassSetError, unknown_set_message
+
+    wanted = params.get("model.class_set") or None
+    if wanted is None:
+        return None
+    known = class_sets_from_params(params)
+    if wanted in known:
+        return wanted
+    what = params["model.checkpoint"] or params["model.config"]
+    text = f"model.class_set: {unknown_set_message(wanted, known, f'model {what}')}"
+    if on_problem is None:
+        raise ClassSetError(text)
+    on_problem(f"{text}; using the default '' (the primary set '{known[0]}')")
+    return None
+
+
+def segmenter_from_params(params: dict[str, Any], on_problem=None):
+    """Load the model the parameters name: a checkpoint directory, else a model config (+ SAM2 weights),
+    segmenting with ``model.class_set`` (see :func:`checked_class_set` for ``on_problem``)."""
     from .segmenter import Segmenter  # torch import: only when a model is really needed
 
     device, precision, compile_mode = params["model.device"], params["model.precision"], params["model.compile"]
+    class_set = checked_class_set(params, on_problem)
     if params["model.checkpoint"]:
         return Segmenter.from_checkpoint(
-            resolve_data_file(params["model.checkpoint"]), device=device, precision=precision, compile=compile_mode
+            resolve_data_file(params["model.checkpoint"]),
+            device=device,
+            precision=precision,
+            compile=compile_mode,
+            class_set=class_set,
         )
     sam2 = params["model.sam2_checkpoint"] or None
     return Segmenter.from_config(
@@ -186,6 +230,7 @@ def segmenter_from_params(params: dict[str, Any]):
         device=device,
         precision=precision,
         compile=compile_mode,
+        class_set=class_set,
     )
 
 
@@ -218,8 +263,10 @@ class FramePipeline:
         self.size_mismatch: str | None = None  # set once: identity registration over differently sized images
 
     @classmethod
-    def from_params(cls, params: dict[str, Any], segmenter=None) -> FramePipeline:
-        segmenter = segmenter if segmenter is not None else segmenter_from_params(params)
+    def from_params(cls, params: dict[str, Any], segmenter=None, on_problem=None) -> FramePipeline:
+        """The pipeline the parameters describe; ``on_problem``: where a refused ``model.class_set`` is
+        reported (the primary set is used then); without it that is an error."""
+        segmenter = segmenter if segmenter is not None else segmenter_from_params(params, on_problem)
         return cls(
             segmenter,
             normalizer_from_params(params),

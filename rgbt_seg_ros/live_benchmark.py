@@ -31,9 +31,8 @@ from .params import write_param_file
 
 def make_random_checkpoint(config: str, out_dir: Path, input_size=None, dataset=None) -> Path:
     """A random-weight checkpoint of ``config`` with nothing frozen (same compute as trained weights)."""
-    import torch
-
     from .checkpoint import save_checkpoint
+    from .class_sets import random_text_embeddings
     from .models import build_model, dataset_info_for, resolve_model_config
     from .resources import resolve_data_file
 
@@ -44,9 +43,7 @@ def make_random_checkpoint(config: str, out_dir: Path, input_size=None, dataset=
         if section in cfg and key in cfg[section] and not cfg[section].get("checkpoint"):
             cfg[section][key] = False
     info = dataset_info_for(cfg, dataset)
-    text_dim = int(cfg.get("language", {}).get("text_dim", 384))
-    text = torch.nn.functional.normalize(torch.randn(info.num_classes, text_dim), dim=-1)
-    save_checkpoint(build_model(cfg, info, text), cfg, info, out_dir)
+    save_checkpoint(build_model(cfg, info, random_text_embeddings(cfg, info)), cfg, info, out_dir)
     return out_dir
 
 
@@ -89,12 +86,14 @@ def bench_node(
     device: str = "cpu",
     domain_id: int | None = None,
     startup_timeout: float = 120.0,
+    class_set: str | None = None,
 ) -> dict:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
     work = Path(tempfile.mkdtemp(prefix="rgbt_bench_node_"))
-    params, rgb_msg, th_msg = synthetic_rig(work, checkpoint, size, device)
+    overrides = {"model.class_set": class_set} if class_set else {}
+    params, rgb_msg, th_msg = synthetic_rig(work, checkpoint, size, device, **overrides)
     arrivals: list[tuple[int, int]] = []  # (stamp ns, arrival ns)
     period = 1.0 / rate_hz
     with NodeSession(params, work / "segment_node.log", domain_id=domain_id, client_name="bench_node_client") as s:

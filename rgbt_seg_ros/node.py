@@ -255,6 +255,7 @@ class SegmentBehaviour:
     def _setup(self) -> None:
         self.param_errors: list[str] = []
         self._warned: set[str] = set()
+        self._falling_back = False  # True while the node itself puts a refused start-up value back to its default
         self.p = self._declare_parameters()
         self.cameras = {"rgb": CameraMonitor(), "thermal": CameraMonitor()}
         self.frame_ids = {"rgb": "", "thermal": ""}
@@ -271,6 +272,7 @@ class SegmentBehaviour:
         self.lifecycle_state = "unconfigured"
         self.registration_mode = self.p["registration.mode"]
         self.device = "?"
+        self.class_set_status = "?"
         self._camera_infos: dict[str, CameraInfo] = {}
         self._subs: list = []
         self._last_trim = 0.0
@@ -301,7 +303,7 @@ class SegmentBehaviour:
         self.get_logger().info(f"loading model {what} on {self.p['model.device']} ...")
         t0 = time.monotonic()
         try:
-            pipeline = FramePipeline.from_params(self.p)
+            pipeline = FramePipeline.from_params(self.p, on_problem=self._refuse_class_set)
         except Exception as exc:  # bad checkpoint, config, calibration: keep running, report, segment nothing
             self.model_status = f"failed: {exc}"
             self.stats.model_failed(f"could not load the pipeline: {exc}")
@@ -311,6 +313,7 @@ class SegmentBehaviour:
         self.stats.reset()  # an earlier failed configure is no longer the state
         seg = pipeline.segmenter
         self.device = str(seg.device)
+        self.class_set_status = f"{seg.class_set} (of {', '.join(seg.class_sets)})"
         if pipeline.registrar is None:
             self.registration_mode = "calibrated (waiting for both camera_info topics)"
         else:
@@ -407,6 +410,7 @@ class SegmentBehaviour:
     def _cleanup(self) -> None:
         self.pipeline = None
         self.model_status = "not loaded"
+        self.class_set_status = "?"
         gc.collect()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
@@ -451,6 +455,18 @@ class SegmentBehaviour:
     def _report_parameter(self, text: str) -> None:
         self.param_errors.append(text)
         self.get_logger().error(text)
+
+    def _refuse_class_set(self, text: str) -> None:
+        """``model.class_set`` names a set the model does not have (known only once the model is found): reported,
+        and the parameter goes back to its default "" (the primary set), like every refused start-up value."""
+        self._report_parameter(text)
+        default = SPEC_BY_NAME["model.class_set"].default
+        self.p["model.class_set"] = default
+        self._falling_back = True
+        try:
+            self.set_parameters([Parameter("model.class_set", value=default)])
+        finally:
+            self._falling_back = False
 
     def _qos(self) -> QoSProfile:
         return QoSProfile(
@@ -608,7 +624,7 @@ class SegmentBehaviour:
             problem = validate(param.name, value)
             if problem:
                 return SetParametersResult(successful=False, reason=problem)
-            if not spec.dynamic:
+            if not spec.dynamic and not self._falling_back:
                 return SetParametersResult(successful=False, reason=RESTART_REASON.format(name=param.name))
             updates[param.name] = float(value) if spec.kind is float else value
         merged = {**self.p, **updates}
@@ -708,6 +724,7 @@ class SegmentBehaviour:
         values = {
             "state": self.lifecycle_state,
             "model": self.model_status,
+            "class set": self.class_set_status,
             "device": self.device,
             "registration": self.registration_mode,
             "inputs": f"{self.input_topics['rgb']}, {self.input_topics['thermal']}",

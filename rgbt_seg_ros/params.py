@@ -104,6 +104,12 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "model.dataset", "synthetic", "class set (config/datasets/NAME.yaml) for model.config without checkpoint"
     ),
+    ParamSpec(
+        "model.class_set",
+        "",
+        "class set to segment with, for a checkpoint trained on several datasets (segrgbx); "
+        "empty = the checkpoint's primary set; an unknown name is reported and the primary set used",
+    ),
     ParamSpec("model.sam2_checkpoint", "", "official SAM2 weights (sam2.1_hiera_*.pt) the model builds on"),
     ParamSpec("model.device", "auto", "inference device", choices=("auto", "cpu", "cuda")),
     ParamSpec(

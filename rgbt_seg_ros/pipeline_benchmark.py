@@ -127,16 +127,18 @@ def load_segmenter(
     precision: str = "fp32",
     seed: int = 0,
     model_ms: float | None = None,
+    class_set: str | None = None,
 ):
     """A ``Segmenter`` from a checkpoint directory, else with random weights of ``config``.
 
     Random weights: nothing frozen (a frozen random encoder is refused by the backends), random
     unit-norm class-name embeddings (no text encoder is loaded). Warm-up forward included.
     ``model_ms``: the config's classes and input size around a :class:`StandInModel` instead.
+    ``class_set``: the model's class set to segment with (None: its primary).
     """
     import torch
-    import torch.nn.functional as F
 
+    from .class_sets import random_text_embeddings
     from .models import build_model, dataset_info_for, resolve_model_config
     from .resources import resolve_data_file
     from .segmenter import Segmenter
@@ -146,9 +148,12 @@ def load_segmenter(
         if model_size is not None:
             cfg["input_size"] = [int(model_size[0]), int(model_size[1])]
         info = dataset_info_for(cfg, None)
-        return Segmenter(StandInModel(model_ms, info.num_classes, seed), cfg, info, device=device, precision=precision)
+        stand_in = StandInModel(model_ms, info.num_classes, seed)
+        return Segmenter(stand_in, cfg, info, device=device, precision=precision, class_set=class_set)
     if checkpoint is not None:
-        return Segmenter.from_checkpoint(resolve_data_file(str(checkpoint)), device=device, precision=precision)
+        return Segmenter.from_checkpoint(
+            resolve_data_file(str(checkpoint)), device=device, precision=precision, class_set=class_set
+        )
     torch.manual_seed(seed)
     cfg = resolve_model_config(resolve_data_file(str(config)))
     if model_size is not None:
@@ -158,10 +163,8 @@ def load_segmenter(
         if section in cfg and key in cfg[section] and not cfg[section].get("checkpoint"):
             cfg[section][key] = False
     info = dataset_info_for(cfg, None)
-    text_dim = int((cfg.get("language") or {}).get("text_dim", 384))
-    text = F.normalize(torch.randn(info.num_classes, text_dim), dim=-1)
-    model = build_model(cfg, info, text)
-    return Segmenter(model, cfg, info, device=device, precision=precision)
+    model = build_model(cfg, info, random_text_embeddings(cfg, info))
+    return Segmenter(model, cfg, info, device=device, precision=precision, class_set=class_set)
 
 
 def image_message_class():
@@ -554,6 +557,7 @@ def bench_memory(
     device: str = "cpu",
     segmenter=None,
     progress=None,
+    class_set: str | None = None,
 ) -> dict:
     """``rgbt-seg bench memory``: RSS over ``pairs`` frames of the node's per-frame path."""
     import torch
@@ -561,7 +565,9 @@ def bench_memory(
     gc.collect()  # the baseline is live memory: nothing an earlier caller left for the collector or the heap
     release_free_heap()
     start = rss_mb()
-    seg = segmenter if segmenter is not None else load_segmenter(checkpoint, config, model_size, device)
+    seg = segmenter
+    if seg is None:
+        seg = load_segmenter(checkpoint, config, model_size, device, class_set=class_set)
     frames = CameraFrames.synthetic(tuple(size))
     pipeline = make_pipeline(seg, frames)
     image_cls, kind = image_message_class()

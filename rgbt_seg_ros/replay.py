@@ -161,8 +161,9 @@ def replay_bag(
             raise BagError(
                 f"bag {bag} has no ground-truth topic {gt_topic}; topics in the bag: {', '.join(sorted(topics))}"
             )
+        load_warnings: list[str] = []  # a refused model.class_set: reported, the primary set used (as the node)
         if pipeline is None:
-            pipeline = FramePipeline.from_params(params)
+            pipeline = FramePipeline.from_params(params, on_problem=load_warnings.append)
         info = pipeline.segmenter.dataset_info
         flow = FrameFlow(params)
         truth = GroundTruth(Path(gt_dir) if gt_dir else None)
@@ -288,6 +289,7 @@ def replay_bag(
             },
             "model": f"{pipeline.segmenter.backend} {info.name} ({info.num_classes} classes) "
             f"{pipeline.segmenter.input_size[0]}x{pipeline.segmenter.input_size[1]}",
+            "class_set": info.name,
             "device": str(pipeline.segmenter.device),
             "precision": pipeline.segmenter.precision,
             "registration": pipeline.registrar.mode if pipeline.registrar is not None else "none",
@@ -313,7 +315,7 @@ def replay_bag(
             "model_bound_pairs_per_s": 1000.0 / model_p50 if model_p50 else None,
             "inputs_copied": pass_through,
             "not_copied": not_copied,
-            "warnings": [*(warnings or []), *(w for w in (pipeline.size_mismatch, bag_warning) if w)],
+            "warnings": [*(warnings or []), *load_warnings, *(w for w in (pipeline.size_mismatch, bag_warning) if w)],
             "error": result.error,
         }
         if metrics["throughput_pairs_per_s"] and metrics["model_bound_pairs_per_s"]:

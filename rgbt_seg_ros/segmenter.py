@@ -200,7 +200,12 @@ class Segmenter:
         warmup: bool = True,
         compile: str = "none",
         compile_backend: str = "inductor",
+        class_set: str | None = None,
     ):
+        """``class_set``: which of the model's class sets to segment with (docs/class_sets.md); None = the one
+        active now (a loaded checkpoint's primary). An unknown name raises ``ClassSetError`` naming the sets."""
+        from .class_sets import class_set_names, select_class_set
+
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; expected one of {', '.join(PRECISIONS)}")
         if compile not in COMPILE_MODES:
@@ -208,11 +213,14 @@ class Segmenter:
         self._device = resolve_device(device)
         self._precision = precision
         self._cfg = cfg
-        self._info = dataset_info
+        # before the warm-up (and a compile): the model runs with this set from the first frame on
+        self._info = select_class_set(model, dataset_info, class_set, what=f"the {cfg.get('backend')} model")
+        self._class_sets = class_set_names(model, dataset_info)
+        self._switchable = len(self._class_sets) > 1
         self._model = model.to(self._device).eval()
         self._input_size = (int(cfg["input_size"][0]), int(cfg["input_size"][1]))
         self._normalization = cfg["normalization"]
-        self._label_dtype = np.uint8 if dataset_info.num_classes <= 255 else np.uint16
+        self._label_dtype = np.uint8 if self._info.num_classes <= 255 else np.uint16
         self._staging = HostStaging(pin=True) if self._device.type == "cuda" else None
         self._prep_stream = None  # CUDA stream of prepare(side_stream=True), made on first use
         self._compile = compile
@@ -241,13 +249,22 @@ class Segmenter:
         warmup: bool = True,
         sam2_checkpoint: str | Path | None = None,
         compile: str = "none",
+        class_set: str | None = None,
     ) -> Segmenter:
-        """Load a trained checkpoint directory (see ``checkpoint.py``)."""
-        from .checkpoint import load_checkpoint
+        """Load a trained checkpoint directory (see ``checkpoint.py``); ``class_set``: one of its class sets
+        (None: its primary). An unknown set is refused before the model is loaded, naming the sets there are."""
+        from .checkpoint import checkpoint_class_sets, load_checkpoint
+        from .class_sets import ClassSetError, unknown_set_message
 
+        if class_set:
+            known = checkpoint_class_sets(ckpt_dir)
+            if class_set not in known:
+                raise ClassSetError(unknown_set_message(class_set, known, f"checkpoint {ckpt_dir}"))
         dev = resolve_device(device)
         model, cfg, info = load_checkpoint(ckpt_dir, device=dev, sam2_checkpoint=sam2_checkpoint)
-        return cls(model, cfg, info, device=dev, precision=precision, warmup=warmup, compile=compile)
+        return cls(
+            model, cfg, info, device=dev, precision=precision, warmup=warmup, compile=compile, class_set=class_set
+        )
 
     @classmethod
     def from_config(
@@ -258,14 +275,17 @@ class Segmenter:
         device: str = "auto",
         precision: str = "fp32",
         warmup: bool = True,
-        text_embeddings: torch.Tensor | None = None,
+        text_embeddings: torch.Tensor | dict | None = None,
         compile: str = "none",
+        class_set: str | None = None,
     ) -> Segmenter:
         """Build an untrained model from a model config (+ optional official SAM2 weights).
 
-        ``dataset`` (class-file name or path) overrides the config's classes. The class-name
-        text embeddings come from the text teacher unless ``text_embeddings`` is given.
+        ``dataset`` (class-file name or path) overrides the config's classes (its primary set). The
+        class-name text embeddings come from the text teacher unless ``text_embeddings`` is given (a dict
+        ``{set: (K, D)}`` for a config with ``class_sets``). ``class_set``: the set to segment with.
         """
+        from .class_sets import text_embeddings_for
         from .models import build_model, dataset_info_for, resolve_model_config
 
         cfg = resolve_model_config(config)
@@ -276,14 +296,28 @@ class Segmenter:
         if text_embeddings is None and lang.get("enabled"):
             from .training.text_teacher import class_text_embeddings
 
-            text_embeddings = class_text_embeddings(info.class_names, backend=lang.get("text_encoder", "minilm"))
+            backend = lang.get("text_encoder", "minilm")
+            text_embeddings = text_embeddings_for(cfg, info, lambda names: class_text_embeddings(names, backend))
         model = build_model(cfg, info, text_embeddings)
-        return cls(model, cfg, info, device=device, precision=precision, warmup=warmup, compile=compile)
+        return cls(
+            model, cfg, info, device=device, precision=precision, warmup=warmup, compile=compile, class_set=class_set
+        )
 
     # ------------------------------------------------------------------ properties
     @property
     def dataset_info(self) -> DatasetInfo:
+        """The classes the labels are in: the chosen class set's names, palette and ignore index."""
         return self._info
+
+    @property
+    def class_set(self) -> str:
+        """The class set this Segmenter segments with."""
+        return self._info.name
+
+    @property
+    def class_sets(self) -> tuple[str, ...]:
+        """Every class set of the model, primary first (one for most backends)."""
+        return self._class_sets
 
     @property
     def device(self) -> torch.device:
@@ -420,6 +454,8 @@ class Segmenter:
             for t in (inp.rgb, inp.thermal, inp.valid):
                 if t is not None:
                     t.record_stream(stream)
+        if self._switchable and self._model.active_class_set != self._info.name:
+            self._model.select_class_set(self._info.name)  # another user of the same model chose another set
         with self._autocast():
             logits = self._forward(inp.rgb, inp.thermal, inp.valid)["logits"]
         nh, nw = inp.content_size

@@ -49,10 +49,11 @@ def test_a_user_parameter_file_wins_over_every_launch_default(tmp_path):
 def test_an_argument_given_on_the_command_line_wins_over_the_file(tmp_path):
     user = tmp_path / "robot.yaml"
     user.write_text(USER_FILE)
-    plan = launch_plan({"params_file": str(user), "device": "cpu", "rgb_transport": "compressed"}, SHARE)
+    given = {"params_file": str(user), "device": "cpu", "rgb_transport": "compressed", "class_set": "pst900"}
+    plan = launch_plan(given, SHARE)
     values = effective_parameters(plan, tmp_path)
     assert values["model.device"] == "cpu" and values["model.checkpoint"] == "/robot/ckpt"
-    assert values["input.rgb.transport"] == "compressed"
+    assert values["input.rgb.transport"] == "compressed" and values["model.class_set"] == "pst900"
 
 
 def test_without_a_params_file_the_shipped_defaults_apply():

@@ -38,12 +38,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+CLASS_SET_HELP = "class set to run with, of a model with several (segrgbx; default: its primary)"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     m = sub.add_parser("model", help="one backend forward pass: params, GFLOP, time, matmul ratio")
     m.add_argument("--config", default="models/sartm_tiny.yaml", help="model config (default models/sartm_tiny.yaml)")
     m.add_argument("--dataset", default=None, help="class file name or path (default: the config's dataset)")
+    m.add_argument("--class-set", default=None, help=CLASS_SET_HELP)
     m.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="input size (default: config)")
     m.add_argument("--batch", type=int, default=1, help="pairs per forward pass (default 1)")
     m.add_argument("--repeats", type=int, default=5, help="timed forward passes (default 5)")
@@ -66,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     n.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(480, 640), help="camera image size")
     n.add_argument("--rate", type=float, default=10.0, help="publish rate in Hz (default 10)")
+    n.add_argument("--class-set", default=None, help=CLASS_SET_HELP)
     n.add_argument("--seconds", type=float, default=20.0, help="measured duration (default 20)")
     n.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     n.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
@@ -134,6 +138,7 @@ def _model_source_arguments(p: argparse.ArgumentParser, default_config: str) -> 
     p.add_argument(
         "--model-size", type=int, nargs=2, metavar=("H", "W"), default=None, help="model input size (random weights)"
     )
+    p.add_argument("--class-set", default=None, help=CLASS_SET_HELP)
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
@@ -264,8 +269,11 @@ def bench_model(
     repeats: int = 5,
     device: str = "cpu",
     sam2_checkpoint: str | None = None,
+    class_set: str | None = None,
 ) -> dict:
-    """Build a backend and measure it; returns a dict of results (see module docstring)."""
+    """Build a backend and measure it; returns a dict of results (see module docstring).
+    ``class_set``: the set of a model with several to run with (its class count sizes the logits)."""
+    from ..class_sets import random_text_embeddings, select_class_set
     from ..models import build_model, dataset_info_for, resolve_model_config
     from ..segmenter import resolve_device
 
@@ -280,9 +288,8 @@ def bench_model(
     random_base = not enc.get("checkpoint")
     if random_base and "encoder" in cfg:  # random weights: same compute; freezing re-applied below
         enc["freeze"], dec["freeze_transformer"] = False, False
-    text_dim = int(cfg.get("language", {}).get("text_dim", 384))
-    text = F.normalize(torch.randn(info.num_classes, text_dim), dim=-1)
-    model = build_model(cfg, info, text)
+    model = build_model(cfg, info, random_text_embeddings(cfg, info))
+    info = select_class_set(model, info, class_set, what=f"model config {config}")
     if random_base and hasattr(model, "set_trainable"):
         model.set_trainable(*freeze)
     model = model.to(dev).eval()
@@ -310,6 +317,7 @@ def bench_model(
         "config": str(config) if not isinstance(config, dict) else cfg.get("description", "<dict>"),
         "backend": cfg["backend"],
         "classes": info.num_classes,
+        "class_set": info.name,
         "input_size": [h, w],
         "batch": batch,
         "device": str(dev),
@@ -396,6 +404,7 @@ def run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             device=args.device,
             sam2_checkpoint=args.sam2_checkpoint,
+            class_set=args.class_set,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -435,7 +444,12 @@ def run_node(args: argparse.Namespace) -> int:
     try:
         ckpt = _checkpoint_or_random(args.checkpoint, args.config, args.model_size)
         result = live_benchmark.bench_node(
-            ckpt, rate_hz=args.rate, seconds=args.seconds, size=tuple(args.size), device=args.device
+            ckpt,
+            rate_hz=args.rate,
+            seconds=args.seconds,
+            size=tuple(args.size),
+            device=args.device,
+            class_set=args.class_set,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -495,7 +509,13 @@ def run_pipeline_or_memory(args: argparse.Namespace) -> int:
         if args.target == "pipeline":
             sizes = [parse_size(s) for s in args.sizes]
             seg = pb.load_segmenter(
-                args.checkpoint, args.config, model_size, args.device, args.precision, model_ms=args.model_ms
+                args.checkpoint,
+                args.config,
+                model_size,
+                args.device,
+                args.precision,
+                model_ms=args.model_ms,
+                class_set=args.class_set,
             )
             result = pb.bench_pipeline(
                 checkpoint=args.checkpoint,
@@ -521,6 +541,7 @@ def run_pipeline_or_memory(args: argparse.Namespace) -> int:
                 samples=args.samples,
                 device=args.device,
                 progress=lambda n, rss: print(f"  {n} pairs: RSS {rss:.1f} MB", file=sys.stderr, flush=True),
+                class_set=args.class_set,
             )
             print(pb.markdown_memory(result))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--sam2-checkpoint", help="the SAM2 weights the checkpoint was trained on, if not where recorded")
+    p.add_argument(
+        "--class-set",
+        help="class set to segment with, for a checkpoint trained on several datasets (default: its primary); "
+        "the dataset's classes must be that set's",
+    )
     p.add_argument("--max-items", type=int, help="evaluate only the first N items")
     p.add_argument("--overlays", type=int, default=8, help="rows in overlays.png (default 8)")
     p.add_argument("--blank-thermal", action="store_true", help="feed no thermal (thermal 0, valid false): RGB-only")
@@ -52,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         seg = Segmenter.from_checkpoint(
-            args.checkpoint, device=args.device, precision=args.precision, sam2_checkpoint=args.sam2_checkpoint
+            args.checkpoint,
+            device=args.device,
+            precision=args.precision,
+            sam2_checkpoint=args.sam2_checkpoint,
+            class_set=args.class_set,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -61,9 +70,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset != "folder":
         expected = load_dataset_info(args.dataset).class_names
         if tuple(expected) != tuple(info.class_names):
+            sets = seg.class_sets
+            others = f"; its class sets are {', '.join(sets)} (--class-set)" if len(sets) > 1 else ""
             print(
-                f"error: checkpoint {args.checkpoint} predicts {list(info.class_names)} but dataset '{args.dataset}' "
-                f"has classes {list(expected)}",
+                f"error: checkpoint {args.checkpoint} (class set '{info.name}') predicts {list(info.class_names)} but "
+                f"dataset '{args.dataset}' has classes {list(expected)}{others}",
                 file=sys.stderr,
             )
             return 2
@@ -79,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             "dataset": args.dataset,
             "data": str(args.data) if args.data else None,
             "split": args.split,
+            "class_set": info.name,
             "device": str(seg.device),
             "precision": seg.precision,
             "input_size": list(seg.input_size),

@@ -29,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (overrides model.checkpoint)")
     p.add_argument("--device", default=None, help="overrides model.device (auto, cpu, cuda)")
+    p.add_argument(
+        "--class-set",
+        default=None,
+        help="class set of a checkpoint trained on several datasets (overrides model.class_set; default: its primary)",
+    )
     gt = p.add_mutually_exclusive_group()
     gt.add_argument(
         "--gt-topic",
@@ -80,6 +85,15 @@ def run(args: argparse.Namespace) -> int:
         params["model.checkpoint"] = str(args.checkpoint)
     if args.device is not None:
         params["model.device"] = args.device
+    if args.class_set is not None:  # given on the command line: an unknown set is an error, not a fallback
+        from ..frame_flow import checked_class_set
+
+        params["model.class_set"] = args.class_set
+        try:
+            checked_class_set(params)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"rgbt-seg replay: {exc}", file=sys.stderr)
+            return 2
     gt_topic = None if args.no_gt or args.gt_dir else args.gt_topic
     if args.threads:
         import torch

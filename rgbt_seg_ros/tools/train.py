@@ -11,6 +11,8 @@ Several GPUs or nodes (one process per GPU; ``--batch-size`` is per process)::
 
 ``--train-config FILE.yaml`` sets any key of ``TRAIN_DEFAULTS`` (flags given on the command line
 win); ``--resume`` continues ``OUT/last`` with the run's saved configs (flags given override them).
+Several datasets at once (a backend with class sets, e.g. segrgbx): a train config with ``datasets``
+instead of ``--dataset`` (docs/class_sets.md).
 """
 
 from __future__ import annotations
@@ -159,8 +161,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         cfg = build_train_config(args, base)
-        if not cfg.get("dataset"):
-            print("error: --dataset is required (pst900, mfnet, fmb, folder or synthetic)", file=sys.stderr)
+        if not cfg.get("dataset") and not cfg.get("datasets"):
+            print(
+                "error: --dataset is required (pst900, mfnet, fmb, folder or synthetic), or a --train-config with "
+                "'datasets' (joint training over several datasets, docs/class_sets.md)",
+                file=sys.stderr,
+            )
             return 2
         trainer = Trainer(model_config, cfg, args.out, resume=args.resume)
     except (TrainConfigError, DatasetError, FileNotFoundError, ValueError) as exc:

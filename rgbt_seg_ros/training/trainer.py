@@ -2,7 +2,7 @@
 
 A run is described by two dicts: the **model config** (``models/*.yaml``, resolved by
 :func:`rgbt_seg_ros.models.resolve_model_config`) and the **train config** (``TRAIN_DEFAULTS``
-below; from ``--train-config FILE.yaml`` and the command-line flags). The train config's
+in :mod:`.train_config`; from ``--train-config FILE.yaml`` and the command-line flags). The train config's
 ``model:`` section overrides model-config keys (e.g. ``{output: {combine: s0}}``), so one model
 YAML serves several experiments.
 
@@ -35,7 +35,14 @@ Exact resumption: ``last/`` holds the trained tensors, the AdamW state, the step
 python / numpy / torch (and CUDA) RNG states and the prototype memory of the loss. Resuming
 from a mid-epoch stop skips the batches the epoch had already served (the epoch's order is a
 function of the seed and the epoch). On CPU, N steps in one go and N/2 + resume + N/2 give
-bit-identical weights (``test/test_trainer.py``).
+bit-identical weights (``test/test_trainer.py``), also for a backend that draws from torch's global
+RNG while training (see ``Trainer._epoch_batches``) and for joint runs (``test/test_class_sets.py``).
+
+Several datasets (train config ``datasets``, a backend with class sets such as segrgbx): each batch
+comes from one dataset (:mod:`.joint`), the model is switched to that dataset's class set and the
+batch is scored in that dataset's own label space by that set's loss; validation and the checkpoint's
+``classes`` are the first (primary) dataset's, the others travel in the model config's ``class_sets``
+(docs/class_sets.md). The train config's keys and checks live in :mod:`.train_config`.
 
 Distributed: started by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the
 environment) the trainer joins a process group (``nccl`` on CUDA, ``gloo`` on CPU), wraps the
@@ -64,136 +71,27 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from ..class_sets import has_class_sets, text_embeddings_for
 from ..classes import DatasetInfo, load_dataset_info
 from ..models import LOSS_TERMS, backend_loss_terms, build_model, load_model_config, resolve_model_config
-from ..models.registry import DEFAULT_RECIPE, RECIPE_LOSSES, RECIPE_OPTIMIZERS
+from ..models.registry import DEFAULT_RECIPE
 from ..segmenter import PRECISIONS, fit_size, normalize_batch, resolve_device
-from .datasets import DATASET_KINDS, SYNTHETIC_CAMERA_SIZE, DatasetError, build_dataset
-from .losses import PAPER_WEIGHTS, SartmLoss, enet_class_weights
+from .datasets import SYNTHETIC_CAMERA_SIZE, DatasetError, build_dataset
+from .joint import JointBatchSampler, JointDataset, class_set_names_of, model_class_sets
+from .losses import SartmLoss, enet_class_weights
+from .train_config import (  # noqa: F401  (re-exported: the train config's keys and checks live there)
+    DATASET_ENTRY_DEFAULTS,
+    TRAIN_DEFAULTS,
+    TrainConfigError,
+    _merge,
+    resolve_train_config,
+)
 from .transforms import build_train_transform, fit_item, rgb_bytes
 
 TRAIN_STATE_FILE = "train_state.pt"
 TRAIN_CONFIG_FILE = "train_config.yaml"
 MODEL_CONFIG_FILE = "model_config.yaml"
 METRICS_FILE = "metrics.jsonl"
-
-#: Every train-config key with its default (``--train-config`` files may set any of them).
-TRAIN_DEFAULTS: dict = {
-    "dataset": None,  # pst900 | mfnet | fmb | folder | synthetic
-    "data": None,  # dataset root (not for synthetic)
-    "classes": None,  # class file name or path; default: the dataset kind's (folder needs it)
-    "dataset_options": {},  # build_dataset keywords (synthetic: count, seed, size, conditions; pst900: thermal_dir)
-    "val_dataset_options": {},  # overrides of dataset_options for the validation set
-    "train_split": "train",
-    "val_split": "val",  # null: no validation
-    "epochs": 50,
-    "max_steps": None,  # total optimiser steps (the schedule's length); default epochs x steps per epoch
-    "stop_after_steps": None,  # stop (and save last/) after this many steps; the schedule is unchanged
-    "batch_size": 2,  # per process
-    # optimizer / lr / weight_decay / poly_power / loss.kind: null = the backend's recipe (model config)
-    "optimizer": None,  # adamw | adam
-    "lr": None,
-    "weight_decay": None,
-    "betas": [0.9, 0.999],
-    "warmup_steps": None,  # default: warmup_fraction of the total steps
-    "warmup_fraction": 0.05,
-    "warmup_start": 1.0e-3,  # warm-up starts at lr * warmup_start
-    "poly_power": None,
-    "min_lr": 0.0,
-    "grad_clip": None,  # max gradient L2 norm, or null
-    "seed": 0,
-    "num_workers": 0,
-    "device": "auto",  # auto | cpu | cuda | cuda:N (DDP on CUDA uses cuda:LOCAL_RANK)
-    "precision": "fp32",  # fp32 | bf16 | fp16 (autocast; CUDA only, CPU always trains in fp32)
-    "fit_to_input": True,  # resize each image to fit the model's input size (as the Segmenter does) before augmenting
-    "transform": {},  # build_train_transform options; crop_size defaults to the model's input_size
-    "modalities": "rgbt",  # rgbt | rgb (thermal blanked: thermal = 0, valid = 0, in training and validation)
-    "loss": {
-        "kind": None,  # ohem | ce (plain cross-entropy: every labelled pixel); null = the recipe's
-        "weights": list(PAPER_WEIGHTS),  # w0 CE(S0), w1 CE(S1), w2 L_cr, w3 L_se
-        "ohem_thresh": 0.7,
-        "min_kept_fraction": 1.0 / 16.0,
-        "feature_level": "sfm",
-        "temperature": 1.0,
-        "cr_temperature": 1.0,
-        # null | auto (ENet weighting 1 / ln(1.02 + share) from the training labels) | one value per class
-        "class_weights": None,
-    },
-    "val_every": 1,  # epochs between validations
-    "val_max_items": None,
-    "save_every": 1,  # epochs between last/ checkpoints (last/ is also written at the end and at a stop)
-    "log_every": 10,  # steps between metrics.jsonl rows
-    "progress": None,  # tqdm bar: null = when stderr is a terminal
-    "tensorboard": True,  # also write TensorBoard scalars when the package is installed
-    "sam2_checkpoint": None,  # official SAM2 weights (overrides the model config's encoder.checkpoint)
-    # steps of the backend's pretraining stage (SegRGB-X: MA-CLIP), run before step 1; null = the model config's
-    "pretrain_steps": None,
-    "model": {},  # overrides merged into the model config
-}
-
-
-class TrainConfigError(ValueError):
-    """A train config that cannot be used; the text names the key and what was expected."""
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def resolve_train_config(cfg: dict | None) -> dict:
-    """Merge over ``TRAIN_DEFAULTS`` and check it; unknown keys are errors."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(TRAIN_DEFAULTS))
-    if unknown:
-        raise TrainConfigError(f"train config has unknown key(s) {unknown}; expected some of {sorted(TRAIN_DEFAULTS)}")
-    loss_unknown = sorted(set(cfg.get("loss") or {}) - set(TRAIN_DEFAULTS["loss"]))
-    if loss_unknown:
-        raise TrainConfigError(f"train config loss has unknown key(s) {loss_unknown}")
-    out = _merge(TRAIN_DEFAULTS, cfg)
-    if out["dataset"] not in DATASET_KINDS:
-        raise TrainConfigError(f"unknown dataset '{out['dataset']}'; expected one of {', '.join(DATASET_KINDS)}")
-    if out["dataset"] != "synthetic" and not out["data"]:
-        raise TrainConfigError(f"dataset '{out['dataset']}' needs a data folder (--data DIR)")
-    if out["dataset"] == "folder" and not out["classes"]:
-        raise TrainConfigError("dataset 'folder' needs a class file (--classes NAME or path to a class YAML)")
-    for key in ("epochs", "batch_size"):
-        if not isinstance(out[key], int) or out[key] < 1:
-            raise TrainConfigError(f"train config '{key}' must be an integer >= 1, got {out[key]!r}")
-    for key in ("max_steps", "stop_after_steps", "warmup_steps", "pretrain_steps"):
-        if out[key] is not None and (not isinstance(out[key], int) or out[key] < 0):
-            raise TrainConfigError(f"train config '{key}' must be null or an integer >= 0, got {out[key]!r}")
-    for key in ("lr", "weight_decay", "poly_power"):  # YAML reads 1e-3 (no dot) as a string
-        if out[key] is not None:
-            try:
-                out[key] = float(out[key])
-            except (TypeError, ValueError):
-                raise TrainConfigError(f"train config '{key}' must be a number, got {out[key]!r}") from None
-            if out[key] < 0 or (key == "lr" and out[key] == 0):
-                raise TrainConfigError(
-                    f"train config '{key}' must be {'> 0' if key == 'lr' else '>= 0'}, got {out[key]}"
-                )
-    if out["optimizer"] is not None and out["optimizer"] not in RECIPE_OPTIMIZERS:
-        raise TrainConfigError(
-            f"train config 'optimizer' must be one of {', '.join(RECIPE_OPTIMIZERS)}, got {out['optimizer']!r}"
-        )
-    if out["loss"]["kind"] is not None and out["loss"]["kind"] not in RECIPE_LOSSES:
-        raise TrainConfigError(
-            f"train config loss.kind must be one of {', '.join(RECIPE_LOSSES)}, got {out['loss']['kind']!r}"
-        )
-    if out["modalities"] not in ("rgbt", "rgb"):
-        raise TrainConfigError(f"train config 'modalities' must be 'rgbt' or 'rgb', got {out['modalities']!r}")
-    if out["precision"] not in PRECISIONS:
-        raise TrainConfigError(f"train config 'precision' must be one of {', '.join(PRECISIONS)}")
-    weights = out["loss"]["weights"]
-    if not isinstance(weights, (list, tuple)) or len(weights) != 4:
-        raise TrainConfigError(f"train config loss.weights must list 4 values (w0..w3), got {weights!r}")
-    return out
 
 
 # --------------------------------------------------------------------------- recipe, schedule, optimiser
@@ -436,9 +334,20 @@ class EpochSampler(Sampler):
 
 
 def dataset_info_for_training(cfg: dict) -> DatasetInfo:
+    """The classes of a train config (of its primary dataset with ``datasets``), or of one ``datasets`` entry."""
+    if cfg.get("datasets"):
+        cfg = cfg["datasets"][0]
     if cfg["classes"]:
         return load_dataset_info(cfg["classes"])
     return load_dataset_info(cfg["dataset"])
+
+
+def dataset_entries(cfg: dict) -> list[dict]:
+    """The datasets a resolved train config trains on: its ``datasets`` entries, or one entry made of the
+    single-dataset keys (``dataset``, ``data``, ``classes``, ``dataset_options``)."""
+    if cfg.get("datasets"):
+        return [dict(e) for e in cfg["datasets"]]
+    return [{k: cfg[k] for k in ("dataset", "data", "classes", "dataset_options")} | {"weight": None}]
 
 
 def _dataset(cfg: dict, info: DatasetInfo, split: str, options: dict, input_size) -> Dataset:
@@ -544,51 +453,69 @@ class Trainer:
         if cfg["sam2_checkpoint"]:
             raw.setdefault("encoder", {})["checkpoint"] = str(cfg["sam2_checkpoint"])
         self.info = dataset_info_for_training(cfg)
+        # the datasets and their class sets (one, named by the primary's classes, without 'datasets')
+        self.entries = dataset_entries(cfg)
+        self.joint = cfg["datasets"] is not None
+        self.set_infos = [dataset_info_for_training(e) for e in self.entries] if self.joint else [self.info]
+        self.set_names = class_set_names_of(self.set_infos, self.entries)
         raw.pop("dataset", None)
         raw["classes"] = self.info.to_dict()
+        if self.joint:
+            raw["class_sets"] = model_class_sets(raw, self.set_infos)
         self.model_cfg = resolve_model_config(raw)
         self.input_size = tuple(self.model_cfg["input_size"])
         self.cfg, self.recipe_line = apply_recipe(cfg, self.model_cfg)
         cfg = self.cfg
 
         seed_everything(int(cfg["seed"]))
-        lang = self.model_cfg.get("language") or {}
-        if text_embeddings is None and lang.get("enabled"):
-            from .text_teacher import class_text_embeddings
-
-            text_embeddings = class_text_embeddings(self.info.class_names, backend=lang.get("text_encoder", "minilm"))
-        self.text_embeddings = text_embeddings
-        self.model = build_model(self.model_cfg, self.info, text_embeddings).to(self.device)
+        self.text_embeddings = self._text_embeddings(text_embeddings)
+        self.model = build_model(self.model_cfg, self.info, self.text_embeddings).to(self.device)
+        if self.joint and not has_class_sets(self.model):
+            raise TrainConfigError(
+                f"backend '{self.model_cfg['backend']}' built a model without select_class_set: it cannot train on "
+                "several 'datasets'"
+            )
         self.base_weights = (self.model_cfg.get("encoder") or {}).get("checkpoint")
 
         # data
         transform_cfg = {"crop_size": list(self.input_size), "ignore_index": self.info.ignore_index}
         transform_cfg.update(cfg["transform"] or {})
         self.transform = build_train_transform(transform_cfg)
-        base = _dataset(cfg, self.info, cfg["train_split"], cfg["dataset_options"], self.input_size)
-        self.train_set = AugmentedDataset(
-            base,
-            self.transform,
-            int(cfg["seed"]),
-            self.input_size if cfg["fit_to_input"] else None,
-            # in-process only: DataLoader workers are made anew each epoch and would lose it
-            cache=cfg["dataset"] == "synthetic" and int(cfg["num_workers"]) == 0,
-        )
+        parts = [self._augmented(i, entry, info) for i, (entry, info) in enumerate(zip(self.entries, self.set_infos))]
+        base = parts[0].base
+        primary = self.entries[0]
         self.val_set = None
         if cfg["val_split"]:
-            val_opts = _merge(cfg["dataset_options"], cfg["val_dataset_options"])
-            self.val_set = _dataset(cfg, self.info, cfg["val_split"], val_opts, self.input_size)
-        self.sampler = EpochSampler(len(self.train_set), int(cfg["seed"]), self.dist.rank, self.dist.world_size)
-        self.loader = DataLoader(
-            self.train_set,
-            batch_size=int(cfg["batch_size"]),
-            sampler=self.sampler,
-            num_workers=int(cfg["num_workers"]),
-            worker_init_fn=_worker_init,
-            drop_last=False,
-            pin_memory=self.device.type == "cuda",
-        )
-        self.steps_per_epoch = math.ceil(self.sampler.per_epoch() / int(cfg["batch_size"]))
+            val_opts = _merge(primary["dataset_options"], cfg["val_dataset_options"])
+            self.val_set = _dataset(primary, self.info, cfg["val_split"], val_opts, self.input_size)
+        workers = {"num_workers": int(cfg["num_workers"]), "worker_init_fn": _worker_init}
+        if not self.joint:
+            self.train_set = parts[0]
+            self.sampler = EpochSampler(len(self.train_set), int(cfg["seed"]), self.dist.rank, self.dist.world_size)
+            self.loader = DataLoader(
+                self.train_set,
+                batch_size=int(cfg["batch_size"]),
+                sampler=self.sampler,
+                **workers,
+                drop_last=False,
+                pin_memory=self.device.type == "cuda",
+            )
+            self.steps_per_epoch = math.ceil(self.sampler.per_epoch() / int(cfg["batch_size"]))
+        else:  # every batch from one dataset (joint.py)
+            self.train_set = JointDataset(parts)
+            weights = [e["weight"] for e in self.entries] if self.entries[0]["weight"] is not None else None
+            self.sampler = JointBatchSampler(
+                self.train_set.sizes,
+                int(cfg["batch_size"]),
+                int(cfg["seed"]),
+                weights,
+                self.dist.rank,
+                self.dist.world_size,
+            )
+            self.loader = DataLoader(
+                self.train_set, batch_sampler=self.sampler, **workers, pin_memory=self.device.type == "cuda"
+            )
+            self.steps_per_epoch = self.sampler.per_epoch()
         self.total_steps = int(cfg["max_steps"] or cfg["epochs"] * self.steps_per_epoch)
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         warmup = cfg["warmup_steps"]
@@ -608,17 +535,9 @@ class Trainer:
         # a backend with one segmentation output (CPAL, FusionSAM) trains on the terms it supports
         self.loss_terms = backend_loss_terms(self.model)
         self.class_weights = self._class_weights(lc["class_weights"], base)
-        self.loss = SartmLoss(
-            weights=tuple(float(w) if t in self.loss_terms else 0.0 for t, w in zip(LOSS_TERMS, lc["weights"])),
-            ignore_index=self.info.ignore_index,
-            ohem_thresh=float(lc["ohem_thresh"]),
-            # plain cross-entropy = OHEM that keeps every labelled pixel
-            min_kept_fraction=1.0 if lc["kind"] == "ce" else float(lc["min_kept_fraction"]),
-            feature_level=lc["feature_level"],
-            temperature=float(lc["temperature"]),
-            cr_temperature=float(lc["cr_temperature"]),
-            class_weights=None if self.class_weights is None else torch.tensor(self.class_weights),
-        )
+        # one loss per class set: its ignore index, and its own prototype memory (classes differ per set)
+        self.losses = {name: self._set_loss(info) for name, info in zip(self.set_names, self.set_infos)}
+        self.loss = self.losses[self.info.name]
         optimizer = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg["optimizer"]]
         self.optimizer = optimizer(
             param_groups(self.model, float(cfg["weight_decay"])), lr=float(cfg["lr"]), betas=tuple(cfg["betas"])
@@ -656,6 +575,60 @@ class Trainer:
                     self._writer = None
 
     # ------------------------------------------------------------------ helpers
+    def _text_embeddings(self, given):
+        """Class-name embeddings for build_model: the given ones, or the text teacher's when the model uses
+        language; a dict ``{set: (K, D)}`` when the model config has class sets."""
+        has_sets = bool(self.model_cfg.get("class_sets"))
+        if given is not None:
+            if has_sets and not isinstance(given, dict):
+                raise ValueError(
+                    f"text_embeddings: the model has class sets {list(self.set_names)}; pass a dict "
+                    "{set name: (K, D) tensor} for every set, or None to compute them with the text teacher"
+                )
+            if isinstance(given, dict):
+                missing = [n for n in self.set_names if n not in given]
+                if missing:
+                    raise ValueError(f"text_embeddings has no entry for class set(s) {missing}")
+            return given
+        lang = self.model_cfg.get("language") or {}
+        if not lang.get("enabled"):
+            return None
+        from .text_teacher import class_text_embeddings
+
+        backend = lang.get("text_encoder", "minilm")
+        return text_embeddings_for(self.model_cfg, self.info, lambda names: class_text_embeddings(names, backend))
+
+    def _augmented(self, index: int, entry: dict, info: DatasetInfo) -> AugmentedDataset:
+        """One dataset's training items, fitted and augmented (the primary with the run's transform)."""
+        cfg = self.cfg
+        transform = self.transform
+        if info.ignore_index != self.info.ignore_index:
+            transform_cfg = {"crop_size": list(self.input_size), "ignore_index": info.ignore_index}
+            transform = build_train_transform(transform_cfg | (cfg["transform"] or {}))
+        base = _dataset(entry, info, cfg["train_split"], entry["dataset_options"], self.input_size)
+        return AugmentedDataset(
+            base,
+            transform,
+            int(cfg["seed"]) + 1_000_003 * index,  # the primary's items are augmented as in a one-dataset run
+            self.input_size if cfg["fit_to_input"] else None,
+            # in-process only: DataLoader workers are made anew each epoch and would lose it
+            cache=entry["dataset"] == "synthetic" and int(cfg["num_workers"]) == 0,
+        )
+
+    def _set_loss(self, info: DatasetInfo) -> SartmLoss:
+        lc = self.cfg["loss"]
+        return SartmLoss(
+            weights=tuple(float(w) if t in self.loss_terms else 0.0 for t, w in zip(LOSS_TERMS, lc["weights"])),
+            ignore_index=info.ignore_index,
+            ohem_thresh=float(lc["ohem_thresh"]),
+            # plain cross-entropy = OHEM that keeps every labelled pixel
+            min_kept_fraction=1.0 if lc["kind"] == "ce" else float(lc["min_kept_fraction"]),
+            feature_level=lc["feature_level"],
+            temperature=float(lc["temperature"]),
+            cr_temperature=float(lc["cr_temperature"]),
+            class_weights=None if self.class_weights is None else torch.tensor(self.class_weights),
+        )
+
     def _class_weights(self, setting, base: Dataset) -> list[float] | None:
         """loss.class_weights: None, explicit per-class values, or ``auto`` from the training labels."""
         n = self.info.num_classes
@@ -727,13 +700,27 @@ class Trainer:
             "memory_prototypes": mem.prototypes.detach().cpu() if mem.prototypes is not None else None,
             "memory_seen": mem.seen.detach().cpu() if mem.seen is not None else None,
             "pretrained": bool(self.pretrained),
-        }
+        } | ({"memory_sets": self._set_memories()} if self.joint else {})
+
+    def _set_memories(self) -> dict:
+        """Every class set's prototype memory (a joint run; the primary's is also saved as before)."""
+        out = {}
+        for name, loss in self.losses.items():
+            mem = loss.memory
+            out[name] = {
+                "prototypes": mem.prototypes.detach().cpu() if mem.prototypes is not None else None,
+                "seen": mem.seen.detach().cpu() if mem.seen is not None else None,
+            }
+        return out
 
     def _save(self, name: str, extra: dict | None = None, with_state: bool = False) -> None:
         from ..checkpoint import save_checkpoint
 
         if not self.dist.is_main:
             return
+
+        if self.joint:  # the checkpoint's classes are the primary set's: write it with that set active
+            self.model.select_class_set(self.info.name)
 
         def write(tmp: Path) -> None:
             save_checkpoint(self.model, self.model_cfg, self.info, tmp, base_weights_path=self.base_weights)
@@ -775,6 +762,10 @@ class Trainer:
         if state.get("memory_prototypes") is not None:
             self.loss.memory.prototypes = state["memory_prototypes"].to(self.device)
             self.loss.memory.seen = state["memory_seen"].to(self.device)
+        for name, mem in (state.get("memory_sets") or {}).items():
+            if name in self.losses and mem["prototypes"] is not None:
+                self.losses[name].memory.prototypes = mem["prototypes"].to(self.device)
+                self.losses[name].memory.seen = mem["seen"].to(self.device)
         set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ one step
@@ -797,10 +788,15 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         rgb, th, valid, labels = self.batch_to_inputs(batch)
+        loss, class_set = self.loss, None
+        if self.joint:  # the batch's dataset: its class set on the model, its loss (CE in its own label space)
+            class_set = self.batch_class_set(batch)
+            self.model.select_class_set(class_set)
+            loss = self.losses[class_set]
         with self._autocast():
             out = self.net(rgb, th, valid)
         out = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-        total, comps = self.loss(out, labels)
+        total, comps = loss(out, labels)
         if not math.isfinite(comps["total"]):
             raise FloatingPointError(f"training loss is {comps['total']} at step {self.step}; lower the lr")
         self.optimizer.zero_grad(set_to_none=True)
@@ -814,10 +810,19 @@ class Trainer:
         self.scaler.update()
         self.step += 1
         comps["lr"] = lr
+        if class_set is not None:
+            comps["class_set"] = class_set
         for key, value in (out.get("codebook") or {}).items():  # FusionSAM's VQ codebook: usage, perplexity
             if key in CODEBOOK_STATS:
                 comps[f"codebook_{key}"] = float(value)
         return comps
+
+    def batch_class_set(self, batch: dict) -> str:
+        """The class set of a joint run's batch (every item of a batch comes from one dataset)."""
+        parts = torch.as_tensor(batch["class_set"]).unique().tolist()
+        if len(parts) != 1:
+            raise RuntimeError(f"a training batch mixes datasets {parts}; the joint sampler gives one per batch")
+        return self.set_names[int(parts[0])]
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict | None:
@@ -831,7 +836,15 @@ class Trainer:
         if self.cfg["val_max_items"]:
             n = min(n, int(self.cfg["val_max_items"]))
         precision = self.cfg["precision"] if self.device.type == "cuda" else "fp32"
-        seg = Segmenter(self.model, self.model_cfg, self.info, device=self.device, precision=precision, warmup=False)
+        seg = Segmenter(
+            self.model,
+            self.model_cfg,
+            self.info,
+            device=self.device,
+            precision=precision,
+            warmup=False,
+            class_set=self.info.name,  # validation is on the primary dataset
+        )
         ev = SegmentationEvaluator(self.info, max_overlays=0)
         for i in range(self.dist.rank, n, self.dist.world_size):
             item = self.val_set[i]
@@ -844,7 +857,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def pretrain_sources(self) -> list[tuple[Dataset, tuple[str, ...]]]:
-        """(training set, class names) pairs a pretraining stage draws its batches from."""
+        """(training set, class names) pairs a pretraining stage draws its batches from: one per dataset."""
+        if self.joint:
+            return [(part, tuple(info.class_names)) for part, info in zip(self.train_set.parts, self.set_infos)]
         return [(self.train_set, tuple(self.info.class_names))]
 
     def run_pretrain_stage(self) -> None:
@@ -875,6 +890,18 @@ class Trainer:
             self._log(row)
         self.pretrained = True
 
+    def _epoch_batches(self, resumed_mid_epoch: bool):
+        """The loader's iterator for one epoch. Making it draws the workers' base seed from torch's global RNG
+        (DataLoader does that at the start of every epoch). A run resumed mid-epoch restored the RNG state
+        saved after that draw, so its draw is undone: otherwise every random op after a mid-epoch resume
+        (dropout in the model) would differ from the uninterrupted run."""
+        if not resumed_mid_epoch:
+            return iter(self.loader)
+        state = torch.get_rng_state()
+        batches = iter(self.loader)
+        torch.set_rng_state(state)
+        return batches
+
     def fit(self) -> dict:
         """Train until the planned steps (or ``stop_after_steps``); returns a summary dict."""
         cfg = self.cfg
@@ -889,12 +916,12 @@ class Trainer:
         try:
             while self.step < stop_at:
                 epoch = self.step // self.steps_per_epoch
-                skip = (self.step % self.steps_per_epoch) * int(cfg["batch_size"])
-                self.sampler.set_epoch(epoch, skip)
+                skip = self.step % self.steps_per_epoch  # batches of this epoch already trained on
+                self.sampler.set_epoch(epoch, skip if self.joint else skip * int(cfg["batch_size"]))
                 self.train_set.epoch = epoch
                 self.seen_indices.extend(self.sampler.indices())
                 t0 = time.perf_counter()
-                for batch in self.loader:
+                for batch in self._epoch_batches(resumed_mid_epoch=skip > 0):
                     comps = self.train_step(batch)
                     t1 = time.perf_counter()
                     step_times.append(t1 - t0)
