@@ -80,6 +80,18 @@ def _model(runs: list[dict]) -> str:
     )
 
 
+def _model_vs_reference(runs: list[dict]) -> str:
+    """A backend timed alternately with its reference (SegRGB-X: the bare dual Hiera encoder)."""
+    r0 = runs[0]
+    ref = r0["reference"]
+    return (
+        f"{r0['gflop_per_pair']:.1f} GFLOP per pair vs {ref['gflop_per_pair']:.1f} for {ref['what']} "
+        f"({r0['gflop_per_pair'] / ref['gflop_per_pair']:.2f}x); forward / reference time, medians of alternate "
+        f"runs: **{spread([r['reference']['ratio'] for r in runs], 2)}** (forward "
+        f"{spread([r['reference']['model_forward_ms_median'] for r in runs], 0, ' ms')}, {r0['threads']} threads)"
+    )
+
+
 def _replay(runs: list[dict]) -> str:
     ratio = spread([r.get("throughput_ratio") for r in runs], 2)
     return (
@@ -121,6 +133,12 @@ ROWS = (
         "`rgbt-seg bench model --config models/sartm_tiny.yaml --threads 2 --repeats 3`",
         "SARTM tiny (hiera_tiny, random weights) at 480x640, fp32",
         _model,
+    ),
+    Row(
+        "model_segrgbx_tiny",
+        "`rgbt-seg bench model --config models/segrgbx_tiny.yaml --threads 2 --repeats 5`",
+        "SegRGB-X tiny (hiera_tiny, random weights) at 480x640, fp32, against the bare dual Hiera encoder",
+        _model_vs_reference,
     ),
     Row(
         "replay_demo",

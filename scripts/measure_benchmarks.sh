@@ -7,7 +7,7 @@
 # run 2 of each, ...) so that a change of load on a shared machine hits all of them alike, writes
 # docs/results/bench/<name>_run<k>.json, then regenerates the table in README.md from those files
 # (`rgbt-seg bench table`). --only re-measures some rows (names: pipeline_micro pipeline_standin10
-# model_sartm_tiny replay_demo replay_micro memory_micro onnx_demo). Commit the JSON files with the
+# model_sartm_tiny model_segrgbx_tiny replay_demo replay_micro memory_micro onnx_demo). Commit the JSON files with the
 # README. About 3.5 minutes per run on a 2-core CPU; keep the machine otherwise idle meanwhile.
 set -euo pipefail
 
@@ -57,6 +57,10 @@ for k in $(seq 1 "$RUNS"); do
   if want model_sartm_tiny; then
     "$BIN/rgbt-seg" bench model --config models/sartm_tiny.yaml --threads 2 --repeats 3 \
       --json "$OUT/model_sartm_tiny_run$k.json" >/dev/null
+  fi
+  if want model_segrgbx_tiny; then
+    "$BIN/rgbt-seg" bench model --config models/segrgbx_tiny.yaml --threads 2 --repeats 5 \
+      --json "$OUT/model_segrgbx_tiny_run$k.json" >/dev/null
   fi
   if want replay_demo; then replay replay_demo "$k"; fi
   if want replay_micro; then replay replay_micro "$k" --checkpoint "$TMP/micro/last" --threads 1 --outputs-only; fi

@@ -366,8 +366,9 @@ def test_an_unknown_model_class_set_is_reported_and_the_primary_used(micro_check
         Segmenter(seg.model, seg.config, seg.dataset_info, device="cpu", warmup=False, class_set="mfnet")
 
 
-@pytest.mark.integration
-def test_the_node_reports_an_unknown_class_set_in_diagnostics_and_keeps_running(micro_checkpoint, ros_env):
+def _node_pipeline_status(checkpoint, class_set: str, ros_env) -> tuple:
+    """Start a SegmentNode on ``checkpoint`` with ``model.class_set``; its first pipeline diagnostics status,
+    as (level, message, values), and the parameter's value afterwards."""
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
@@ -378,7 +379,7 @@ def test_the_node_reports_an_unknown_class_set_in_diagnostics_and_keeps_running(
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=int(ros_env["ROS_DOMAIN_ID"]))
     try:
-        overrides = {"model.checkpoint": str(micro_checkpoint), "model.device": "cpu", "model.class_set": "mfnet"}
+        overrides = {"model.checkpoint": str(checkpoint), "model.device": "cpu", "model.class_set": class_set}
         node = SegmentNode(context=context, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
         listener = rclpy.create_node("class_set_listener", context=context)
         seen: list[DiagnosticArray] = []
@@ -391,16 +392,31 @@ def test_the_node_reports_an_unknown_class_set_in_diagnostics_and_keeps_running(
             if any(st.name.endswith("pipeline") for arr in seen for st in arr.status):
                 break
         pipe = next(st for arr in seen for st in arr.status if st.name.endswith("pipeline"))
-        values = {kv.key: kv.value for kv in pipe.values}
-        assert pipe.level == bytes([1]) and "model.class_set" in pipe.message
-        assert "no class set 'mfnet'; its class sets are 'synthetic'" in values["warnings"]
-        assert values["class set"] == "synthetic (of synthetic)" and node.pipeline is not None
-        assert node.get_parameter("model.class_set").value == ""  # what the node uses, as for any refused value
+        assert node.pipeline is not None
+        param = node.get_parameter("model.class_set").value
         executor.remove_node(node)
         node.destroy_node()
         listener.destroy_node()
+        return pipe.level, pipe.message, {kv.key: kv.value for kv in pipe.values}, param
     finally:
         rclpy.shutdown(context=context)
+
+
+@pytest.mark.integration
+def test_the_node_reports_an_unknown_class_set_in_diagnostics_and_keeps_running(micro_checkpoint, ros_env):
+    level, message, values, param = _node_pipeline_status(micro_checkpoint, "mfnet", ros_env)
+    assert level == bytes([1]) and "model.class_set" in message
+    assert "no class set 'mfnet'; its class sets are 'synthetic'" in values["warnings"]
+    assert values["class set"] == "synthetic (of synthetic)"
+    assert param == ""  # what the node uses, as for any refused value
+
+
+@pytest.mark.integration
+def test_the_node_segments_with_the_class_set_its_parameter_names(joint_run, ros_env):
+    _, _, run, _ = joint_run
+    level, _, values, param = _node_pipeline_status(run / "last", "mfnet", ros_env)
+    assert values["class set"] == "mfnet (of synthetic, mfnet)" and param == "mfnet"
+    assert "model.class_set" not in values.get("warnings", "")
 
 
 # --------------------------------------------------------------------------- one checkpoint, two label spaces, learned
