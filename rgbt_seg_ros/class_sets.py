@@ -47,8 +47,9 @@ def unknown_set_message(name: str, known, what: str) -> str:
 def select_class_set(model, info: DatasetInfo, name: str | None, what: str = "the model") -> DatasetInfo:
     """Make ``name`` the model's active set and return its DatasetInfo (names, palette, ignore index).
 
-    ``name`` None or empty: the set that is active now (a loaded checkpoint: its primary). ``info`` is
-    the DatasetInfo the model was built for (the primary). A one-set backend knows only ``info.name``;
+    ``name`` None or empty: ``info``'s set when the model has it, else the primary; never whatever another
+    user of the same model selected last. ``info`` is the DatasetInfo the caller has for the model. A one-set
+    backend knows only ``info.name``;
     any other name raises :class:`ClassSetError` naming the sets there are (``what`` names the model,
     e.g. the checkpoint directory).
     """
@@ -57,8 +58,8 @@ def select_class_set(model, info: DatasetInfo, name: str | None, what: str = "th
             backend = type(model).__name__
             raise ClassSetError(unknown_set_message(name, (info.name,), f"{what} ({backend}, one class set)"))
         return info
-    if not name:
-        return model.class_set_info(model.active_class_set)
+    if not name:  # the set the caller built the model for (the primary unless it names another of the model's)
+        name = info.name if info.name in tuple(model.class_set_names) else model.class_set_names[0]
     known = tuple(model.class_set_names)
     if name not in known:
         raise ClassSetError(unknown_set_message(name, known, what))

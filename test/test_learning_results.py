@@ -76,7 +76,8 @@ def test_tables_give_median_and_range_over_seeds_and_write_between_the_markers_o
     assert "| AdamW lr 0.001, wd 0.01, poly 0.9, OHEM cross-entropy |" in row
     readme = tmp_path / "README.md"
     readme.write_text(
-        f"a\n{evidence.BACKENDS_BEGIN}\nold\n{evidence.END}\nb\n{evidence.ABLATION_BEGIN}\nold\n{evidence.END}\nc\n"
+        f"a\n{evidence.BACKENDS_BEGIN}\nold\n{evidence.END}\nb\n{evidence.ABLATION_BEGIN}\nold\n{evidence.END}\n"
+        f"{evidence.SEGRGBX_ABLATION_BEGIN}\nold\n{evidence.END}\nc\n"
     )
     assert not evidence.update_readme(readme, results, check=True)
     assert "old" in readme.read_text()

@@ -303,5 +303,119 @@ def test_config_errors_name_the_key(info):
         make(info, prompts={"pairing": "sideways"})
     with pytest.raises(ValueError, match="ma_clip.image_size must be"):
         make(info, ma_clip={"image_size": [50, 64]})
-    with pytest.raises(ValueError, match="class set name 'my set'"):
-        make(info, class_sets={"my set": load_dataset_info("mfnet").to_dict()})
+    with pytest.raises(ValueError, match=r"class set name 'my set' \(class_sets.my set: the 'name' of its class"):
+        make(info, class_sets={"my set": {**load_dataset_info("mfnet").to_dict(), "name": "my set"}})
+    with pytest.raises(ValueError, match="class_sets.mfnet holds classes named 'pst900'"):
+        make(info, class_sets={"mfnet": load_dataset_info("pst900").to_dict()})
+    with pytest.raises(ValueError, match="language.enabled: true"):
+        make(info, language={"enabled": False})
+    with pytest.raises(ValueError, match="language.text_encoder 'clip' cannot embed MA-CLIP's captions"):
+        make(info, language={"text_encoder": "clip"})
+
+
+# --------------------------------------------------------------------------- MA-CLIP's stage in practice
+
+
+class _Scenes:
+    """Synthetic items (the trainer's item format); ``thermal_noise``: thermal replaced by noise of that seed."""
+
+    def __init__(self, count=16, thermal_noise=None):
+        from rgbt_seg_ros.training.datasets import build_dataset
+
+        synthetic = load_dataset_info("synthetic")
+        self.data = build_dataset("synthetic", None, "train", synthetic, count=count, size=(64, 96))
+        self.noise = thermal_noise
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        item = self.data[i]
+        if self.noise is not None:
+            item["thermal"] = np.random.default_rng([self.noise, i]).random(item["thermal"].shape, dtype=np.float32)
+        return item
+
+
+def test_ma_clip_pretraining_lowers_the_contrastive_loss(info):
+    from rgbt_seg_ros.training.ma_clip import pretrain
+
+    model = make(info)
+    cfg = resolve_model_config(MICRO)
+    cfg["ma_clip"]["pretrain"]["batch_size"] = 8
+    rows = pretrain(model, [(_Scenes(), info.class_names)], cfg, 40, 0, torch.device("cpu"), log_every=1)
+    losses = [r["contrastive"] for r in rows]
+    assert len(rows) == 40 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
+    assert not any(p.requires_grad for p in model.ma_clip.parameters())
+
+
+def test_an_rgb_only_run_pretrains_ma_clip_without_thermal(info):
+    from rgbt_seg_ros.training.ma_clip import pretrain
+
+    cfg = resolve_model_config(MICRO)
+    cfg["ma_clip"]["pretrain"]["batch_size"] = 4
+    trained = []
+    for noise in (1, 2):  # the same scenes with different thermal
+        model = make(info)
+        pretrain(model, [(_Scenes(8, noise), info.class_names)], cfg, 3, 0, torch.device("cpu"), blank_thermal=True)
+        trained.append(model.ma_clip.proj.weight.detach())
+    assert torch.equal(*trained)
+
+
+def test_a_resumed_run_does_not_repeat_the_ma_clip_stage(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from rgbt_seg_ros.training.trainer import Trainer
+
+    info = load_dataset_info("synthetic")
+    cfg = {
+        "dataset": "synthetic",
+        "dataset_options": {"count": 8, "size": [64, 96]},
+        "val_split": None,
+        "max_steps": 4,
+        "batch_size": 2,
+        "pretrain_steps": 2,
+        "log_every": 1,
+        "progress": False,
+        "tensorboard": False,
+        "model": {"input_size": [64, 96], "ma_clip": {"pretrain": {"batch_size": 4}}},
+    }
+    text = unit(info.num_classes)
+    Trainer(MICRO, cfg, tmp_path / "a", text_embeddings=text).fit()
+    Trainer(MICRO, cfg | {"stop_after_steps": 2}, tmp_path / "b", text_embeddings=text).fit()
+    Trainer(MICRO, cfg, tmp_path / "b", text_embeddings=text, resume=True).fit()
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in rows] == ["pretrain"] * 2 + ["train"] * 4
+    a = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_segmenters_sharing_a_model_keep_their_own_class_set(info):
+    from rgbt_seg_ros.segmenter import Segmenter
+
+    mfnet = load_dataset_info("mfnet")
+    text = {"synthetic": unit(info.num_classes, seed=1), "mfnet": unit(mfnet.num_classes, seed=2)}
+    model = make(info, text=text, class_sets={"mfnet": mfnet.to_dict()}).eval()
+    cfg = model_cfg_of(info, mfnet)
+    other = Segmenter(model, cfg, info, device="cpu", warmup=False, class_set="mfnet")
+    mine = Segmenter(model, cfg, info, device="cpu", warmup=False)  # no set named: the one it was given
+    assert other.class_set == "mfnet" and mine.class_set == "synthetic"
+    rng = np.random.default_rng(0)
+    rgb, thermal = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8), rng.random((96, 128), dtype=np.float32)
+    other(rgb, thermal)
+    assert mine(rgb, thermal).labels.max() < info.num_classes and model.active_class_set == "synthetic"
+
+
+def test_base_weights_come_from_ma_clips_frozen_trunk_when_the_backbone_is_fine_tuned(info, tmp_path):
+    from rgbt_seg_ros.models.sam2_checkpoint import read_official_state_dict
+
+    torch.save({"model": make(info, seed=3).sam2_state_dict()}, tmp_path / "base.pt")
+    model = make(info, encoder={"checkpoint": str(tmp_path / "base.pt"), "freeze": False})
+    with torch.no_grad():
+        model.trunk.blocks[0].attn.q.weight.add_(1.0)  # the backbone trunk trains when not frozen
+    official = read_official_state_dict(tmp_path / "base.pt")
+    exported = model.sam2_state_dict()
+    assert exported.keys() == official.keys()
+    assert all(torch.equal(exported[k], official[k]) for k in official)

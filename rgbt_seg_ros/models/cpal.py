@@ -78,6 +78,15 @@ def build_hiera_trunk(name: str, overrides: dict | None = None) -> nn.Module:
     return instantiate(node, _convert_="all")
 
 
+def trunk_to_official(trunk_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A split-qkv Hiera trunk's state dict in the official SAM2 key layout (``image_encoder.trunk.*``)."""
+    empty = torch.empty(0)
+    out = parts_to_official({"trunk." + k: v for k, v in trunk_state.items()}, {}, empty, empty)
+    out.pop(PE_KEY)  # a bare trunk holds no prompt-encoder tensors
+    out.pop(NO_MASK_KEY)
+    return out
+
+
 @register_backend("cpal", defaults=CPAL_DEFAULTS, size_multiple=32)
 class CPAL(nn.Module):
     """The CPAL RGB-T segmentation network. Build it with ``build_model(cfg, dataset_info)``.
@@ -192,12 +201,7 @@ class CPAL(nn.Module):
 
     def sam2_state_dict(self) -> dict[str, torch.Tensor]:
         """The trunk's base weights in the official SAM2 key layout (``image_encoder.trunk.*``, fused qkv)."""
-        enc = {"trunk." + k: v for k, v in self.trunk.state_dict().items()}
-        empty = torch.empty(0)
-        out = parts_to_official(enc, {}, empty, empty)
-        out.pop(PE_KEY)  # CPAL holds no prompt-encoder tensors
-        out.pop(NO_MASK_KEY)
-        return out
+        return trunk_to_official(self.trunk.state_dict())
 
     # ------------------------------------------------------------------ forward
     def _lora_attention(self, block: nn.Module, x_rgb: torch.Tensor, x_th: torch.Tensor):

@@ -31,8 +31,9 @@ frozen (``encoder.freeze``); prompts, control MLPs, FRM/FFM, DSRM and head train
 and projection train only in its pretraining stage. ``valid`` zeroes thermal input where the thermal
 camera sees nothing and masks the thermal stream inside FRM and FFM.
 
-The output dict holds ``logits`` (the active class set's); the paper's objective is cross-entropy in
-each dataset's label space (eq. 8), so the trainer uses the ``ce_s0`` term only.
+The output dict holds ``logits`` (the active class set's). The trainer's loss is the ``ce_s0`` term: the
+cross-entropy in each dataset's own label space, eq. 8's second term (its first, a CE over the union of the
+label spaces, is left out; models/README.md says why).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..classes import DatasetInfo
-from .cpal import CPAL, build_hiera_trunk
+from .cpal import CPAL, build_hiera_trunk, trunk_to_official
 from .fusion import FeatureFusionModule, FeatureRectifyModule
 from .lora import add_modality_lora
 from .registry import check_rgbt_inputs, recipe, refuse_frozen_random, register_backend
@@ -109,7 +110,17 @@ class SegRGBX(nn.Module):
             if section["pairing"] not in PAIRINGS:
                 raise ValueError(f"segrgbx {key} must be one of {list(PAIRINGS)}, got {section['pairing']!r}")
         self.prompt_pairing, self.dsrm_pairing = p_cfg["pairing"], d_cfg["pairing"]
-        text_dim = int(cfg["language"]["text_dim"])
+        lang = cfg["language"]
+        if not lang["enabled"]:
+            raise ValueError(
+                "segrgbx needs language.enabled: true: its classes are scored against their names' text embeddings"
+            )
+        if m_cfg["enabled"] and lang["text_encoder"] != "minilm":
+            raise ValueError(
+                f"segrgbx: language.text_encoder '{lang['text_encoder']}' cannot embed MA-CLIP's captions; "
+                "use 'minilm' (the offline encoder)"
+            )
+        text_dim = int(lang["text_dim"])
         self._init_class_sets(dataset_info, cfg.get("class_sets") or {}, text_embeddings, text_dim)
 
         trunk = build_hiera_trunk(enc_cfg["sam2_config"], enc_cfg.get("trunk"))
@@ -179,17 +190,16 @@ class SegRGBX(nn.Module):
 
     # ------------------------------------------------------------------ class sets
     def _init_class_sets(self, primary: DatasetInfo, extra: dict, text_embeddings, text_dim: int) -> None:
-        sets: dict[str, DatasetInfo] = {primary.name: primary}
-        if not isinstance(extra, dict):
-            raise ValueError(f"class_sets must be a mapping {{name: class list}}, got {type(extra).__name__}")
-        for name, data in extra.items():
-            info = data if isinstance(data, DatasetInfo) else DatasetInfo.from_dict(data, source=f"class_sets.{name}")
-            if name in sets:
-                raise ValueError(f"class set '{name}' is given twice (the primary set is '{primary.name}')")
-            sets[str(name)] = info
-        for name in sets:
+        from ..class_sets import config_class_sets
+
+        sets = config_class_sets({"class_sets": extra}, primary)  # names checked against their class lists
+        for name, info in sets.items():
             if not _SET_NAME.fullmatch(name):
-                raise ValueError(f"class set name '{name}' must be letters, digits and '_' only")
+                where = "the model's classes" if info is primary else f"class_sets.{name}"
+                raise ValueError(
+                    f"class set name '{name}' ({where}: the 'name' of its class file) must be letters, digits "
+                    "and '_' only: it names a tensor in the checkpoint"
+                )
         if not isinstance(text_embeddings, dict):
             text_embeddings = {} if text_embeddings is None else {primary.name: text_embeddings}
         unknown = sorted(set(text_embeddings) - set(sets))
@@ -234,10 +244,11 @@ class SegRGBX(nn.Module):
 
     def set_text_embeddings(self, text_embeddings, name: str | None = None) -> None:
         """Replace the class-name embeddings of set ``name`` (default: the primary set)."""
-        buf = self.class_text(name or next(iter(self.class_sets)))
+        name = name or next(iter(self.class_sets))
+        buf = self.class_text(self.class_set_info(name).name)
         t = torch.as_tensor(text_embeddings, dtype=buf.dtype, device=buf.device)
         if t.shape != buf.shape:
-            raise ValueError(f"text_embeddings must be {tuple(buf.shape)}, got {tuple(t.shape)}")
+            raise ValueError(f"text_embeddings of class set '{name}' must be {tuple(buf.shape)}, got {tuple(t.shape)}")
         buf.copy_(t)
 
     # ------------------------------------------------------------------ weights
@@ -266,7 +277,19 @@ class SegRGBX(nn.Module):
 
     frozen_base_state_keys = SARTM.frozen_base_state_keys
     parameter_counts = SARTM.parameter_counts
-    sam2_state_dict = CPAL.sam2_state_dict
+
+    def sam2_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base Hiera weights in the official SAM2 key layout (``image_encoder.trunk.*``, fused qkv).
+
+        Taken from MA-CLIP's trunk when there is one: its base tensors stay frozen (only its LoRA pool trains),
+        so they are the SAM2 file's even when the backbone trunk was fine-tuned (``encoder.freeze: false``).
+        """
+        if self.ma_clip is None:
+            return CPAL.sam2_state_dict(self)
+        state = {
+            k.replace(".base_layer.", "."): v for k, v in self.ma_clip.trunk.state_dict().items() if ".lora_" not in k
+        }
+        return trunk_to_official(state)
 
     # ------------------------------------------------------------------ forward
     def guidance(self, rgb: torch.Tensor, x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -326,9 +326,8 @@ def update_readme(readme: Path, results: Path = RESULTS, check: bool = False, de
     text = Path(readme).read_text()
     new = replace_between(text, BACKENDS_BEGIN, END, backends_table(res), str(readme))
     new = replace_between(new, ABLATION_BEGIN, END, ablation_table(res), str(readme))
-    if SEGRGBX_ABLATION_BEGIN in new:
-        table = ablation_table(res, SEGRGBX_ABLATION_ROWS, "SegRGB-X")
-        new = replace_between(new, SEGRGBX_ABLATION_BEGIN, END, table, str(readme))
+    table = ablation_table(res, SEGRGBX_ABLATION_ROWS, "SegRGB-X")
+    new = replace_between(new, SEGRGBX_ABLATION_BEGIN, END, table, str(readme))
     if DEMO_BEGIN in new:
         new = replace_between(new, DEMO_BEGIN, END, demo_table(json.loads(Path(demo).read_text())), str(readme))
     if new == text:

@@ -130,6 +130,12 @@ def share_batches(steps: int, sizes: Sequence[int], weights: Sequence[float] | N
     order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
     for i in order[: steps - sum(counts)]:
         counts[i] += 1
+    starved = [i for i, c in enumerate(counts) if c == 0]
+    if starved:
+        raise ValueError(
+            f"train config datasets{starved}: its weight gives it no batch in an epoch of {steps}; "
+            "raise its weight (its class set would never train)"
+        )
     return counts
 
 

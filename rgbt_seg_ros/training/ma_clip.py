@@ -109,12 +109,14 @@ def pretrain(
     device: torch.device,
     log_every: int = 10,
     progress: bool = False,
+    blank_thermal: bool = False,
 ) -> list[dict]:
     """Train MA-CLIP contrastively for ``steps`` steps; returns the logged rows (``type: pretrain``).
 
     ``sources``: (dataset, class names) pairs; each step draws one batch from one source, in turn.
     Items are dicts as the trainer's augmented datasets give them (``rgb``, ``thermal``, ``valid``,
-    ``labels``, ``condition``).
+    ``labels``, ``condition``). ``blank_thermal``: thermal 0 and invalid everywhere, as the segmentation
+    steps of an RGB-only run (train config ``modalities: rgb``) see it.
     """
     from ..segmenter import normalize_batch
     from .text_teacher import sentence_embeddings
@@ -142,14 +144,14 @@ def pretrain(
             batch = _collate([dataset[i] for i in idx])
             caps = [caption(lab, names, cond) for lab, cond in zip(batch["labels"], batch["condition"])]
             text = sentence_embeddings(caps, text_backend).to(device)
-            valid = batch["valid"].to(device).float()
+            valid = batch["valid"].to(device).float() * (0.0 if blank_thermal else 1.0)
             rgb, th = normalize_batch(model_cfg, batch["rgb"].to(device).float(), batch["thermal"].to(device).float())
             x3 = (th * valid).expand(-1, 3, -1, -1)
             _, s = model.ma_clip(rgb, x3, model.modality)
             loss, acc = contrastive_loss(s, text, caps, float(pc["temperature"]))
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(f"MA-CLIP pretraining loss is {value} at step {step}; lower its lr")
+                raise FloatingPointError(f"MA-CLIP loss is {value} at step {step}: lower ma_clip.pretrain.lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

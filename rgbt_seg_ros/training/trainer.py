@@ -885,7 +885,18 @@ class Trainer:
             log_every=int(self.cfg["log_every"]),
             progress=bool(self.cfg["progress"] if self.cfg["progress"] is not None else sys.stderr.isatty())
             and self.dist.is_main,
+            blank_thermal=self.cfg["modalities"] == "rgb",
         )
+        if int(steps) == 0 and not self.base_weights and getattr(self.model, "ma_clip", None) is not None:
+            warnings.warn(
+                "MA-CLIP is not pretrained (pretrain_steps 0) and has no base weights: it guides the model with the "
+                "features of a random frozen network",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if self.dist.enabled:  # every rank ran the stage alike; rank 0's result is the one all keep
+            for tensor in self.model.state_dict().values():
+                dist.broadcast(tensor, 0)
         for row in rows:
             self._log(row)
         self.pretrained = True
