@@ -222,7 +222,7 @@ def joint_run(tmp_path_factory):
     """segrgbx micro trained 4 steps on synthetic scenes + the MFNet figure tiles (folder layout, MFNet classes),
     with the class-name embeddings computed by the trainer's text teacher."""
     if not (REALDATA / "mfnet_figure_tiles").is_dir():
-        pytest.skip(f"{REALDATA / 'mfnet_figure_tiles'} is absent (the repository's shared/realdata)")
+        pytest.skip(f"{REALDATA / 'mfnet_figure_tiles'} is absent (the sample data beside the repository)")
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("joint")
     tiles = mfnet_tiles_layout(REALDATA, tmp / "tiles")
