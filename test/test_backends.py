@@ -60,9 +60,19 @@ FUSIONSAM_CASE = BackendCase(
     aux_only_param="lstg.rgb.decoder.0.weight",  # the reconstruction loss is all that reaches the VQ decoder
 )
 
+SEGRGBX_CASE = BackendCase(
+    name="segrgbx",
+    config="models/segrgbx_micro.yaml",
+    trainable_prefixes=("control.", "aligned_prompts.", "frm.", "ffm.", "dsrm.", "head."),
+    frozen_prefixes=("trunk.", "ma_clip."),  # MA-CLIP trains only in its own stage (test_models_segrgbx.py)
+    thermal_param="aligned_prompts.thermal.0",
+    freeze_with_base=_encoder_freeze,
+    randomize=lambda model: randomize_named(model, ("lora_B", "dsrm.out.")),
+)
+
 
 def test_every_registered_backend_has_a_contract_case():
-    covered = {case.name for case in (SARTM_CASE, CPAL_CASE, FUSIONSAM_CASE)}
+    covered = {case.name for case in (SARTM_CASE, CPAL_CASE, FUSIONSAM_CASE, SEGRGBX_CASE)}
     assert set(available_backends()) == covered
 
 
@@ -76,3 +86,7 @@ class TestCpalContract(BackendContract):
 
 class TestFusionSamContract(BackendContract):
     case = FUSIONSAM_CASE
+
+
+class TestSegRGBXContract(BackendContract):
+    case = SEGRGBX_CASE

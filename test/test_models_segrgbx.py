@@ -1,4 +1,5 @@
-"""SegRGB-X backend: the shared contract, prompts in windowed attention, DSRM, MA-CLIP, class sets, ablations."""
+"""SegRGB-X backend: prompts in windowed attention, DSRM, MA-CLIP, class sets, ablations (its contract case is in
+test_backends.py with the other backends')."""
 
 import copy
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from backend_contract import BackendCase, BackendContract, randomize_named
+from backend_contract import randomize_named
 
 from rgbt_seg_ros.checkpoint import load_checkpoint, save_checkpoint
 from rgbt_seg_ros.classes import load_dataset_info
@@ -18,22 +19,6 @@ from rgbt_seg_ros.training.ma_clip import caption, contrastive_loss
 MICRO = "models/segrgbx_micro.yaml"
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny tensors
-
-
-def _freeze_with_base(cfg: dict, path: str) -> None:
-    cfg["encoder"].update(checkpoint=path, freeze=True)
-
-
-class TestSegRGBXContract(BackendContract):
-    case = BackendCase(
-        name="segrgbx",
-        config=MICRO,
-        trainable_prefixes=("control.", "aligned_prompts.", "frm.", "ffm.", "dsrm.", "head."),
-        frozen_prefixes=("trunk.", "ma_clip."),
-        thermal_param="aligned_prompts.thermal.0",
-        freeze_with_base=_freeze_with_base,
-        randomize=lambda m: randomize_named(m, ("lora_B", "dsrm.out.")),
-    )
 
 
 def make(info, seed=0, text=None, **sections):
