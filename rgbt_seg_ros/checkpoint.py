@@ -174,6 +174,15 @@ def checkpoint_class_sets(ckpt_dir: str | Path) -> tuple[str, ...]:
     return tuple(config_class_sets(config["model"], primary))
 
 
+def check_checkpoint_class_set(ckpt_dir: str | Path, name: str) -> None:
+    """Raise ``ClassSetError`` naming the checkpoint's sets when it has no class set ``name`` (no model is built)."""
+    from .class_sets import ClassSetError, unknown_set_message
+
+    known = checkpoint_class_sets(ckpt_dir)
+    if name not in known:
+        raise ClassSetError(unknown_set_message(name, known, f"checkpoint {ckpt_dir}"))
+
+
 def read_checkpoint_config(ckpt_dir: str | Path) -> dict:
     """Read and check ``config.yaml`` of a checkpoint directory."""
     d = Path(ckpt_dir).expanduser()

@@ -202,8 +202,8 @@ class Segmenter:
         compile_backend: str = "inductor",
         class_set: str | None = None,
     ):
-        """``class_set``: which of the model's class sets to segment with (docs/class_sets.md); None = the one
-        active now (a loaded checkpoint's primary). An unknown name raises ``ClassSetError`` naming the sets."""
+        """``class_set``: which of the model's class sets to segment with (docs/class_sets.md); None = the set of
+        ``dataset_info`` (a loaded checkpoint's primary). An unknown name raises ``ClassSetError`` naming the sets."""
         from .class_sets import class_set_names, select_class_set
 
         if precision not in PRECISIONS:
@@ -253,13 +253,10 @@ class Segmenter:
     ) -> Segmenter:
         """Load a trained checkpoint directory (see ``checkpoint.py``); ``class_set``: one of its class sets
         (None: its primary). An unknown set is refused before the model is loaded, naming the sets there are."""
-        from .checkpoint import checkpoint_class_sets, load_checkpoint
-        from .class_sets import ClassSetError, unknown_set_message
+        from .checkpoint import check_checkpoint_class_set, load_checkpoint
 
         if class_set:
-            known = checkpoint_class_sets(ckpt_dir)
-            if class_set not in known:
-                raise ClassSetError(unknown_set_message(class_set, known, f"checkpoint {ckpt_dir}"))
+            check_checkpoint_class_set(ckpt_dir, class_set)
         dev = resolve_device(device)
         model, cfg, info = load_checkpoint(ckpt_dir, device=dev, sam2_checkpoint=sam2_checkpoint)
         return cls(

@@ -337,6 +337,14 @@ def test_evaluate_and_replay_take_a_class_set(joint_run, tmp_path, capsys):
     assert replay_tool.run(args) == 2  # refused before any bag is opened
     assert "model.class_set: model" in capsys.readouterr().err
 
+    from rgbt_seg_ros.tools import bench as bench_tool
+
+    p = argparse.ArgumentParser()
+    bench_tool.add_arguments(p)
+    args = p.parse_args(["node", "--checkpoint", ckpt, "--class-set", "fmb", "--seconds", "1"])
+    assert bench_tool.run(args) == 2  # refused before the node starts
+    assert "checkpoint" in (err := capsys.readouterr().err) and "no class set 'fmb'" in err
+
 
 def test_bench_model_runs_a_model_config_with_class_sets_in_the_chosen_set():
     from rgbt_seg_ros.tools.bench import bench_model

@@ -187,23 +187,28 @@ def test_contrastive_loss_prefers_matching_pairs_and_tolerates_equal_captions():
     assert contrastive_loss(swapped, t, ["x", "x", "c"], 0.07)[1] == 1.0
 
 
-def test_trainer_runs_the_ma_clip_stage_first_and_freezes_it_again(tmp_path):
-    import json
-
-    from rgbt_seg_ros.training.trainer import Trainer
-
-    cfg = {
+def stage_run_config(max_steps: int, pretrain_steps: int) -> dict:
+    """A tiny synthetic train config whose run starts with a short MA-CLIP stage."""
+    return {
         "dataset": "synthetic",
         "dataset_options": {"count": 8, "size": [64, 96]},
         "val_split": None,
-        "max_steps": 1,
+        "max_steps": max_steps,
         "batch_size": 2,
-        "pretrain_steps": 3,
+        "pretrain_steps": pretrain_steps,
         "log_every": 1,
         "progress": False,
         "tensorboard": False,
         "model": {"input_size": [64, 96], "ma_clip": {"pretrain": {"batch_size": 4}}},
     }
+
+
+def test_trainer_runs_the_ma_clip_stage_first_and_freezes_it_again(tmp_path):
+    import json
+
+    from rgbt_seg_ros.training.trainer import Trainer
+
+    cfg = stage_run_config(max_steps=1, pretrain_steps=3)
     info = load_dataset_info("synthetic")
     tr = Trainer(MICRO, cfg, tmp_path / "run", text_embeddings=unit(info.num_classes))
     before = {n: p.detach().clone() for n, p in tr.model.ma_clip.named_parameters()}
@@ -354,18 +359,7 @@ def test_a_resumed_run_does_not_repeat_the_ma_clip_stage(tmp_path):
     from rgbt_seg_ros.training.trainer import Trainer
 
     info = load_dataset_info("synthetic")
-    cfg = {
-        "dataset": "synthetic",
-        "dataset_options": {"count": 8, "size": [64, 96]},
-        "val_split": None,
-        "max_steps": 4,
-        "batch_size": 2,
-        "pretrain_steps": 2,
-        "log_every": 1,
-        "progress": False,
-        "tensorboard": False,
-        "model": {"input_size": [64, 96], "ma_clip": {"pretrain": {"batch_size": 4}}},
-    }
+    cfg = stage_run_config(max_steps=4, pretrain_steps=2)
     text = unit(info.num_classes)
     Trainer(MICRO, cfg, tmp_path / "a", text_embeddings=text).fit()
     Trainer(MICRO, cfg | {"stop_after_steps": 2}, tmp_path / "b", text_embeddings=text).fit()

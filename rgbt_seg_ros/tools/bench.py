@@ -444,12 +444,12 @@ def run_node(args: argparse.Namespace) -> int:
     try:
         ckpt = _checkpoint_or_random(args.checkpoint, args.config, args.model_size)
         if args.class_set:  # refused here, before the node starts (the node itself would fall back)
-            from ..checkpoint import checkpoint_class_sets
-            from ..class_sets import unknown_set_message
+            from ..checkpoint import check_checkpoint_class_set
 
-            known = checkpoint_class_sets(ckpt)
-            if args.class_set not in known:
-                print(f"error: {unknown_set_message(args.class_set, known, f'checkpoint {ckpt}')}", file=sys.stderr)
+            try:
+                check_checkpoint_class_set(ckpt, args.class_set)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
                 return 2
         result = live_benchmark.bench_node(
             ckpt,

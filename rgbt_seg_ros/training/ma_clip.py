@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 
 #: Class names that are not mentioned in captions (the "nothing labelled here" class of each dataset).
 BACKGROUND_NAMES = frozenset({"background", "unlabeled", "unlabelled", "void", "other"})
@@ -90,16 +91,6 @@ def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, captions: list[s
     return loss, float(hit)
 
 
-def _collate(items: list[dict]) -> dict:
-    return {
-        "rgb": torch.from_numpy(np.stack([i["rgb"] for i in items])),
-        "thermal": torch.from_numpy(np.stack([i["thermal"] for i in items])),
-        "valid": torch.from_numpy(np.stack([i["valid"] for i in items])),
-        "labels": [np.asarray(i["labels"]) for i in items],
-        "condition": [str(i.get("condition") or "") for i in items],
-    }
-
-
 def pretrain(
     model: torch.nn.Module,
     sources: list[tuple[object, tuple[str, ...]]],
@@ -141,8 +132,8 @@ def pretrain(
         for step in range(1, steps + 1):
             dataset, names = sources[(step - 1) % len(sources)]
             idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
-            batch = _collate([dataset[i] for i in idx])
-            caps = [caption(lab, names, cond) for lab, cond in zip(batch["labels"], batch["condition"])]
+            batch = default_collate([dataset[i] for i in idx])
+            caps = [caption(lab.numpy(), names, cond) for lab, cond in zip(batch["labels"], batch["condition"])]
             text = sentence_embeddings(caps, text_backend).to(device)
             valid = batch["valid"].to(device).float() * (0.0 if blank_thermal else 1.0)
             rgb, th = normalize_batch(model_cfg, batch["rgb"].to(device).float(), batch["thermal"].to(device).float())

@@ -71,7 +71,7 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..class_sets import has_class_sets, text_embeddings_for
+from ..class_sets import text_embeddings_for
 from ..classes import DatasetInfo, load_dataset_info
 from ..models import LOSS_TERMS, backend_loss_terms, build_model, load_model_config, resolve_model_config
 from ..models.registry import DEFAULT_RECIPE
@@ -470,11 +470,6 @@ class Trainer:
         seed_everything(int(cfg["seed"]))
         self.text_embeddings = self._text_embeddings(text_embeddings)
         self.model = build_model(self.model_cfg, self.info, self.text_embeddings).to(self.device)
-        if self.joint and not has_class_sets(self.model):
-            raise TrainConfigError(
-                f"backend '{self.model_cfg['backend']}' built a model without select_class_set: it cannot train on "
-                "several 'datasets'"
-            )
         self.base_weights = (self.model_cfg.get("encoder") or {}).get("checkpoint")
 
         # data
@@ -678,13 +673,15 @@ class Trainer:
             for tag, v in tensorboard_scalars(row):
                 self._writer.add_scalar(tag, v, row["step"])
 
-    def _progress(self, total: int, initial: int):
+    def _show_progress(self) -> bool:
+        """tqdm bars: the train config's ``progress``, by default when stderr is a terminal; rank 0 only."""
         show = self.cfg["progress"]
-        if show is None:
-            show = sys.stderr.isatty()
+        return bool(sys.stderr.isatty() if show is None else show) and self.dist.is_main
+
+    def _progress(self, total: int, initial: int):
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, disable=not (show and self.dist.is_main), desc="train", leave=False)
+        return tqdm(total=total, initial=initial, disable=not self._show_progress(), desc="train", leave=False)
 
     # ------------------------------------------------------------------ state
     def train_state(self) -> dict:
@@ -883,8 +880,7 @@ class Trainer:
             int(self.cfg["seed"]),
             self.device,
             log_every=int(self.cfg["log_every"]),
-            progress=bool(self.cfg["progress"] if self.cfg["progress"] is not None else sys.stderr.isatty())
-            and self.dist.is_main,
+            progress=self._show_progress(),
             blank_thermal=self.cfg["modalities"] == "rgb",
         )
         if int(steps) == 0 and not self.base_weights and getattr(self.model, "ma_clip", None) is not None:
