@@ -4,12 +4,14 @@ From camera arrivals to finished frames, on any clock (the node's monotonic cloc
 receive time), with no ROS import (messages are read by :mod:`rgbt_seg_ros.imaging`):
 
 ``FrameFlow``          arrivals -> frames to segment: the :class:`~rgbt_seg_ros.sync.ApproximateTimePairer`
-                       built from the node's parameters (:func:`pairer_from_params`) and the
-                       :class:`ThermalWatch` that switches to RGB-only frames when thermal is lost.
+                       built from the node's parameters (:func:`pairer_from_params`) and two
+                       :class:`PartnerWatch` es that switch to RGB-only frames when thermal is lost
+                       and to thermal-only frames when RGB is lost.
 ``LatestSlot``         the single-slot mailbox between arrivals and the worker (newest pair wins),
                        or, with ``keep_all``, a one-place queue that makes the producer wait (replay).
 ``FramePipeline``      the per-frame stages: ``prepare`` (thermal warped straight into the model's
-                       grid, RGB resized and normalised), ``infer`` (forward; labels decided at the
+                       grid, with the registration health's drift correction and estimates,
+                       RGB resized and normalised), ``infer`` (forward; labels decided at the
                        model's grid, on its device), ``finish`` (labels and overlay at the RGB size,
                        only the outputs somebody wants).
 ``StagedWorker``       the three stages on three threads, so that preparing frame n+1 and finishing
@@ -36,6 +38,7 @@ import yaml
 
 from .imaging import ThermalNormalizer
 from .registration import ThermalRegistrar
+from .registration_health import HealthSettings, RegistrationMonitor
 from .render import blend, colorize, parse_palette, upscale_nearest
 from .resources import resolve_data_file
 from .sync import ApproximateTimePairer, Pair
@@ -47,8 +50,9 @@ OUTPUTS = ("labels", "overlay", "confidence", "colored_labels", "thermal_registe
 class FrameResult:
     """One segmented frame at the RGB image's size; outputs nobody asked for are None."""
 
-    labels: np.ndarray  # (H, W) uint8 / uint16 class ids
+    labels: np.ndarray  # (H, W) uint8 / uint16 class ids (thermal only: ignore_index where thermal does not see)
     rgb_only: bool
+    thermal_only: bool = False
     labels_grid: np.ndarray | None = None  # (h, w) the model's decision at its grid
     confidence_grid: np.ndarray | None = None  # (h, w) float32 max softmax probability
     valid_grid: np.ndarray | None = None  # (h, w) bool: where the model was given thermal
@@ -64,11 +68,13 @@ class FrameResult:
 class PreparedFrame:
     """A frame after :meth:`FramePipeline.prepare`: its inputs and the model's input on its device."""
 
-    rgb: np.ndarray
+    rgb: np.ndarray | None  # None: thermal only (RGB lost)
     thermal_raw: np.ndarray | None
     valid_grid: np.ndarray  # (h, w) bool at the model's grid
     model_input: Any  # segmenter.ModelInput
     timings_ms: dict[str, float]
+    rgb_hw: tuple[int, int] = (0, 0)  # the RGB grid the outputs are made in
+    registrar: ThermalRegistrar | None = None  # the warp used (the calibration, plus any drift correction)
 
 
 def labels_encoding(labels: np.ndarray) -> str:
@@ -253,6 +259,7 @@ class FramePipeline:
         registrar: ThermalRegistrar | None,
         overlay_alpha: float = 0.5,
         palette=None,
+        health: RegistrationMonitor | None = None,
     ) -> None:
         self.segmenter = segmenter
         self.normalizer = normalizer
@@ -261,11 +268,19 @@ class FramePipeline:
         self.num_classes = segmenter.dataset_info.num_classes
         self.palette = self._palette(palette)
         self.size_mismatch: str | None = None  # set once: identity registration over differently sized images
+        self.health = health  # registration drift estimates and the optional correction
+        self.rgb_hw: tuple[int, int] | None = None  # the last RGB size seen: the grid of thermal-only frames
+        self._shifted: ThermalRegistrar | None = None  # the calibration plus the correction now applied
+        self._shifted_base: ThermalRegistrar | None = None  # ... and the calibration it was made from
+        self._black: np.ndarray | None = None  # the RGB image of thermal-only frames (what RGB dropout trains)
 
     @classmethod
-    def from_params(cls, params: dict[str, Any], segmenter=None, on_problem=None) -> FramePipeline:
+    def from_params(
+        cls, params: dict[str, Any], segmenter=None, on_problem=None, synchronous_health: bool = False
+    ) -> FramePipeline:
         """The pipeline the parameters describe; ``on_problem``: where a refused ``model.class_set`` is
-        reported (the primary set is used then); without it that is an error."""
+        reported (the primary set is used then); without it that is an error. ``synchronous_health``: drift
+        estimates inside the frame path (replay: repeatable) instead of on their own thread (live)."""
         segmenter = segmenter if segmenter is not None else segmenter_from_params(params, on_problem)
         return cls(
             segmenter,
@@ -273,6 +288,7 @@ class FramePipeline:
             registrar_from_params(params),
             overlay_alpha=params["output.overlay_alpha"],
             palette=params["output.palette"],
+            health=RegistrationMonitor(HealthSettings.from_params(params), synchronous=synchronous_health),
         )
 
     def _palette(self, palette) -> np.ndarray:
@@ -294,9 +310,26 @@ class FramePipeline:
             )
         return self.registrar
 
-    def register_thermal(self, thermal_raw: np.ndarray, rgb_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def _corrected(self, registrar: ThermalRegistrar, t: float | None) -> ThermalRegistrar:
+        """The calibration plus the drift correction applied now (advanced to ``t``), in 0.25 px steps so the
+        warp's maps are rebuilt only when the correction has really moved."""
+        if self.health is None:
+            return registrar
+        dx, dy = self.health.correction(t)
+        q = (round(dx * 4.0) / 4.0, round(dy * 4.0) / 4.0)
+        if q == (0.0, 0.0):
+            return registrar
+        shifted = self._shifted
+        if shifted is None or shifted.offset != q or self._shifted_base is not registrar:
+            shifted = registrar.shifted(*q)
+            self._shifted, self._shifted_base = shifted, registrar
+        return shifted
+
+    def register_thermal(
+        self, thermal_raw: np.ndarray, rgb_hw: tuple[int, int], registrar: ThermalRegistrar | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Normalise and warp thermal into the full RGB grid: (float32 [0, 1], valid bool)."""
-        registrar = self._registrar(thermal_raw, rgb_hw)
+        registrar = registrar or self._registrar(thermal_raw, rgb_hw)
         norm, finite = self.normalizer.normalize(thermal_raw)
         warped, valid = registrar.warp(norm, rgb_size=rgb_hw)
         if finite is not None:
@@ -305,13 +338,17 @@ class FramePipeline:
         return warped.astype(np.float32, copy=False), valid
 
     def thermal_to_grid(
-        self, thermal_raw: np.ndarray, rgb_hw: tuple[int, int], grid_hw: tuple[int, int]
+        self,
+        thermal_raw: np.ndarray,
+        rgb_hw: tuple[int, int],
+        grid_hw: tuple[int, int],
+        registrar: ThermalRegistrar | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Thermal warped into the model's grid and normalised there: (float32 [0, 1], valid bool).
 
         The normalisation bounds come from the whole raw frame (percentile mode), the affine map is
         applied after the warp; a grid pixel that saw a NaN/inf thermal pixel is not valid."""
-        registrar = self._registrar(thermal_raw, rgb_hw)
+        registrar = registrar or self._registrar(thermal_raw, rgb_hw)
         thermal_raw = ThermalNormalizer.single_channel(thermal_raw)
         bounds = self.normalizer.affine(thermal_raw)
         warped, valid = registrar.warp_to_grid(thermal_raw, rgb_hw, grid_hw)
@@ -320,18 +357,55 @@ class FramePipeline:
             valid = valid & finite
         return norm, valid
 
-    def prepare(self, rgb: np.ndarray, thermal_raw: np.ndarray | None, side_stream: bool = False) -> PreparedFrame:
-        """Stage 1: thermal into the model's grid, then the model's input on its device."""
+    def prepare(
+        self, rgb: np.ndarray | None, thermal_raw: np.ndarray | None, side_stream: bool = False, t: float | None = None
+    ) -> PreparedFrame:
+        """Stage 1: thermal into the model's grid, then the model's input on its device.
+
+        ``rgb`` None is a thermal-only frame (RGB lost): the model sees a black RGB image (what
+        ``modality_dropout.p_rgb`` trains) and the outputs are made in the last RGB grid seen.
+        ``t`` (the caller's clock, s) drives the registration health: the drift correction advances
+        to it and a pair may be handed to the drift estimate."""
+        if rgb is None and thermal_raw is None:
+            raise ValueError("a frame needs RGB, thermal or both")
         t0 = time.perf_counter()
-        grid = self.segmenter.grid_size(rgb.shape[:2])
+        registrar = None
+        if thermal_raw is not None:
+            rgb_hw = rgb.shape[:2] if rgb is not None else self._thermal_only_hw(thermal_raw)
+            base = self._registrar(thermal_raw, rgb_hw)
+            registrar = self._corrected(base, t)
+            if rgb is not None and t is not None and self.health is not None:
+                self.health.offer(rgb, thermal_raw, base, t)
+        else:
+            rgb_hw = rgb.shape[:2]
+        if rgb is not None:
+            self.rgb_hw = rgb_hw
+        grid = self.segmenter.grid_size(rgb_hw)
         if thermal_raw is None:  # RGB only: thermal blank and invalid everywhere
             thermal, valid = np.zeros(grid, np.float32), np.zeros(grid, bool)
         else:
-            thermal, valid = self.thermal_to_grid(thermal_raw, rgb.shape[:2], grid)
+            thermal, valid = self.thermal_to_grid(thermal_raw, rgb_hw, grid, registrar)
         t1 = time.perf_counter()
-        model_input = self.segmenter.prepare(rgb, thermal, valid, side_stream=side_stream)
+        model_input = self.segmenter.prepare(
+            rgb if rgb is not None else self._black_rgb(rgb_hw), thermal, valid, side_stream=side_stream
+        )
         timings = {"thermal": (t1 - t0) * 1e3, **model_input.timings}
-        return PreparedFrame(rgb, thermal_raw, valid, model_input, timings)
+        return PreparedFrame(rgb, thermal_raw, valid, model_input, timings, tuple(rgb_hw), registrar)
+
+    def _thermal_only_hw(self, thermal_raw: np.ndarray) -> tuple[int, int]:
+        """The RGB grid of a thermal-only frame: the last RGB size seen, else the calibration's, else thermal's."""
+        if self.rgb_hw is not None:
+            return self.rgb_hw
+        if self.registrar is not None and self.registrar.rgb_size is not None:
+            w, h = self.registrar.rgb_size
+            return int(h), int(w)
+        return tuple(thermal_raw.shape[:2])
+
+    def _black_rgb(self, hw: tuple[int, int]) -> np.ndarray:
+        if self._black is None or self._black.shape[:2] != tuple(hw):
+            self._black = np.zeros((*hw, 3), np.uint8)
+            self._black.setflags(write=False)
+        return self._black
 
     def infer(self, prepared: PreparedFrame):
         """Stage 2: the forward and the per-pixel decision at the model's grid (labels, confidence)."""
@@ -340,33 +414,49 @@ class FramePipeline:
     def finish(self, prepared: PreparedFrame, grid, outputs=OUTPUTS) -> FrameResult:
         """Stage 3: labels (always) and the wanted outputs at the RGB image's size."""
         rgb = prepared.rgb
-        hw = rgb.shape[:2]
+        hw = prepared.rgb_hw
+        thermal_only = rgb is None
+        labels_grid = grid.labels
+        unseen_grid = None
+        if thermal_only:  # no prediction where thermal does not see: the dataset's ignore index there
+            unseen_grid = ~prepared.valid_grid
+            ignore = self.segmenter.dataset_info.ignore_index
+            if unseen_grid.any() and ignore <= np.iinfo(labels_grid.dtype).max:
+                labels_grid = labels_grid.copy()
+                labels_grid[unseen_grid] = ignore
         t0 = time.perf_counter()
         out = FrameResult(
-            labels=upscale_nearest(grid.labels, hw),
+            labels=upscale_nearest(labels_grid, hw),
             rgb_only=prepared.thermal_raw is None,
-            labels_grid=grid.labels,
+            thermal_only=thermal_only,
+            labels_grid=labels_grid,
             confidence_grid=grid.confidence,
             valid_grid=prepared.valid_grid,
         )
         t1 = time.perf_counter()
-        if "overlay" in outputs or "colored_labels" in outputs:
-            colours = upscale_nearest(colorize(grid.labels, self.palette), hw)
-            if "overlay" in outputs:
-                out.overlay = blend(rgb, colours, self.overlay_alpha)
-            if "colored_labels" in outputs:
-                out.colored_labels = colours
-        if "confidence" in outputs:
-            out.confidence = (
-                grid.confidence
-                if grid.confidence.shape == hw
-                else cv2.resize(grid.confidence, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
-            )
-        if "thermal_registered" in outputs:
+        if "thermal_registered" in outputs or (thermal_only and "overlay" in outputs):
             if prepared.thermal_raw is None:
                 out.thermal_registered, out.valid = np.zeros(hw, np.float32), np.zeros(hw, bool)
             else:
-                out.thermal_registered, out.valid = self.register_thermal(prepared.thermal_raw, hw)
+                out.thermal_registered, out.valid = self.register_thermal(prepared.thermal_raw, hw, prepared.registrar)
+        if "overlay" in outputs or "colored_labels" in outputs:
+            colours = upscale_nearest(colorize(labels_grid, self.palette), hw)
+            if "overlay" in outputs:
+                base = rgb
+                if thermal_only:  # the overlay is drawn over the registered thermal image instead
+                    base = cv2.cvtColor(thermal_display_u8(out.thermal_registered, out.valid), cv2.COLOR_GRAY2RGB)
+                out.overlay = blend(base, colours, self.overlay_alpha)
+            if "colored_labels" in outputs:
+                out.colored_labels = colours
+        if "confidence" in outputs:
+            confidence = grid.confidence
+            if unseen_grid is not None and unseen_grid.any():
+                confidence = np.where(unseen_grid, np.float32(0.0), confidence)
+            out.confidence = (
+                confidence
+                if confidence.shape == hw
+                else cv2.resize(confidence, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+            )
         t2 = time.perf_counter()
         timings = {**prepared.timings_ms, **grid.timings}
         timings["postprocess"] = timings.get("postprocess", 0.0) + (t1 - t0) * 1e3  # + labels to the RGB size
@@ -374,9 +464,12 @@ class FramePipeline:
         out.timings_ms = timings
         return out
 
-    def process(self, rgb: np.ndarray, thermal_raw: np.ndarray | None, outputs=OUTPUTS) -> FrameResult:
-        """Segment one frame. ``thermal_raw`` None means RGB only (thermal blank and invalid everywhere)."""
-        prepared = self.prepare(rgb, thermal_raw)
+    def process(
+        self, rgb: np.ndarray | None, thermal_raw: np.ndarray | None, outputs=OUTPUTS, t: float | None = None
+    ) -> FrameResult:
+        """Segment one frame. ``thermal_raw`` None means RGB only (thermal blank and invalid everywhere),
+        ``rgb`` None thermal only (RGB black; outputs in the last RGB grid seen, see :meth:`prepare`)."""
+        prepared = self.prepare(rgb, thermal_raw, t=t)
         return self.finish(prepared, self.infer(prepared), outputs)
 
 
@@ -391,96 +484,126 @@ def thermal_display_u8(thermal: np.ndarray, valid: np.ndarray | None) -> np.ndar
 # --------------------------------------------------------------------------- arrivals
 
 
-class ThermalWatch:
-    """Decides when thermal counts as lost (``on_thermal_loss``), on any clock in seconds.
+class PartnerWatch:
+    """Decides when the *other* camera counts as lost, on any clock in seconds.
 
-    The node feeds it monotonic time, replay the bag's receive time, so both switch to
-    RGB-only at the same moments. Thermal counts as lost only when RGB has *kept arriving*
-    for ``timeout`` seconds without thermal: a pause of both cameras (a driver restart, a
-    paused bag) is not a thermal loss, so the first RGB frame after it is paired normally.
+    One watch per camera: the thermal watch is fed every RGB arrival (:meth:`lost`) and every thermal
+    arrival (:meth:`partner_seen`), the RGB watch the other way round. The node feeds monotonic
+    time, replay the bag's receive time, so both switch modes at the same moments. The partner counts
+    as lost only when this camera has *kept arriving* for ``timeout`` seconds without it: a pause of
+    both cameras (a driver restart, a paused bag) is not a loss of one, so the first frame after it
+    is paired normally.
 
-    A pause is an RGB gap longer than both ``timeout`` and three typical RGB intervals (so a
-    camera slower than the timeout still counts as arriving); the RGB streak restarts after it.
+    A pause is a gap of this camera longer than both ``timeout`` and three of its typical intervals (so
+    a camera slower than the timeout still counts as arriving); its streak restarts after it.
     """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = float(timeout)
         self.reset()
 
-    def thermal_seen(self, t: float) -> None:
-        self.last_thermal = t
+    def partner_seen(self, t: float) -> None:
+        self.last_partner = t
 
     def lost(self, t: float) -> bool:
-        """Call on each RGB frame: is thermal lost at time ``t``?"""
-        if self.last_rgb is None:
-            self.rgb_streak_start = t
+        """Call on each frame of this camera: is the partner lost at time ``t``?"""
+        if self.last_own is None:
+            self.streak_start = t
         else:
-            gap = t - self.last_rgb
+            gap = t - self.last_own
             typical = sorted(self._intervals)[len(self._intervals) // 2] if self._intervals else 0.0
             if gap > max(self.timeout, 3.0 * typical):
-                self.rgb_streak_start = t  # RGB itself was silent: a pause (of both cameras), not a thermal loss
+                self.streak_start = t  # this camera itself was silent: a pause (of both), not a loss of the partner
             self._intervals.append(gap)
-        self.last_rgb = t
-        since = self.rgb_streak_start if self.last_thermal is None else max(self.last_thermal, self.rgb_streak_start)
+        self.last_own = t
+        since = self.streak_start if self.last_partner is None else max(self.last_partner, self.streak_start)
         return t - since > self.timeout
 
     def reset(self) -> None:
-        self.last_thermal: float | None = None
-        self.last_rgb: float | None = None
-        self.rgb_streak_start: float | None = None
+        self.last_partner: float | None = None
+        self.last_own: float | None = None
+        self.streak_start: float | None = None
         self._intervals: deque[float] = deque(maxlen=9)
+
+
+MODES = ("rgb_thermal", "rgb_only", "thermal_only")
 
 
 class FrameFlow:
     """Camera arrivals -> frames to segment, the same way live and in replay.
 
     Payloads are ``(meta, array)``: ``meta`` is whatever the caller needs back with the frame
-    (the node keeps the RGB header, replay the bag message), ``array`` the converted image.
+    (the node keeps the header, replay the bag message), ``array`` the converted image.
     Each call returns the frames it completed as :class:`~rgbt_seg_ros.sync.Pair`; an RGB-only
-    frame (thermal lost, ``on_thermal_loss: rgb_only``) is a Pair whose ``thermal`` is None.
-    ``now_ns`` is the caller's clock: monotonic live, the bag's receive time in replay.
-    ``on_switch(True)`` is called when RGB-only frames start, ``on_switch(False)`` when thermal
-    is back.
+    frame (thermal lost, ``on_thermal_loss: rgb_only``) is a Pair whose ``thermal`` is None, a
+    thermal-only frame (RGB lost, ``on_rgb_loss: thermal_only``) one whose ``rgb`` is None (its
+    ``rgb_stamp_ns`` is -1). ``now_ns`` is the caller's clock: monotonic live, the bag's receive
+    time in replay. ``mode`` is one of :data:`MODES`; ``on_switch(mode)`` is called when it changes.
     """
 
-    def __init__(self, params: dict[str, Any], on_warning=None, on_switch: Callable[[bool], None] | None = None):
+    def __init__(self, params: dict[str, Any], on_warning=None, on_switch: Callable[[str], None] | None = None):
         self._on_warning = on_warning
         self._on_switch = on_switch
         self._lock = threading.Lock()  # callbacks of the two cameras may run on different threads
         self.pairer = pairer_from_params(params, on_warning)
-        self.watch = ThermalWatch(float(params["thermal_timeout"]))
+        self.thermal_watch = PartnerWatch(float(params["thermal_timeout"]))  # fed by RGB arrivals
+        self.rgb_watch = PartnerWatch(float(params["rgb_timeout"]))  # fed by thermal arrivals
+        self._read_modes(params)
+        self.mode = "rgb_thermal"
+
+    def _read_modes(self, params: dict[str, Any]) -> None:
         self.rgb_only_mode = params["on_thermal_loss"] == "rgb_only"
-        self.rgb_only_active = False
+        self.thermal_only_mode = params["on_rgb_loss"] == "thermal_only"
+
+    @property
+    def rgb_only_active(self) -> bool:
+        return self.mode == "rgb_only"
+
+    @property
+    def thermal_only_active(self) -> bool:
+        return self.mode == "thermal_only"
 
     def update(self, params: dict[str, Any], sync_changed: bool) -> None:
         """New parameter values at run time; a change of ``sync.*`` restarts pairing with them."""
         with self._lock:
             if sync_changed:
                 self.pairer = pairer_from_params(params, self._on_warning)
-            self.watch.timeout = float(params["thermal_timeout"])
-            self.rgb_only_mode = params["on_thermal_loss"] == "rgb_only"
+            self.thermal_watch.timeout = float(params["thermal_timeout"])
+            self.rgb_watch.timeout = float(params["rgb_timeout"])
+            self._read_modes(params)
+
+    def _switch(self, mode: str) -> bool:
+        changed, self.mode = mode != self.mode, mode
+        return changed
+
+    def _announce(self, changed: bool) -> None:
+        if changed and self._on_switch is not None:
+            self._on_switch(self.mode)
 
     def rgb(self, stamp_ns: int, payload: tuple, now_ns: int) -> list[Pair]:
         with self._lock:
-            if self.watch.lost(now_ns / 1e9) and self.rgb_only_mode:
-                switched = not self.rgb_only_active
-                self.rgb_only_active = True
+            t = now_ns / 1e9
+            self.rgb_watch.partner_seen(t)
+            if self.thermal_watch.lost(t) and self.rgb_only_mode:
+                changed = self._switch("rgb_only")
                 frames = [*self.pairer.poll(now_ns), Pair(stamp_ns, -1, payload, None, 0)]  # oldest first
             else:
-                switched = False
+                changed = self._switch("rgb_thermal") if self.mode == "thermal_only" else False  # RGB is back
                 frames = self.pairer.add_rgb(stamp_ns, payload, now_ns=now_ns)
-        if switched and self._on_switch is not None:
-            self._on_switch(True)
+        self._announce(changed)
         return frames
 
     def thermal(self, stamp_ns: int, payload: tuple, now_ns: int) -> list[Pair]:
         with self._lock:
-            self.watch.thermal_seen(now_ns / 1e9)
-            switched = self.rgb_only_active
-            self.rgb_only_active = False
-            frames = self.pairer.add_thermal(stamp_ns, payload, now_ns=now_ns)
-        if switched and self._on_switch is not None:
-            self._on_switch(False)
+            t = now_ns / 1e9
+            self.thermal_watch.partner_seen(t)
+            if self.rgb_watch.lost(t) and self.thermal_only_mode:
+                changed = self._switch("thermal_only")
+                frames = [*self.pairer.poll(now_ns), Pair(-1, stamp_ns, None, payload, 0)]  # oldest first
+            else:
+                changed = self._switch("rgb_thermal") if self.mode == "rgb_only" else False  # thermal is back
+                frames = self.pairer.add_thermal(stamp_ns, payload, now_ns=now_ns)
+        self._announce(changed)
         return frames
 
     def poll(self, now_ns: int) -> list[Pair]:
@@ -494,8 +617,9 @@ class FrameFlow:
     def reset(self) -> None:
         with self._lock:
             self.pairer.reset()
-            self.watch.reset()
-            self.rgb_only_active = False
+            self.thermal_watch.reset()
+            self.rgb_watch.reset()
+            self.mode = "rgb_thermal"
 
     @property
     def stats(self):
@@ -569,6 +693,7 @@ class Job:
     pair: Pair
     formed_at: float  # time.monotonic() when it was handed to the worker
     meta: Any = None  # the caller's (replay: the bag receive time of the message that formed it)
+    clock_s: float | None = None  # the flow's clock (s) for the registration health; None: formed_at
     pipeline: FramePipeline | None = None
     prepared: PreparedFrame | None = None
     grid: Any = None  # SegmentationResult at the model's grid
@@ -695,9 +820,12 @@ class StagedWorker:
                     if job.pipeline is None:
                         self._drop("no_model")
                         continue
-                    (_, rgb), thermal = job.pair.rgb, job.pair.thermal
+                    rgb, thermal = job.pair.rgb, job.pair.thermal
+                    t = job.formed_at if job.clock_s is None else job.clock_s
                     with self._lock:
-                        job.prepared = job.pipeline.prepare(rgb, None if thermal is None else thermal[1], True)
+                        job.prepared = job.pipeline.prepare(
+                            None if rgb is None else rgb[1], None if thermal is None else thermal[1], True, t=t
+                        )
                     self._pass(self._to_infer, job)
                 elif stage == "infer":
                     job.grid = job.pipeline.infer(job.prepared)
@@ -713,5 +841,3 @@ class StagedWorker:
                     self._end()
             except Exception as exc:  # a bad frame, a failed forward: report it and go on
                 self._fail(stage, exc)
-
-

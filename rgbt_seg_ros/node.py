@@ -51,6 +51,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
 from .frame_flow import (
@@ -69,6 +70,7 @@ from .frame_flow import (
 from .imaging import ImageEncodingError, fill_image_msg, rgb_from_msg, thermal_from_msg
 from .memory import release_free_heap
 from .params import INPUT_NAMES, SPEC_BY_NAME, SPECS, check_value, is_ros_owned, validate
+from .registration_health import HealthSettings
 from .render import parse_palette
 from .resources import share_path
 
@@ -156,6 +158,7 @@ class PipelineStats:
             self.paired = 0
             self.processed = 0
             self.rgb_only_frames = 0
+            self.thermal_only_frames = 0
             self.drops: dict[str, int] = {"superseded": 0, "model_error": 0}
             self.latency_ms: deque[float] = deque(maxlen=self.window)  # pair formed -> published
             self.stamp_age_ms: deque[float] = deque(maxlen=self.window)  # header stamp -> published
@@ -182,11 +185,19 @@ class PipelineStats:
             self.consecutive_model_errors += 1
 
     def frame_done(
-        self, now: float, latency_ms: float, age_ms: float, model_ms: float, overhead_ms: float, rgb_only: bool
+        self,
+        now: float,
+        latency_ms: float,
+        age_ms: float,
+        model_ms: float,
+        overhead_ms: float,
+        rgb_only: bool,
+        thermal_only: bool = False,
     ) -> None:
         with self._lock:
             self.processed += 1
             self.rgb_only_frames += int(rgb_only)
+            self.thermal_only_frames += int(thermal_only)
             self.processed_times.append(now)
             self.latency_ms.append(latency_ms)
             self.stamp_age_ms.append(age_ms)
@@ -210,6 +221,7 @@ class PipelineStats:
                 "paired": self.paired,
                 "processed": self.processed,
                 "rgb_only_frames": self.rgb_only_frames,
+                "thermal_only_frames": self.thermal_only_frames,
                 "drops": dict(self.drops),
                 "paired_hz": self._rate(self.paired_times, now),
                 "processed_hz": self._rate(self.processed_times, now),
@@ -264,7 +276,7 @@ class SegmentBehaviour:
         self.flow = FrameFlow(
             self.p,
             on_warning=lambda text: self.get_logger().warning(text, throttle_duration_sec=5.0),
-            on_switch=self._on_rgb_only,
+            on_switch=self._on_mode,
         )
         self.slot = LatestSlot()
         self.pipeline: FramePipeline | None = None
@@ -291,6 +303,7 @@ class SegmentBehaviour:
         steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_service(Trigger, "~/reset", self._on_reset)
+        self.create_service(Trigger, "~/reset_registration", self._on_reset_registration)
         self.create_timer(1.0, self._publish_diagnostics, clock=steady)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._steady = steady
@@ -408,6 +421,8 @@ class SegmentBehaviour:
         self.lifecycle_state = "inactive"
 
     def _cleanup(self) -> None:
+        if self.pipeline is not None and self.pipeline.health is not None:
+            self.pipeline.health.close()
         self.pipeline = None
         self.model_status = "not loaded"
         self.class_set_status = "?"
@@ -508,11 +523,15 @@ class SegmentBehaviour:
         self.frame_ids["thermal"] = msg.header.frame_id
         self._hand_over(self.flow.thermal(stamp_ns(msg.header), (msg.header, thermal), time.monotonic_ns()), now)
 
-    def _on_rgb_only(self, active: bool) -> None:
-        if active:
+    def _on_mode(self, mode: str) -> None:
+        if mode == "rgb_only":
             self.get_logger().warning("thermal lost: segmenting RGB only until thermal returns")
+        elif mode == "thermal_only":
+            self.get_logger().warning(
+                "RGB lost: segmenting thermal alone (published in the RGB grid, RGB frame_id) until RGB returns"
+            )
         else:
-            self.get_logger().info("thermal is back: segmenting RGB-thermal pairs again")
+            self.get_logger().info("both cameras are back: segmenting RGB-thermal pairs again")
 
     def _on_info(self, camera: str, msg: CameraInfo) -> None:
         self._camera_infos[camera] = msg
@@ -537,7 +556,7 @@ class SegmentBehaviour:
     def _hand_over(self, frames, now: float) -> None:
         """Frames formed by the flow go to the worker's mailbox; the newest wins."""
         for frame in frames:
-            if frame.thermal is not None:
+            if frame.thermal is not None and frame.rgb is not None:
                 self.stats.count_pair(now)
             if self.slot.put(Job(frame, now)):
                 self.stats.drop("superseded")
@@ -580,7 +599,7 @@ class SegmentBehaviour:
         pipeline = job.pipeline
         if pipeline.size_mismatch:
             self._warn_once("size_mismatch", pipeline.size_mismatch)
-        header = job.pair.rgb[0]
+        header = job.pair.rgb[0] if job.pair.rgb is not None else self._thermal_only_header(job.pair.thermal[0])
         t0 = time.perf_counter()
         try:
             self._publish(header, result, job.outputs)  # what finish rendered for the subscribers it saw
@@ -594,7 +613,14 @@ class SegmentBehaviour:
         model_ms = timings.get("model", float("nan"))
         host_ms = sum(v for k, v in timings.items() if k != "model") + (time.perf_counter() - t0) * 1e3
         age_ms = (self.get_clock().now().nanoseconds - stamp_ns(header)) / 1e6
-        self.stats.frame_done(done, (done - job.formed_at) * 1e3, age_ms, model_ms, host_ms, result.rgb_only)
+        self.stats.frame_done(
+            done, (done - job.formed_at) * 1e3, age_ms, model_ms, host_ms, result.rgb_only, result.thermal_only
+        )
+
+    def _thermal_only_header(self, thermal_header) -> Header:
+        """A thermal-only frame is published in the RGB grid: the thermal stamp, the RGB camera's frame_id
+        (the thermal one while no RGB frame was ever seen, said in diagnostics)."""
+        return Header(stamp=thermal_header.stamp, frame_id=self.frame_ids["rgb"] or thermal_header.frame_id)
 
     def _publish(self, header, result, wanted: set[str]) -> None:
         def send(key: str, arr: np.ndarray, encoding: str) -> None:
@@ -643,6 +669,9 @@ class SegmentBehaviour:
                     self.pipeline.set_palette(merged["output.palette"])
                 self.pipeline.overlay_alpha = float(self.p["output.overlay_alpha"])
             self.flow.update(self.p, sync_changed=any(k.startswith("sync.") for k in updates))
+            if self.pipeline is not None and self.pipeline.health is not None:
+                if any(k.startswith("registration.") for k in updates):
+                    self.pipeline.health.configure(HealthSettings.from_params(self.p))
         if updates:
             self.get_logger().info(f"parameters updated: {updates}")
         return SetParametersResult(successful=True)
@@ -655,6 +684,18 @@ class SegmentBehaviour:
             cam.reset()
         response.success = True
         response.message = "pairing state and statistics cleared"
+        return response
+
+    def _on_reset_registration(self, request, response):
+        """Back to the calibration: the drift correction and the estimates are forgotten."""
+        pipeline = self.pipeline
+        if pipeline is None or pipeline.health is None:
+            response.success, response.message = False, "no model loaded: nothing to reset"
+            return response
+        pipeline.health.reset()
+        response.success = True
+        response.message = "registration back to the calibration (correction and estimates cleared)"
+        self.get_logger().info(response.message)
         return response
 
     # ------------------------------------------------------------------ diagnostics
@@ -719,6 +760,10 @@ class SegmentBehaviour:
             level, message = 1, mismatch
         elif self.flow.rgb_only_active:
             level, message = 1, "thermal lost: segmenting RGB only"
+        elif self.flow.thermal_only_active:
+            level, message = 1, "RGB lost: segmenting thermal only"
+            if not self.frame_ids["rgb"]:
+                message += " (no RGB frame seen yet: outputs carry the thermal frame_id)"
         else:
             level, message = 0, "ok"
         values = {
@@ -729,12 +774,13 @@ class SegmentBehaviour:
             "registration": self.registration_mode,
             "inputs": f"{self.input_topics['rgb']}, {self.input_topics['thermal']}",
             "outputs": self.resolve_topic_name("~/labels").rsplit("/", 1)[0] + "/{labels,overlay,...}",
-            "mode": "rgb_only" if self.flow.rgb_only_active else "rgb_thermal",
+            "mode": self.flow.mode,
             "paired rate (Hz)": f"{snap['paired_hz']:.2f}",
             "processed rate (Hz)": f"{snap['processed_hz']:.2f}",
             "paired": str(snap["paired"]),
             "processed": str(snap["processed"]),
             "rgb-only frames": str(snap["rgb_only_frames"]),
+            "thermal-only frames": str(snap["thermal_only_frames"]),
             "drops": ", ".join(f"{k}={v}" for k, v in sorted(drops.items())),
             "latency p50 (ms)": f"{snap['latency_p50_ms']:.1f}",
             "latency p95 (ms)": f"{snap['latency_p95_ms']:.1f}",
@@ -749,6 +795,10 @@ class SegmentBehaviour:
         }
         pair_hw = "+".join(f for f in (self.frame_ids["rgb"], self.frame_ids["thermal"]) if f)
         statuses.append(self._status("pipeline", level, message, values, pair_hw))
+        health = self.pipeline.health if self.pipeline is not None else None
+        if health is not None:
+            level, message, values = health.status(now)
+            statuses.append(self._status("registration", level, message, values, pair_hw))
         arr = DiagnosticArray(status=statuses)
         arr.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(arr)

@@ -78,6 +78,62 @@ SPECS: tuple[ParamSpec, ...] = (
     ),
     ParamSpec("registration.file", "", "calibration YAML (see config/registration/); empty for identity"),
     ParamSpec("registration.interpolation", "linear", "warp interpolation", choices=("nearest", "linear", "cubic")),
+    # registration health: drift estimates against the calibration, the warning, the optional correction
+    ParamSpec(
+        "registration.check_every",
+        10,
+        "estimate the thermal-RGB misalignment every N paired frames (off the frame path live); 0 = off",
+        min=0,
+        max=100000,
+        dynamic=True,
+    ),
+    ParamSpec(
+        "registration.min_confidence",
+        0.3,
+        "estimates below this confidence (0 = no structure, 1 = clear) neither warn nor correct",
+        min=0.0,
+        max=1.0,
+        dynamic=True,
+    ),
+    ParamSpec(
+        "registration.warn_offset_px",
+        2.0,
+        "diagnostics WARN when a confident offset above this (RGB px) persists",
+        min=0.0,
+        max=1000.0,
+        dynamic=True,
+    ),
+    ParamSpec(
+        "registration.warn_after",
+        5.0,
+        "seconds such an offset must persist before the WARN",
+        min=0.0,
+        max=3600.0,
+        dynamic=True,
+    ),
+    ParamSpec(
+        "registration.auto_correct",
+        False,
+        "apply a slowly filtered, bounded translation on top of the calibration; false = the calibration "
+        "(turning it off, or ~/reset_registration, returns to it)",
+        dynamic=True,
+    ),
+    ParamSpec(
+        "registration.max_correction_px",
+        25.0,
+        "largest translation auto-correction applies (RGB px)",
+        min=0.0,
+        max=500.0,
+        dynamic=True,
+    ),
+    ParamSpec(
+        "registration.correction_rate",
+        2.0,
+        "fastest change of the applied translation (RGB px per second)",
+        min=0.01,
+        max=1000.0,
+        dynamic=True,
+    ),
     # thermal normalisation
     ParamSpec(
         "thermal.mode",
@@ -150,6 +206,16 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "thermal_timeout", 1.0, "seconds without thermal before it counts as lost", min=0.05, max=60.0, dynamic=True
     ),
+    ParamSpec(
+        "on_rgb_loss",
+        "wait",
+        "when RGB stops while thermal runs: wait (publish nothing) or thermal_only (segment thermal alone "
+        "in the RGB grid, with the thermal stamp and the RGB frame_id; best with a checkpoint trained with "
+        "transform.modality_dropout.p_rgb)",
+        choices=("wait", "thermal_only"),
+        dynamic=True,
+    ),
+    ParamSpec("rgb_timeout", 1.0, "seconds without RGB before it counts as lost", min=0.05, max=60.0, dynamic=True),
     ParamSpec(
         "stale_timeout",
         2.0,

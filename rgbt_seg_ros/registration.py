@@ -36,6 +36,7 @@ YAML (``config/registration/*.yaml`` holds one example per mode)::
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -327,6 +328,7 @@ class ThermalRegistrar:
         self._cache_lock = threading.Lock()
         self.homography: np.ndarray | None = None
         self.thermal_size = self.rgb_size = None
+        self.offset = (0.0, 0.0)  # RGB pixels added on top of the calibration (see shifted)
         if mode == "homography":
             if homography is None or thermal_size is None or rgb_size is None:
                 missing = [
@@ -454,6 +456,19 @@ class ThermalRegistrar:
             }
         raise NotImplementedError("to_dict is provided for identity and homography modes")
 
+    def shifted(self, dx: float, dy: float) -> ThermalRegistrar:
+        """This registration with a translation on top: the result shows at RGB pixel ``x`` what this one
+        shows at ``x + (dx, dy)`` (a drift correction, registration_health.py); its own map cache."""
+        other = copy.copy(self)
+        other.offset = (float(dx), float(dy))
+        other._cache = {}
+        other._cache_lock = threading.Lock()
+        return other
+
+    @property
+    def _plain_identity(self) -> bool:
+        return self.mode == "identity" and self.offset == (0.0, 0.0)
+
     # --------------------------------------------------------------- geometry
     def _plane_homography(self) -> np.ndarray:
         """Normalised thermal coordinates -> normalised RGB coordinates for the plane z_rgb = D."""
@@ -474,16 +489,18 @@ class ThermalRegistrar:
         pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         if self.mode == "identity":
             s = _scale_matrix(rgb_wh[0] / thermal_wh[0], rgb_wh[1] / thermal_wh[1])
-            return cv2.perspectiveTransform(pts.reshape(-1, 1, 2), s).reshape(-1, 2)
-        if self.mode == "homography":
-            return cv2.perspectiveTransform(pts.reshape(-1, 1, 2), self._sized_homography(thermal_wh, rgb_wh)).reshape(
+            out = cv2.perspectiveTransform(pts.reshape(-1, 1, 2), s).reshape(-1, 2)
+        elif self.mode == "homography":
+            out = cv2.perspectiveTransform(pts.reshape(-1, 1, 2), self._sized_homography(thermal_wh, rgb_wh)).reshape(
                 -1, 2
             )
-        k_t, _ = self.thermal_camera.scaled_to(*thermal_wh, what="thermal image")
-        k_r, _ = self.rgb_camera.scaled_to(*rgb_wh, what="RGB size")
-        norm = self.thermal_camera.undistort(pts, k_t)
-        rays = np.column_stack([norm, np.ones(len(norm))]) @ self.plane_homography.T
-        return self.rgb_camera.project(rays, k_r)
+        else:
+            k_t, _ = self.thermal_camera.scaled_to(*thermal_wh, what="thermal image")
+            k_r, _ = self.rgb_camera.scaled_to(*rgb_wh, what="RGB size")
+            norm = self.thermal_camera.undistort(pts, k_t)
+            rays = np.column_stack([norm, np.ones(len(norm))]) @ self.plane_homography.T
+            out = self.rgb_camera.project(rays, k_r)
+        return out - np.asarray(self.offset)
 
     def _sized_homography(self, thermal_wh: tuple[int, int], rgb_wh: tuple[int, int]) -> np.ndarray:
         s_t = _scale_matrix(*_check_scale(self.thermal_size, thermal_wh, "thermal image"))
@@ -499,6 +516,8 @@ class ThermalRegistrar:
         w, h = rgb_wh
         if xs is None:
             xs, ys = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+        if self.offset != (0.0, 0.0):
+            xs, ys = xs + self.offset[0], ys + self.offset[1]
         if self.mode == "identity":  # a plain resize, pixel centres aligned
             sx, sy = thermal_wh[0] / w, thermal_wh[1] / h
             return (xs + 0.5) * sx - 0.5, (ys + 0.5) * sy - 0.5, np.ones(xs.shape, bool)
@@ -630,7 +649,7 @@ class ThermalRegistrar:
         src, cast_back = thermal, None
         if thermal.dtype == np.bool_ or thermal.dtype.type not in _REMAP_DTYPES:
             src, cast_back = thermal.astype(np.float32), thermal.dtype
-        if self.mode == "identity":
+        if self._plain_identity:
             if src.shape[:2] == (h, w):
                 out = src.copy()
             else:

@@ -128,6 +128,7 @@ def replay_bag(
     thermal_topic: str = DEFAULT_THERMAL_TOPIC,
     warnings: list[str] | None = None,
     pass_through: bool = True,
+    score_after_s: float = 0.0,
 ) -> ReplayResult:
     """Replay ``bag`` through the node's pipeline configured by ``params`` (see module docstring).
 
@@ -139,6 +140,9 @@ def replay_bag(
     ``warnings`` (e.g. refused parameter values) are recorded in metrics.json and report.md.
     ``pass_through=False`` writes only the outputs (about 4 ms less per 640x480 pair here: copying
     the inputs is disk-bound), with the ground-truth topic still read for the metrics.
+    ``score_after_s``: frames in the bag's first seconds are segmented and written but not scored
+    (an auto-correction of the registration settles meanwhile). Registration health estimates run
+    inside the frame path here (the pipeline's monitor is made synchronous), so a replay repeats.
     """
     out_dir = Path(out_dir)
     with _no_empty_output_on_failure(out_dir):
@@ -163,7 +167,9 @@ def replay_bag(
             )
         load_warnings: list[str] = []  # a refused model.class_set: reported, the primary set used (as the node)
         if pipeline is None:
-            pipeline = FramePipeline.from_params(params, on_problem=load_warnings.append)
+            pipeline = FramePipeline.from_params(params, on_problem=load_warnings.append, synchronous_health=True)
+        elif pipeline.health is not None:
+            pipeline.health.synchronous = True
         info = pipeline.segmenter.dataset_info
         flow = FrameFlow(params)
         truth = GroundTruth(Path(gt_dir) if gt_dir else None)
@@ -182,8 +188,10 @@ def replay_bag(
         # every topic is passed through; outputs only: the cameras and the ground truth
         read_topics = list(topics) if pass_through else [t for t in (rgb_topic, thermal_topic, gt_topic) if t]
         total = sum(c for t, c in _message_counts(bag).items() if t in read_topics) or None
-        n_rgb_only = 0
+        n_rgb_only = n_thermal_only = 0
+        first_log_ns: int | None = None
         last_log_ns = 0
+        rgb_frame_id = ""  # thermal-only frames are published in the RGB camera's frame
         not_copied: dict[str, int] = {}
         failures: list[Exception] = []
         write_lock = threading.Lock()  # the reader passes messages through, the worker writes outputs
@@ -192,15 +200,19 @@ def replay_bag(
             bar = tqdm(total=total, desc="replay", unit="msg", disable=not progress, leave=False)
 
             def deliver(job: Job, out) -> None:  # the worker's last stage, one frame at a time, in order
-                nonlocal matched_gt, n_rgb_only
-                rgb_msg = job.pair.rgb[0]
-                stamp = stamp_to_ns(rgb_msg.header.stamp)
+                nonlocal matched_gt, n_rgb_only, n_thermal_only
+                if job.pair.rgb is not None:
+                    header = job.pair.rgb[0].header
+                    stamp, frame = stamp_to_ns(header.stamp), header.frame_id
+                else:  # thermal only: the thermal stamp in the RGB camera's frame
+                    header = job.pair.thermal[0].header
+                    stamp, frame = stamp_to_ns(header.stamp), rgb_frame_id or header.frame_id
                 timings["total"].append(sum(out.timings_ms.values()))
                 for key in STAGES:
                     if key in out.timings_ms:
                         timings[key].append(out.timings_ms[key])
                 n_rgb_only += int(out.rgb_only)
-                frame = rgb_msg.header.frame_id
+                n_thermal_only += int(out.thermal_only)
                 labels_msg = make_image(out.labels, labels_encoding(out.labels), stamp, frame)
                 overlay_msg = make_image(out.overlay, "rgb8", stamp, frame)
                 with write_lock:
@@ -210,7 +222,8 @@ def replay_bag(
                 sheet.append((stamp, out.overlay))
                 if len(sheet) > 4 * sheet_frames:  # keep memory bounded: thin out evenly
                     del sheet[1::2]
-                if confusion is not None:
+                scored = first_log_ns is None or job.meta - first_log_ns >= score_after_s * 1e9
+                if confusion is not None and scored:
                     with truth_lock:
                         for pred, gt in truth.add_pred(stamp, out.labels):
                             confusion.update(pred, gt)
@@ -232,13 +245,15 @@ def replay_bag(
                 for frame in frames:
                     if max_pairs is not None and submitted >= max_pairs:
                         return
-                    source.put(Job(frame, time.monotonic(), meta=log_ns))
+                    source.put(Job(frame, time.monotonic(), meta=log_ns, clock_s=log_ns / 1e9))
                     submitted += 1
 
             try:
                 for m in read_messages(bag, read_topics):
                     bar.update(1)
                     last_log_ns = m.log_time_ns
+                    if first_log_ns is None:
+                        first_log_ns = m.log_time_ns
                     if pass_through:
                         with write_lock:
                             copied = _pass_through(writer, m)
@@ -261,6 +276,8 @@ def replay_bag(
                         rejected[reason] = rejected.get(reason, 0) + 1
                         continue
                     stamp = stamp_to_ns(m.msg.header.stamp)
+                    if is_rgb:
+                        rgb_frame_id = m.msg.header.frame_id
                     add = flow.rgb if is_rgb else flow.thermal
                     submit(add(stamp, (m.msg, arr), m.log_time_ns), m.log_time_ns)
                     if failures or (max_pairs is not None and submitted >= max_pairs):
@@ -296,6 +313,9 @@ def replay_bag(
             "frames_processed": n,
             "pairs": stats.paired,
             "rgb_only_frames": n_rgb_only,
+            "thermal_only_frames": n_thermal_only,
+            "registration_health": _registration_report(pipeline, last_log_ns / 1e9),
+            "scored_after_s": score_after_s,
             "received": {"rgb": stats.received_rgb, "thermal": stats.received_thermal},
             "drops": {
                 "unmatched_rgb": stats.dropped_unmatched_rgb,
@@ -327,6 +347,15 @@ def replay_bag(
         (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
         write_report(out_dir, result.metrics, timings["total"], [img for _, img in sheet], info, sheet_frames)
         return result
+
+
+def _registration_report(pipeline: FramePipeline, t: float) -> dict | None:
+    """The registration health at the end of a replay: its diagnostics entry and every estimate."""
+    health = pipeline.health
+    if health is None:
+        return None
+    level, message, values = health.status(t)
+    return {"level": level, "message": message, "values": values, "estimates": health.history()}
 
 
 def _message_counts(bag: Path) -> dict[str, int]:

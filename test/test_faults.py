@@ -15,7 +15,7 @@ from sensor_msgs.msg import Image
 from rgbt_seg_ros.frame_flow import (
     FramePipeline,
     LatestSlot,
-    ThermalWatch,
+    PartnerWatch,
     normalizer_from_params,
     registrar_from_params,
 )
@@ -265,16 +265,16 @@ def test_a_stalled_rgb_camera_bounds_the_thermal_queue_and_pairing_resumes():
 
 
 def test_a_stalled_or_missing_thermal_camera_switches_to_rgb_only_after_the_timeout():
-    w = ThermalWatch(timeout=1.0)
+    w = PartnerWatch(timeout=1.0)
     assert not w.lost(0.0) and not w.lost(0.5) and not w.lost(0.9) and w.lost(1.1)  # thermal never arrived
-    w.thermal_seen(1.2)
+    w.partner_seen(1.2)
     assert not w.lost(1.3) and not w.lost(1.9) and not w.lost(2.15) and w.lost(2.25)  # stalled
-    w.thermal_seen(2.3)
+    w.partner_seen(2.3)
     assert not w.lost(2.4)  # back
 
 
 def test_a_flapping_thermal_camera_switches_every_time_and_pairs_whenever_both_run():
-    w = ThermalWatch(timeout=0.3)
+    w = PartnerWatch(timeout=0.3)
     p = ApproximateTimePairer(queue_size=5, slop=0.01, max_wait=0.1)
     modes, pairs, t_s = [], 0, 0.0
     for cycle in range(6):
@@ -284,7 +284,7 @@ def test_a_flapping_thermal_camera_switches_every_time_and_pairs_whenever_both_r
             stamp = BASE + i * 50 * MS
             now = stamp
             if k < 10:
-                w.thermal_seen(t_s)
+                w.partner_seen(t_s)
                 pairs += len(p.add_thermal(stamp, i, now_ns=now))
             if w.lost(t_s):
                 modes.append("rgb_only")
@@ -299,12 +299,12 @@ def test_a_flapping_thermal_camera_switches_every_time_and_pairs_whenever_both_r
 
 
 def _drive_watch(events, timeout=0.5):
-    """Feed (t, camera) arrivals to a ThermalWatch as the node does; the mode of every RGB frame."""
-    w = ThermalWatch(timeout=timeout)
+    """Feed (t, camera) arrivals to a PartnerWatch as the node does; the mode of every RGB frame."""
+    w = PartnerWatch(timeout=timeout)
     modes = []
     for t, camera in events:
         if camera == "thermal":
-            w.thermal_seen(t)
+            w.partner_seen(t)
         else:
             modes.append("rgb_only" if w.lost(t) else "pair")
     return modes

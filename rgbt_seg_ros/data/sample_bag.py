@@ -14,6 +14,12 @@ frame with probability ``drop_rate``; receive times add a transport delay (longe
 for thermal, as with USB thermal cores), so messages interleave realistically.
 Scenes change every second and cycle through day, night, fog and glare.
 
+Two faults a rig has in the field can be recorded on purpose: ``thermal_shift_px`` moves the
+thermal camera after calibration (the written calibration stays the rig's original one, the
+images come from a rig whose registered thermal sits that many RGB pixels off, in the sense of
+:mod:`rgbt_seg_ros.registration_health`), and ``rgb_gap`` silences the RGB camera (its image,
+camera_info and ground truth) for a span of seconds while thermal keeps running.
+
 The rig's own node parameters (its exact homography, the thermal scaling of its Kelvin*100
 counts) are written into the bag directory as ``rgbt_seg_params.yaml`` (:data:`~rgbt_seg_ros.params.BAG_PARAMS`):
 ``rgbt-seg replay``, ``rgbt-seg demo`` and the launch file's ``bag:=`` use it when no other
@@ -61,6 +67,8 @@ def write_sample_bag(
     rgb_size: tuple[int, int] = (480, 640),
     thermal_size: tuple[int, int] = (512, 640),
     scene_seconds: float = 1.0,
+    thermal_shift_px: tuple[float, float] = (0.0, 0.0),
+    rgb_gap: tuple[float, float] | None = None,
 ) -> Path:
     """Write ``out_dir/bag`` (ROS 2 bag, format 9, with ``rgbt_seg_params.yaml`` inside) and
     ``out_dir/calibration.yaml`` and ``out_dir/conditions.json`` (each RGB frame's condition, by stamp);
@@ -73,10 +81,18 @@ def write_sample_bag(
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
     if jitter_ms < 0:
         raise ValueError(f"jitter_ms must be >= 0, got {jitter_ms}")
+    if rgb_gap is not None and not 0 <= rgb_gap[0] < rgb_gap[1]:
+        raise ValueError(f"rgb_gap must be (start, end) seconds with 0 <= start < end, got {rgb_gap}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bag_path = out_dir / "bag"
-    gen = SceneGenerator(seed=seed, rgb_size=rgb_size, thermal_size=thermal_size)
+    calibrated = SceneGenerator(seed=seed, rgb_size=rgb_size, thermal_size=thermal_size)
+    gen = calibrated
+    if any(thermal_shift_px):  # the rig as it is now: thermal moved since the calibration was written
+        moved = np.array([[1.0, 0.0, -thermal_shift_px[0]], [0.0, 1.0, -thermal_shift_px[1]], [0.0, 0.0, 1.0]])
+        gen = SceneGenerator(
+            seed=seed, rgb_size=rgb_size, thermal_size=thermal_size, homography=moved @ calibrated.homography
+        )
     rng = np.random.default_rng(seed + 7919)
     period_ns = int(round(1e9 / fps))
     frames_per_scene = max(1, int(round(scene_seconds * fps)))
@@ -100,6 +116,8 @@ def write_sample_bag(
         t_rgb = START_NS + i * period_ns + int(rng.normal(0, jitter_ms) * 1e6)
         t_th = START_NS + i * period_ns + int((thermal_offset_ms + rng.normal(0, jitter_ms)) * 1e6)
         drop_rgb = rng.random() < drop_rate
+        if rgb_gap is not None and rgb_gap[0] <= i / fps < rgb_gap[1]:
+            drop_rgb = True
         drop_th = rng.random() < drop_rate
         rx_rgb = t_rgb + int(rng.uniform(4, 12) * 1e6)
         rx_th = t_th + int(rng.uniform(15, 35) * 1e6)
@@ -128,7 +146,7 @@ def write_sample_bag(
     calibration = out_dir / "calibration.yaml"
     with open(calibration, "w") as f:
         f.write("# thermal -> RGB registration of the sample bag's synthetic rig (exact)\n")
-        yaml.safe_dump(gen.calibration_dict(), f, sort_keys=False)
+        yaml.safe_dump(calibrated.calibration_dict(), f, sort_keys=False)
     write_param_file(
         bag_path / BAG_PARAMS,
         rig_parameters(calibration),

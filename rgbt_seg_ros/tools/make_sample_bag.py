@@ -18,6 +18,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-rate", type=float, default=0.0, help="probability that a camera drops a frame (default 0)")
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="bag storage (default mcap)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--thermal-shift",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        metavar=("DX", "DY"),
+        help="record a rig whose thermal camera moved after calibration: registered thermal sits DX, DY RGB "
+        "pixels off the written calibration (default 0 0)",
+    )
+    p.add_argument(
+        "--rgb-gap",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("START", "END"),
+        help="the RGB camera is silent from START to END seconds while thermal keeps running",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT/bag if it exists")
 
 
@@ -41,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
             drop_rate=args.drop_rate,
             storage=args.storage,
             seed=args.seed,
+            thermal_shift_px=tuple(args.thermal_shift),
+            rgb_gap=None if args.rgb_gap is None else tuple(args.rgb_gap),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

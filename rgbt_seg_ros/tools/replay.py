@@ -53,6 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default: torch's choice; on 2 cores 1 leaves a core to reading and writing)",
     )
     p.add_argument(
+        "--score-after",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="segment and write the bag's first SECONDS, but score only the frames after them "
+        "(lets registration.auto_correct settle; default 0)",
+    )
+    p.add_argument(
         "--outputs-only",
         action="store_true",
         help="write only labels and overlay to the output bag, not the input topics (smaller, faster)",
@@ -113,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             thermal_topic=args.thermal_topic or DEFAULT_THERMAL_TOPIC,
             warnings=problems,
             pass_through=not args.outputs_only,
+            score_after_s=args.score_after,
         )
     except BagError as exc:
         print(f"rgbt-seg replay: {exc}", file=sys.stderr)
@@ -121,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"rgbt-seg replay: {exc}", file=sys.stderr)
         return 2
     m = result.metrics
-    print(f"{m['frames_processed']} frames ({m['pairs']} pairs, {m['rgb_only_frames']} RGB-only) from {args.bag}")
+    print(
+        f"{m['frames_processed']} frames ({m['pairs']} pairs, {m['rgb_only_frames']} RGB-only, "
+        f"{m['thermal_only_frames']} thermal-only) from {args.bag}"
+    )
     lat = m["latency_ms"]
     print(
         f"model p50 {lat['model']['p50']:.1f} ms, pipeline p50 {lat['total']['p50']:.1f} ms; throughput "
@@ -131,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     )
     for warning in m.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
+    health = m.get("registration_health")
+    if health and health["values"].get("estimates", "0") != "0":
+        print(f"registration: {health['message']}")
     if m.get("segmentation"):
         print(f"mIoU {100 * m['segmentation']['miou']:.1f} over {m['ground_truth_frames']} frames with ground truth")
     print(f"wrote {args.out}/segmented (bag), metrics.json, report.md")

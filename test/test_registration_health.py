@@ -1,0 +1,191 @@
+"""Registration health (rgbt_seg_ros/registration_health.py): the drift estimate on the synthetic rig whose
+true warp is known, the bounded correction, the warning, and both through the shared FramePipeline."""
+
+import math
+import re
+import time
+
+import numpy as np
+import pytest
+
+from rgbt_seg_ros.data.synthetic import SceneGenerator
+from rgbt_seg_ros.frame_flow import FramePipeline
+from rgbt_seg_ros.params import defaults
+from rgbt_seg_ros.registration import ThermalRegistrar
+from rgbt_seg_ros.registration_health import (
+    DriftCorrector,
+    HealthSettings,
+    OffsetEstimate,
+    OffsetEstimator,
+    RegistrationMonitor,
+    estimate_offset,
+)
+
+CALIBRATION = SceneGenerator().calibration_dict()  # the default rig: what the user calibrated
+
+
+def moved_rig(dx: float, dy: float, seed: int = 3) -> SceneGenerator:
+    """The rig after its thermal camera moved: its registered thermal sits (dx, dy) px off the calibration."""
+    base = SceneGenerator(seed=seed)
+    t = np.array([[1.0, 0.0, -dx], [0.0, 1.0, -dy], [0.0, 0.0, 1.0]])
+    return SceneGenerator(seed=seed, homography=t @ base.homography)
+
+
+@pytest.mark.parametrize("shift", [(0.0, 0.0), (3.0, 0.0), (-5.5, 4.0), (8.0, -8.0), (20.0, 12.0)])
+def test_the_estimate_is_within_a_pixel_of_the_true_shift_on_structured_frames(shift):
+    rig, calibration = moved_rig(*shift), ThermalRegistrar.from_dict(CALIBRATION)
+    est = OffsetEstimator()
+    for i, condition in enumerate(("day", "fog", "glare")):
+        sample = rig.sample(i, condition)
+        e = est.estimate(sample.rgb, sample.thermal, calibration)
+        assert math.hypot(e.dx - shift[0], e.dy - shift[1]) < 1.0, (condition, e)
+        assert e.confidence > 0.5, (condition, e)
+
+
+def test_confidence_is_zero_without_structure():
+    rng = np.random.default_rng(0)
+    calibration = ThermalRegistrar.from_dict(CALIBRATION)
+    est = OffsetEstimator()
+    for _ in range(5):  # a lens cap, a white wall: flat images with sensor noise only
+        rgb = np.clip(120 + rng.normal(0, 3, (480, 640, 3)), 0, 255).astype(np.uint8)
+        thermal = (30000 + rng.normal(0, 20, (512, 640))).astype(np.uint16)
+        assert est.estimate(rgb, thermal, calibration).confidence == 0.0
+    flat = estimate_offset(np.full((60, 80), 9.0), np.full((60, 80), 3.0))  # no gradient at all
+    assert flat.confidence == 0.0 and (flat.dx, flat.dy) == (0.0, 0.0)
+    sample = moved_rig(8.0, 0.0).sample(0, "day")  # structure, but the thermal camera sees nothing valid
+    nothing = estimate_offset(sample.rgb[:, :, 1], sample.labels.astype(np.float32), np.zeros((480, 640), bool))
+    assert nothing.confidence == 0.0
+
+
+def test_the_estimate_ignores_what_thermal_does_not_see_and_refuses_mismatched_grids():
+    sample = moved_rig(6.0, -3.0).sample(1, "day")
+    warped, valid = ThermalRegistrar.from_dict(CALIBRATION).warp(sample.thermal.astype(np.float32), (480, 640))
+    valid = valid.copy()
+    valid[:, :200] = False  # a third of the view blocked: the border of what is seen is no edge
+    warped[:, :200] = 0.0
+    e = estimate_offset(sample.rgb.mean(axis=2), warped, valid)
+    assert abs(e.dx - 6.0) < 1.0 and abs(e.dy + 3.0) < 1.0 and e.confidence > 0.5
+    with pytest.raises(ValueError, match="must be one"):
+        estimate_offset(np.zeros((10, 12)), np.zeros((12, 10)))
+
+
+def test_a_shifted_registrar_samples_the_calibration_at_the_offset():
+    img = np.arange(60 * 80, dtype=np.float32).reshape(60, 80)
+    for base in (ThermalRegistrar.identity(), ThermalRegistrar.from_dict(CALIBRATION)):
+        rgb_hw = (60, 80) if base.mode == "identity" else (480, 640)
+        src = img if base.mode == "identity" else np.tile(img, (9, 8))[:512, :640]
+        plain, _ = base.warp(src, rgb_hw)
+        moved, valid = base.shifted(2.0, 1.0).warp(src, rgb_hw)
+        assert np.allclose(moved[10:40, 10:60], plain[11:41, 12:62], atol=1e-2)
+        assert base.offset == (0.0, 0.0)  # the original is untouched
+        pts = np.array([[100.0, 120.0]])
+        assert np.allclose(
+            base.shifted(2.0, 1.0).thermal_to_rgb_points(pts, (640, 512), (640, 480)),
+            base.thermal_to_rgb_points(pts, (640, 512), (640, 480)) - [2.0, 1.0],
+        )
+
+
+def test_the_correction_is_rate_limited_bounded_and_robust_to_one_outlier():
+    c = DriftCorrector(max_offset=10.0, rate=2.0, window=5)
+    for _ in range(4):
+        c.observe(OffsetEstimate(6.0, 0.0, 1.0, 20.0))
+    c.observe(OffsetEstimate(-40.0, 30.0, 1.0, 20.0))  # one wild estimate does not move the median
+    assert c.target == (6.0, 0.0)
+    assert c.advance(0.0) == (0.0, 0.0)  # the first call only starts the clock
+    steps = [c.advance(0.1 * k)[0] for k in range(1, 40)]
+    assert max(np.diff([0.0, *steps])) <= 0.2 + 1e-9  # never more than rate * dt
+    assert steps[-1] == pytest.approx(6.0)
+    for _ in range(5):
+        c.observe(OffsetEstimate(30.0, 40.0, 1.0, 20.0))  # 50 px away: the bound keeps the direction
+    assert math.hypot(*c.target) == pytest.approx(10.0) and c.target[0] == pytest.approx(6.0)
+    c.reset()
+    assert c.applied == (0.0, 0.0) and c.target is None
+
+
+def _monitor(**overrides) -> RegistrationMonitor:
+    settings = HealthSettings(**{"every": 1, "warn_px": 2.0, "warn_after": 3.0, "min_confidence": 0.3, **overrides})
+    return RegistrationMonitor(settings, synchronous=True)
+
+
+def test_drift_warns_only_when_a_confident_offset_persists():
+    rig, calibration = moved_rig(5.0, 0.0), ThermalRegistrar.from_dict(CALIBRATION)
+    monitor = _monitor()
+    frames = [rig.sample(i % 3, "day") for i in range(3)]
+    flat_rgb = np.full((480, 640, 3), 100, np.uint8)
+    flat_thermal = np.full((512, 640), 29000, np.uint16)
+    for k in range(8):  # one frame per second, every other one without structure
+        t = float(k)
+        if k % 2:
+            monitor.offer(flat_rgb, flat_thermal, calibration, t)
+        else:
+            monitor.offer(frames[k % 3].rgb, frames[k % 3].thermal, calibration, t)
+        level, message, values = monitor.status(t)
+        assert level == (1 if k >= 3 else 0), (k, message)
+    assert "registration drift" in message and "recalibrate" in message
+    shown = re.search(r"sits \(([-+.\d]+), ([-+.\d]+)\) px", message)
+    assert abs(float(shown[1]) - 5.0) < 1.0 and abs(float(shown[2])) < 1.0
+    assert values["estimates"] == "8" and values["confident estimates"] == "4"
+    assert monitor.correction(8.0) == (0.0, 0.0)  # auto-correction off: the calibration as it is
+    aligned = moved_rig(0.0, 0.0)
+    monitor.offer(aligned.sample(0, "day").rgb, aligned.sample(0, "day").thermal, calibration, 9.0)
+    assert monitor.status(9.0)[0] == 0  # a confident small offset ends the drift at once
+    assert [round(h["dx"]) for h in monitor.history()][:3] == [5, 0, 5]
+
+
+def test_estimates_run_every_n_frames_and_off_the_frame_path_live():
+    rig, calibration = moved_rig(4.0, 2.0), ThermalRegistrar.from_dict(CALIBRATION)
+    sample = rig.sample(0, "day")
+    live = RegistrationMonitor(HealthSettings(every=3), synchronous=False)
+    try:
+        for k in range(7):
+            live.offer(sample.rgb, sample.thermal, calibration, float(k))
+        deadline = 50
+        while live.estimates == 0 and deadline:
+            time.sleep(0.05)
+            deadline -= 1
+        assert 1 <= live.estimates <= 3  # frames 1, 4, 7 are due; a newer one may replace a waiting one
+        assert live._thread is not None and live._thread.is_alive()
+    finally:
+        live.close()
+    assert not live._thread.is_alive()
+    off = _monitor(every=0)
+    off.offer(sample.rgb, sample.thermal, calibration, 0.0)
+    assert off.estimates == 0 and "not checked" in off.status(0.0)[1]
+
+
+def test_auto_correction_through_the_pipeline_aligns_a_moved_rig(micro_checkpoint):
+    """The shared FramePipeline with auto_correct: the correction settles on the true shift, the thermal the
+    model gets is then the aligned rig's, and turning auto-correction off returns to the calibration."""
+    from rgbt_seg_ros.resources import resolve_data_file
+
+    params = {
+        **defaults(),
+        "model.checkpoint": str(micro_checkpoint),
+        "registration.mode": "identity",
+        "registration.check_every": 1,
+        "registration.auto_correct": True,
+        "registration.correction_rate": 4.0,
+    }
+    assert resolve_data_file(str(micro_checkpoint))
+    pipe = FramePipeline.from_params(params, synchronous_health=True)
+    pipe.registrar = ThermalRegistrar.from_dict(CALIBRATION)
+    rig, aligned = moved_rig(-6.0, 3.0), moved_rig(0.0, 0.0)
+    for k in range(30):  # 10 Hz for 3 s
+        sample = rig.sample(k // 10, "day")
+        prepared = pipe.prepare(sample.rgb, sample.thermal, t=0.1 * k)
+    applied = pipe.health.correction(None)
+    assert math.hypot(applied[0] + 6.0, applied[1] - 3.0) < 1.0
+    steps = [h["applied_x"] for h in pipe.health.history()]
+    assert max(abs(np.diff(steps))) <= 4.0 * 0.1 + 1e-6  # bounded rate, frame by frame
+    want = FramePipeline.from_params({**params, "registration.check_every": 0})
+    want.registrar = ThermalRegistrar.from_dict(CALIBRATION)
+    sample, truth = rig.sample(2, "day"), aligned.sample(2, "day")
+    corrected = pipe.prepare(sample.rgb, sample.thermal, t=3.0).model_input.thermal
+    reference = want.prepare(truth.rgb, truth.thermal).model_input.thermal
+    before = want.prepare(sample.rgb, sample.thermal).model_input.thermal
+    err_after = float((corrected - reference).abs().mean())
+    err_before = float((before - reference).abs().mean())
+    assert err_after < 0.35 * err_before, (err_after, err_before)
+    pipe.health.configure(HealthSettings.from_params({**params, "registration.auto_correct": False}))
+    assert pipe.health.correction(3.1) == (0.0, 0.0)
+    assert prepared.registrar is not pipe.registrar and prepared.registrar.offset != (0.0, 0.0)
