@@ -54,17 +54,18 @@ class DdsClient:
 
     def publish_pair(
         self,
-        rgb: np.ndarray,
+        rgb: np.ndarray | None,
         thermal: np.ndarray | None,
         stamp_ns: int,
         thermal_offset_ns: int = 0,
         rgb_encoding: str = "bgr8",
         thermal_encoding: str = "mono16",
     ) -> None:
-        msg = self._message(rgb, rgb_encoding, "jpeg")
-        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
-        msg.header.frame_id = "rgb_camera_optical_frame"
-        self.rgb_pub.publish(msg)
+        if rgb is not None:  # None: the RGB camera is silent
+            msg = self._message(rgb, rgb_encoding, "jpeg")
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+            msg.header.frame_id = "rgb_camera_optical_frame"
+            self.rgb_pub.publish(msg)
         if thermal is not None:
             th = self._message(thermal, thermal_encoding, "png")
             th.header.stamp.sec, th.header.stamp.nanosec = divmod(stamp_ns + thermal_offset_ns, 1_000_000_000)

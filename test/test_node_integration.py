@@ -179,6 +179,118 @@ def test_thermal_loss_gives_rgb_only_outputs_and_recovers(node_and_client):
     assert client.latest_status("thermal camera")["level"] == 0
 
 
+@pytest.mark.parametrize(
+    "node_and_client",
+    [{"rgb_timeout": 0.5, "stale_timeout": 0.5, "on_rgb_loss": "thermal_only", "registration.check_every": 0}],
+    indirect=True,
+)
+def test_rgb_loss_gives_thermal_only_outputs_and_a_pause_of_both_does_not(node_and_client):
+    proc, client = node_and_client
+    wait_until_ready(client, proc)
+    base = now_ns(client)
+    i = 0
+
+    def run(seconds, rgb=True, thermal=True):
+        nonlocal i
+        sent = []
+        for _ in range(int(seconds / 0.1)):
+            frame_rgb, frame_thermal = scene(i)
+            stamp = base + i * 100_000_000
+            if rgb or thermal:
+                client.publish_pair(frame_rgb if rgb else None, frame_thermal if thermal else None, stamp, 8_000_000)
+                sent.append(stamp)
+            i += 1
+            client.spin(0.1)
+        return sent
+
+    run(1.0)
+    run(1.5, rgb=False, thermal=False)  # both cameras paused: no loss of either
+    run(1.0)
+    assert client.wait_for(lambda: client.latest_status("pipeline") is not None, 5, proc)
+    pipe = client.latest_status("pipeline")
+    assert pipe["mode"] == "rgb_thermal" and pipe["thermal-only frames"] == "0" and pipe["rgb-only frames"] == "0"
+    n_before = len(client.received["labels"])
+    thermal_stamps = {s + 8_000_000 for s in run(2.5, rgb=False)}
+    rgb_cam, pipe = client.latest_status("rgb camera"), client.latest_status("pipeline")
+    assert rgb_cam["level"] == 1 and "stale" in rgb_cam["message"]
+    assert pipe["mode"] == "thermal_only" and pipe["level"] == 1 and "RGB lost" in pipe["message"]
+    assert int(pipe["thermal-only frames"]) > 0
+    new = [m for _, m in client.received["labels"][n_before:]]
+    only = [m for m in new if m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec in thermal_stamps]
+    assert len(only) >= 3  # outputs continue, each with its thermal message's stamp ...
+    assert {m.header.frame_id for m in only} == {"rgb_camera_optical_frame"}  # ... in the RGB camera's frame
+    assert {(m.height, m.width) for m in only} == {(H, W)}
+    run(1.5)
+    assert client.wait_for(lambda: client.latest_status("pipeline")["mode"] == "rgb_thermal", 5, proc)
+    assert client.latest_status("rgb camera")["level"] == 0
+
+
+def test_registration_drift_warns_corrects_and_resets_over_dds(tmp_path, ros_env, micro_checkpoint):
+    """A rig whose thermal camera moved 8 px right and 4 px up after calibration: diagnostics WARN with the
+    offset, auto-correction applies it (bounded rate), ~/reset_registration returns to the calibration."""
+    import yaml
+    from std_srvs.srv import Trigger
+
+    from rgbt_seg_ros.data.synthetic import SceneGenerator
+
+    calibration = tmp_path / "calibration.yaml"
+    calibration.write_text(yaml.safe_dump(SceneGenerator().calibration_dict()))
+    params = write_params(
+        tmp_path / "p.yaml",
+        **{
+            "model.checkpoint": str(micro_checkpoint),
+            "model.device": "cpu",
+            "registration.mode": "homography",
+            "registration.file": str(calibration),
+            "registration.check_every": 1,
+            "registration.warn_after": 1.0,
+            "registration.auto_correct": True,
+            "registration.correction_rate": 20.0,
+            "thermal.mode": "linear",
+            "thermal.scale": 0.01,
+            "thermal.min": 250.0,
+            "thermal.max": 330.0,
+        },
+    )
+    base = SceneGenerator(seed=5)
+    moved = np.array([[1.0, 0.0, -8.0], [0.0, 1.0, 4.0], [0.0, 0.0, 1.0]]) @ base.homography
+    rig = SceneGenerator(seed=5, homography=moved)
+    frames = [rig.sample(k, "day") for k in range(3)]
+    proc = start_node(params, ros_env)
+    client = DdsClient(int(ros_env["ROS_DOMAIN_ID"]), outputs=("labels",))
+    try:
+        stamp0 = now_ns(client)
+
+        def drifting(status):
+            return status is not None and status["level"] == 1 and "registration drift" in status["message"]
+
+        for k in range(600):  # 10 Hz until the drift is reported and corrected (model loading included)
+            sample = frames[(k // 10) % 3]
+            client.publish_pair(sample.rgb[:, :, ::-1].copy(), sample.thermal, stamp0 + k * 100_000_000)
+            client.spin(0.1)
+            status = client.latest_status("registration")
+            if drifting(status) and abs(float(status["applied x (px)"]) - 8.0) < 1.0:
+                break
+        status = client.latest_status("registration")
+        assert drifting(status), status
+        assert abs(float(status["offset x (px)"]) - 8.0) < 1.0 and abs(float(status["offset y (px)"]) + 4.0) < 1.0
+        assert abs(float(status["applied x (px)"]) - 8.0) < 1.0 and abs(float(status["applied y (px)"]) + 4.0) < 1.0
+        assert "auto-correction applies" in status["message"]
+        cli = client.node.create_client(Trigger, "/rgbt_seg/reset_registration")
+        assert cli.wait_for_service(timeout_sec=10.0)
+        future = cli.call_async(Trigger.Request())
+        client.executor.spin_until_future_complete(future, timeout_sec=10.0)
+        assert future.result() is not None and future.result().success
+        client.diagnostics.clear()
+        assert client.wait_for(lambda: client.latest_status("registration") is not None, 5, proc)
+        after = client.latest_status("registration")
+        assert after["applied x (px)"] == "0.00" and after["applied y (px)"] == "0.00" and after["estimates"] == "0"
+        assert after["level"] == 0
+    finally:
+        client.close()
+        print(stop(proc)[-4000:])
+
+
 def test_overload_drops_old_pairs_instead_of_queueing(tmp_path, ros_env):
     # a deliberately slow model: the micro network at 480x640 input, fed at 30 Hz
     ckpt = make_micro_checkpoint(tmp_path / "slow", input_size=(480, 640))
