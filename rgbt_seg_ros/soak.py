@@ -89,7 +89,7 @@ class SoakPlan:
     def expected_switches(self) -> int:
         """rgb_only switches the schedule must cause: RGB arriving for longer than thermal_timeout without thermal.
 
-        A joint pause (both silent) and an RGB stall cause none (the node's ThermalWatch rule).
+        A joint pause (both silent) and an RGB stall cause none (the node's PartnerWatch rule).
         """
         n, streak = 0, 0.0
         step = 1.0 / self.rate
