@@ -119,6 +119,16 @@ def bag_topics(path: str | Path) -> dict[str, str]:
         reader.close()
 
 
+def message_counts(path: str | Path) -> dict[str, int]:
+    """Topic -> number of messages, as the bag's index gives it; empty when it cannot say (a damaged bag).
+    For progress bars: nothing else should rest on it."""
+    try:
+        with AnyReader([Path(path)], default_typestore=TYPESTORE) as reader:
+            return {c.topic: c.msgcount for c in reader.connections}
+    except Exception:  # rosbags raises several reader-specific errors
+        return {}
+
+
 def read_messages(path: str | Path, topics: list[str] | None = None) -> Iterator[BagMessage]:
     """Deserialised messages in bag (receive-time) order.
 

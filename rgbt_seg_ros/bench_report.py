@@ -54,10 +54,19 @@ def _pipeline(runs: list[dict]) -> str:
     over = [spread([_size(r, hw)["overhead_ms_median"] for r in runs], 2, " ms") for hw in (vga, hd)]
     fps = spread([_size(r, vga)["sustained"]["fps"] for r in runs], 1, " fps")
     model = spread([_size(r, vga)["stages_ms"]["model"]["median"] for r in runs], 1, " ms")
-    return (
+    cell = (
         f"everything but the model per frame: 640x480 **{over[0]}**, 1280x720 **{over[1]}**; "
         f"micro forward {model}; staged worker at 640x480 with that forward on the same 2 cores: {fps}"
     )
+    health = [_size(r, vga).get("registration_health") for r in runs]
+    if all(health):  # measured since the registration health came (older result files lack it)
+        estimate = spread([h["estimate_ms"]["median"] for h in health], 1, " ms")
+        amortised = spread([h["amortised_ms_per_frame"] for h in health], 2, " ms")
+        cell += (
+            f"; registration-health estimate at 640x480 {estimate}, on its own thread once per "
+            f"{health[0]['check_every']} pairs (not in the frame path): {amortised} per frame amortised"
+        )
+    return cell
 
 
 def _stand_in(runs: list[dict]) -> str:

@@ -37,7 +37,17 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .bags import TYPESTORE, BagError, BagWriter, bag_topics, damage_of, make_image, read_messages, stamp_to_ns
+from .bags import (
+    TYPESTORE,
+    BagError,
+    BagWriter,
+    bag_topics,
+    damage_of,
+    make_image,
+    message_counts,
+    read_messages,
+    stamp_to_ns,
+)
 from .frame_flow import FrameFlow, FramePipeline, Job, LatestSlot, StagedWorker, labels_encoding, latency_summary
 from .imaging import ImageEncodingError, image_to_numpy, rgb_from_msg, thermal_from_msg
 from .params import INPUT_NAMES
@@ -187,7 +197,7 @@ def replay_bag(
             raise BagError(f"output bag {segmented} already exists; choose another --out or remove it")
         # every topic is passed through; outputs only: the cameras and the ground truth
         read_topics = list(topics) if pass_through else [t for t in (rgb_topic, thermal_topic, gt_topic) if t]
-        total = sum(c for t, c in _message_counts(bag).items() if t in read_topics) or None
+        total = sum(c for t, c in message_counts(bag).items() if t in read_topics) or None
         n_rgb_only = n_thermal_only = 0
         first_log_ns: int | None = None
         last_log_ns = 0
@@ -356,16 +366,6 @@ def _registration_report(pipeline: FramePipeline, t: float) -> dict | None:
         return None
     level, message, values = health.status(t)
     return {"level": level, "message": message, "values": values, "estimates": health.history()}
-
-
-def _message_counts(bag: Path) -> dict[str, int]:
-    from rosbags.highlevel import AnyReader
-
-    try:
-        with AnyReader([bag], default_typestore=TYPESTORE) as reader:
-            return {c.topic: c.msgcount for c in reader.connections}
-    except Exception:  # counts are only for the progress bar
-        return {}
 
 
 def _pass_through(writer: BagWriter, m) -> bool:

@@ -72,6 +72,26 @@ def test_bench_pipeline_with_random_weights_of_a_config():
     assert "| model |" in pb.markdown_pipeline(result)
 
 
+def test_bench_pipeline_reports_the_registration_health_estimate_apart_from_the_frame_path():
+    from rgbt_seg_ros.params import SPEC_BY_NAME
+
+    seg = pb.load_segmenter(config="models/sartm_micro.yaml", model_size=(64, 96))
+    result = pb.bench_pipeline(
+        segmenter=seg, config="models/sartm_micro.yaml", sizes=[(96, 128)], repeats=3, warmup=1, seconds=0
+    )
+    size = result["sizes"][0]
+    health = size["registration_health"]
+    every = SPEC_BY_NAME["registration.check_every"].default
+    assert health["check_every"] == every
+    assert health["estimate_ms"]["n"] == 3 and health["estimate_ms"]["median"] > 0
+    assert health["estimate_ms"]["p95"] >= health["estimate_ms"]["median"]
+    assert health["amortised_ms_per_frame"] == pytest.approx(health["estimate_ms"]["median"] / every)
+    assert "registration_health" not in size["stages_ms"]  # not a stage: the total and overhead leave it out
+    text = pb.markdown_pipeline(result)
+    assert "registration-health estimate" in text and "per frame amortised" in text
+    assert "not part of the per-frame budget" in text
+
+
 def test_bench_memory_reports_rss_along_the_run(tmp_path, micro_checkpoint, capsys):
     out = tmp_path / "mem.json"
     args = parse(

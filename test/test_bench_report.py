@@ -45,6 +45,31 @@ def test_update_writes_between_the_markers_only(tmp_path):
     assert bench_report.update_readme(readme, results, check=True)
 
 
+def test_pipeline_cell_shows_the_registration_health_estimate_only_where_every_run_has_it():
+    def run(with_health: bool) -> dict:
+        sizes = []
+        for hw in ((480, 640), (720, 1280)):
+            size = {
+                "camera_size": list(hw),
+                "overhead_ms_median": 3.0,
+                "stages_ms": {"model": {"median": 40.0}},
+                "sustained": {"fps": 20.0},
+            }
+            if with_health:
+                size["registration_health"] = {
+                    "estimate_ms": {"median": 6.0, "p95": 7.0, "n": 50},
+                    "check_every": 10,
+                    "amortised_ms_per_frame": 0.6,
+                }
+            sizes.append(size)
+        return {"sizes": sizes}
+
+    assert "registration-health" not in bench_report._pipeline([run(False), run(True)])
+    cell = bench_report._pipeline([run(True), run(True)])
+    assert "registration-health estimate at 640x480 6.0 ms (6.0-6.0, 2 runs)" in cell
+    assert "once per 10 pairs" in cell and "0.60 ms (0.60-0.60, 2 runs) per frame amortised" in cell
+
+
 def test_a_broken_result_file_is_named(tmp_path):
     (tmp_path / "memory_micro_run1.json").write_text("{not json")
     with pytest.raises(ValueError, match="memory_micro_run1.json is not valid JSON"):

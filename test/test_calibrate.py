@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import shutil
 
 import cv2
 import numpy as np
@@ -150,3 +153,93 @@ def test_missing_image_and_count_mismatch_are_named(tmp_path, capsys):
     assert "cannot read RGB image nope.png" in capsys.readouterr().err
     assert calibrate.run(parse(["--rgb", "a.png", "b.png", "--thermal", "a_t.png", "--board", "8x5"])) == 2
     assert "--rgb has 2 images but --thermal has 1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --check
+@pytest.fixture(scope="module")
+def sample_bags(tmp_path_factory):
+    """Two small sample bags with their calibration.yaml: the rig as calibrated, and with thermal moved (8, -4) px."""
+    from rgbt_seg_ros.data.sample_bag import write_sample_bag
+
+    root = tmp_path_factory.mktemp("check")
+    return {
+        name: write_sample_bag(root / name, frames=12, thermal_shift_px=shift)
+        for name, shift in (("aligned", (0.0, 0.0)), ("moved", (8.0, -4.0)))
+    }
+
+
+def test_check_finds_a_moved_thermal_camera_in_a_bag(sample_bags, tmp_path, capsys):
+    bag = sample_bags["moved"]
+    out = tmp_path / "check.json"
+    code = calibrate.run(
+        parse(["--check", str(bag.parent / "calibration.yaml"), "--bag", str(bag), "--json", str(out)])
+    )
+    printed = capsys.readouterr().out
+    assert code == 1, printed
+    assert "pair 0 (RGB stamp" in printed and "thermal sits (+8." in printed and "px off: recalibrate" in printed
+    data = json.loads(out.read_text())
+    summary = data["summary"]
+    assert summary["verdict"] == "off" and summary["exit_code"] == 1 and summary["error"] is None
+    assert math.hypot(summary["median_dx"] - 8.0, summary["median_dy"] + 4.0) < 1.0, summary
+    assert summary["checked"] == len(data["pairs"]) >= 10 and summary["confident"] >= 5
+    assert all({"dx", "dy", "confidence", "rgb_stamp_ns", "thermal_stamp_ns"} <= set(p) for p in data["pairs"])
+
+
+def test_check_of_the_rig_as_calibrated_fits_through_the_cli(sample_bags, capsys):
+    from rgbt_seg_ros import cli
+
+    bag = sample_bags["aligned"]
+    code = cli.main(["calibrate", "--check", str(bag.parent / "calibration.yaml"), "--bag", str(bag), "--every", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "checked 6 pair(s)" in printed and "the calibration fits" in printed
+
+
+def test_check_keeps_the_pairs_read_before_a_bag_is_cut_off(sample_bags, tmp_path, capsys):
+    bag = sample_bags["moved"]
+    cut = tmp_path / "cut"
+    shutil.copytree(bag, cut)
+    data_file = next(cut.glob("*.mcap"))
+    data_file.write_bytes(data_file.read_bytes()[: int(data_file.stat().st_size * 0.6)])
+    out = tmp_path / "cut.json"
+    code = calibrate.run(
+        parse(["--check", str(bag.parent / "calibration.yaml"), "--bag", str(cut), "--json", str(out)])
+    )
+    err = capsys.readouterr().err
+    summary = json.loads(out.read_text())["summary"]
+    assert code == 1 and 0 < summary["checked"] < 12
+    assert f"{summary['checked']} pair(s) were checked before it" in err and "cut off" in err
+    assert summary["error"] and "cut off" in summary["error"]
+
+
+def test_check_of_structureless_images_cannot_tell(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rgb, thermal = [], []
+    for i in range(2):  # a lens cap, a white wall: flat images with sensor noise only
+        rp, tp = tmp_path / f"flat_{i}.png", tmp_path / f"flat_{i}_t.png"
+        cv2.imwrite(str(rp), np.clip(120 + rng.normal(0, 3, (240, 320, 3)), 0, 255).astype(np.uint8))
+        cv2.imwrite(str(tp), (30000 + rng.normal(0, 20, (240, 320))).astype(np.uint16))
+        rgb.append(str(rp))
+        thermal.append(str(tp))
+    cal = tmp_path / "identity.yaml"
+    cal.write_text("mode: identity\n")
+    code = calibrate.run(parse(["--check", str(cal), "--rgb", *rgb, "--thermal", *thermal]))
+    printed = capsys.readouterr().out
+    assert code == 3, printed
+    assert "flat_0.png + flat_0_t.png: offset" in printed and "not enough structure to tell" in printed
+
+
+def test_check_input_errors_are_one_sentence(sample_bags, tmp_path, capsys):
+    bag = sample_bags["aligned"]
+    cal = str(bag.parent / "calibration.yaml")
+    assert calibrate.run(parse(["--check", cal, "--bag", str(bag), "--rgb-topic", "/camera/color"])) == 2
+    err = capsys.readouterr().err
+    assert "has no topic /camera/color; topics in the bag:" in err and "/rgb/image" in err and "/thermal/image" in err
+    assert calibrate.run(parse(["--check", str(tmp_path / "none.yaml"), "--bag", str(bag)])) == 2
+    assert "none.yaml" in capsys.readouterr().err
+    assert calibrate.run(parse(["--check", cal, "--rgb", "a.png", "b.png", "--thermal", "a_t.png"])) == 2
+    assert "--rgb has 2 images but --thermal has 1" in capsys.readouterr().err
+    assert calibrate.run(parse(["--check", cal, "--bag", str(bag), "--board", "9x6"])) == 2
+    assert "--board is for fitting a calibration" in capsys.readouterr().err
+    assert calibrate.run(parse(["--bag", str(bag)])) == 2
+    assert "give --check CALIBRATION.yaml" in capsys.readouterr().err

@@ -15,19 +15,31 @@ together with RANSAC; the homography, image sizes and fit error go to a registra
     rgb_size: [640, 480]
     points:                      # at least 4
       - {thermal: [x, y], rgb: [x, y]}
+
+``--check CALIBRATION.yaml`` fits nothing: it measures how far the thermal image registered by an
+existing calibration sits from the RGB image, on the pairs of a bag (``--bag``, paired by the node's
+pairer with its default ``sync.*``) or on an image set (``--rgb``/``--thermal``). The score is the
+one the node's registration diagnostics report (:class:`~rgbt_seg_ros.registration_health.OffsetEstimator`:
+offset in RGB pixels and a confidence); the verdict rests on the median offset of the confident pairs.
+A bag damaged part-way is checked up to the damage, which is reported beside the verdict.
+Exit codes: 0 the calibration fits, 1 thermal sits off (recalibrate), 3 not enough structure to tell,
+2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
 
+from ..params import SPEC_BY_NAME
 from ..registration import RegistrationError, ThermalRegistrar, check_homography
 
 
@@ -264,6 +276,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ransac-px", type=float, default=2.0, help="RANSAC inlier threshold in RGB pixels")
     parser.add_argument("--out", default="calibration.yaml", help="registration YAML to write")
     parser.add_argument("--check-image", help="blended check image (default: <out stem>_check.png)")
+    check = parser.add_argument_group(
+        "check an existing calibration",
+        "rgbt-seg calibrate --check CALIBRATION.yaml --bag BAG | --rgb IMAGES --thermal IMAGES: the residual "
+        "offset of the registered thermal image per pair (the node's registration diagnostics score) and a verdict",
+    )
+    check.add_argument(
+        "--check",
+        metavar="CALIBRATION.yaml",
+        help="check this calibration instead of fitting one; exit 0: it fits, 1: thermal sits off (recalibrate), "
+        "3: not enough structure to tell (no confident pair), 2: bad input",
+    )
+    check.add_argument(
+        "--bag",
+        metavar="BAG",
+        help="ROS 2 or ROS 1 bag whose RGB-thermal pairs are checked; one damaged part-way is checked "
+        "up to the damage (said on stderr and in the JSON; the verdict rests on the pairs before it)",
+    )
+    check.add_argument("--rgb-topic", default="/rgb/image", help="RGB image topic (default %(default)s)")
+    check.add_argument("--thermal-topic", default="/thermal/image", help="thermal image topic (default %(default)s)")
+    check.add_argument("--every", type=int, default=1, metavar="N", help="check every N-th pair of the bag (default 1)")
+    check.add_argument("--max-pairs", type=int, default=None, metavar="N", help="stop after N checked pairs")
+    check.add_argument(
+        "--min-confidence",
+        type=float,
+        default=SPEC_BY_NAME["registration.min_confidence"].default,
+        help="pairs at or above this confidence count (default %(default)s: the node's registration.min_confidence)",
+    )
+    check.add_argument(
+        "--tolerance",
+        type=float,
+        default=SPEC_BY_NAME["registration.warn_offset_px"].default,
+        metavar="PX",
+        help="largest median offset, RGB px, for which the calibration fits "
+        "(default %(default)s: the node's registration.warn_offset_px)",
+    )
+    check.add_argument("--json", metavar="FILE", help="write every pair's estimate and the summary as JSON")
 
 
 def calibrate_images(
@@ -331,6 +379,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.check or args.bag:
+        return run_check(args)
     first = None
     if args.points:
         thermal_pts, rgb_pts, thermal_wh, rgb_wh = load_points(args.points)
@@ -377,3 +427,225 @@ def _run(args: argparse.Namespace) -> int:
         cv2.imwrite(str(check), blend_check_image(rgb, thermal, h, tp, rp))
         print(f"wrote {check} (thermal false colour over RGB; green: RGB corners, red: warped thermal corners)")
     return 0
+
+
+# ----------------------------------------------------------------------------- check mode
+EXIT_FITS, EXIT_OFF, EXIT_CANNOT_TELL = 0, 1, 3  # and 2, bad input: run()
+# options of fitting that have no place in a check (given with --check they are refused, not ignored)
+_FIT_ONLY = {
+    "board": "--board",
+    "points": "--points",
+    "invert_thermal": "--invert-thermal",
+    "clahe": "--clahe",
+    "check_image": "--check-image",
+}
+
+
+def check_summary(estimates: list, min_confidence: float, tolerance_px: float) -> dict:
+    """The verdict over per-pair :class:`~rgbt_seg_ros.registration_health.OffsetEstimate`: the median offset
+    (per axis) of those with ``confidence >= min_confidence``, its spread (the median distance of those
+    estimates from it), and ``verdict`` fits / off / cannot_tell with its ``sentence`` and ``exit_code``."""
+    confident = [e for e in estimates if e.confidence >= min_confidence]
+    out = {
+        "checked": len(estimates),
+        "confident": len(confident),
+        "min_confidence": float(min_confidence),
+        "tolerance_px": float(tolerance_px),
+        "median_dx": None,
+        "median_dy": None,
+        "median_offset_px": None,
+        "spread_px": None,
+    }
+    if not confident:
+        out.update(
+            verdict="cannot_tell",
+            exit_code=EXIT_CANNOT_TELL,
+            sentence=f"not enough structure to tell: none of the {len(estimates)} pair(s) checked had confidence "
+            f">= {min_confidence:.2f}",
+        )
+        return out
+    d = np.array([(e.dx, e.dy) for e in confident], np.float64)
+    mdx, mdy = (float(v) for v in np.median(d, axis=0))
+    magnitude = math.hypot(mdx, mdy)
+    out.update(
+        median_dx=round(mdx, 4),
+        median_dy=round(mdy, 4),
+        median_offset_px=round(magnitude, 4),
+        spread_px=round(float(np.median(np.hypot(d[:, 0] - mdx, d[:, 1] - mdy))), 4),
+    )
+    if magnitude <= tolerance_px:
+        out.update(
+            verdict="fits",
+            exit_code=EXIT_FITS,
+            sentence=f"the calibration fits: median offset ({mdx:+.1f}, {mdy:+.1f}) px, {magnitude:.2f} px "
+            f"<= the tolerance of {tolerance_px:g} px",
+        )
+    else:
+        out.update(
+            verdict="off", exit_code=EXIT_OFF, sentence=f"thermal sits ({mdx:+.1f}, {mdy:+.1f}) px off: recalibrate"
+        )
+    return out
+
+
+def _rgb_u8(image: np.ndarray) -> np.ndarray:
+    """cv2.imread's BGR(A) or grey image -> (H, W, 3) uint8 RGB (16-bit or float stretched as ``to_gray8``)."""
+    if image.ndim == 3 and image.shape[2] >= 3 and image.dtype == np.uint8:
+        return cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(to_gray8(image), cv2.COLOR_GRAY2RGB)
+
+
+def _image_pairs(rgb_paths: list[str], thermal_paths: list[str]) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
+    for rp, tp in zip(rgb_paths, thermal_paths):
+        rgb, thermal = _rgb_u8(_read_image(rp, "RGB")), _read_image(tp, "thermal")
+        yield {"label": f"{Path(rp).name} + {Path(tp).name}", "rgb": str(rp), "thermal": str(tp)}, rgb, thermal
+
+
+def _bag_pairs(args: argparse.Namespace, skipped: list[str]) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
+    """Every ``--every``-th pair the node's pairer (default ``sync.*``) forms from the bag, converted as the node
+    converts camera messages; a pair whose image cannot be converted is left out and its reason kept."""
+    from ..frame_flow import pairer_from_params
+    from ..imaging import ImageEncodingError, rgb_from_msg, thermal_from_msg
+    from ..params import defaults
+    from .pairs import bag_pairs
+
+    params = defaults()
+    max_pixels = int(float(params["max_megapixels"]) * 1e6)
+    for i, pair in enumerate(bag_pairs(args.bag, args.rgb_topic, args.thermal_topic, pairer_from_params(params))):
+        if i % args.every:
+            continue
+        try:
+            rgb = rgb_from_msg(pair.rgb.msg, max_pixels)
+            thermal = thermal_from_msg(pair.thermal.msg, max_pixels)
+        except ImageEncodingError as exc:
+            skipped.append(f"pair {i}: {exc}")
+            continue
+        stamp = pair.rgb_stamp_ns
+        label = f"pair {i} (RGB stamp {stamp // 1_000_000_000}.{stamp % 1_000_000_000:09d})"
+        meta = {"label": label, "pair": i, "rgb_stamp_ns": stamp, "thermal_stamp_ns": pair.thermal_stamp_ns}
+        yield meta, rgb, thermal
+
+
+def _check_arguments(args: argparse.Namespace) -> str | None:
+    """Why the check-mode arguments cannot be used, or None."""
+    from ..params import validate
+
+    if not args.check:
+        return "--bag is for checking a calibration: give --check CALIBRATION.yaml too"
+    given = [flag for name, flag in _FIT_ONLY.items() if getattr(args, name)]
+    if given:
+        return f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for fitting a calibration, not for --check"
+    if args.bag and (args.rgb or args.thermal):
+        return "--check takes either --bag BAG or --rgb/--thermal images, not both"
+    if not args.bag and not (args.rgb and args.thermal):
+        return "--check needs --bag BAG or --rgb IMAGES with --thermal IMAGES"
+    if args.rgb and len(args.rgb) != len(args.thermal):
+        return f"--rgb has {len(args.rgb)} images but --thermal has {len(args.thermal)}: expected one thermal per RGB"
+    if args.every < 1:
+        return f"--every must be >= 1, got {args.every}"
+    if args.max_pairs is not None and args.max_pairs < 1:
+        return f"--max-pairs must be >= 1, got {args.max_pairs}"
+    for flag, name, value in (
+        ("--min-confidence", "registration.min_confidence", args.min_confidence),
+        ("--tolerance", "registration.warn_offset_px", args.tolerance),
+    ):
+        problem = validate(name, value)
+        if problem:
+            return f"{flag} {value} is refused: {problem}"
+    return None
+
+
+def _bag_total(args: argparse.Namespace) -> int | None:
+    """Pairs the bag will give, for the progress bar (the smaller camera's message count)."""
+    from ..bags import message_counts
+
+    counts = message_counts(args.bag)
+    if args.rgb_topic not in counts or args.thermal_topic not in counts:
+        return None
+    total = math.ceil(min(counts[args.rgb_topic], counts[args.thermal_topic]) / args.every)
+    return min(total, args.max_pairs) if args.max_pairs else total
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``--check``: per-pair offsets against the calibration, the summary, the verdict (its exit code)."""
+    from tqdm import tqdm
+
+    from ..bags import BagError
+    from ..registration_health import OffsetEstimator
+
+    problem = _check_arguments(args)
+    if problem:
+        raise CalibrationError(problem)
+    registrar = ThermalRegistrar.from_yaml(args.check)
+    estimator = OffsetEstimator()
+    source = args.bag if args.bag else f"{len(args.rgb)} image pair(s)"
+    skipped: list[str] = []
+    pairs = _bag_pairs(args, skipped) if args.bag else _image_pairs(args.rgb, args.thermal)
+    rows: list[dict] = []
+    estimates = []
+    error = None
+    bar = tqdm(total=_bag_total(args) if args.bag else None, desc="check", unit="pair", disable=None, leave=False)
+    try:
+        for meta, rgb, thermal in pairs:
+            try:
+                est = estimator.estimate(rgb, thermal, registrar)
+            except RegistrationError as exc:
+                raise CalibrationError(f"calibration {args.check} does not fit {meta['label']}: {exc}") from None
+            confident = est.confidence >= args.min_confidence
+            estimates.append(est)
+            rows.append(
+                {
+                    **meta,
+                    "dx": round(est.dx, 4),
+                    "dy": round(est.dy, 4),
+                    "confidence": round(est.confidence, 4),
+                    "psr": round(est.psr, 3),
+                    "ms": round(est.ms, 3),
+                    "confident": confident,
+                }
+            )
+            note = "" if confident else " (too little structure)"
+            tqdm.write(
+                f"{meta['label']}: offset ({est.dx:+.2f}, {est.dy:+.2f}) px, confidence {est.confidence:.2f}{note}"
+            )
+            bar.update(1)
+            if args.max_pairs is not None and len(rows) >= args.max_pairs:
+                break
+    except BagError as exc:
+        if not rows:
+            raise CalibrationError(str(exc)) from None
+        error = f"{exc} ({len(rows)} pair(s) were checked before it; the summary rests on them)"
+        print(f"rgbt-seg calibrate: {error}", file=sys.stderr)
+    finally:
+        pairs.close()  # a bag left early (--max-pairs, an error) is closed now
+        bar.close()
+    if skipped:
+        print(f"rgbt-seg calibrate: {len(skipped)} pair(s) left out, first: {skipped[0]}", file=sys.stderr)
+    if not rows:
+        what = f"bag {args.bag} formed no RGB-thermal pair on {args.rgb_topic} + {args.thermal_topic}"
+        raise CalibrationError(what + (f" that could be converted ({skipped[0]})" if skipped else ""))
+    summary = check_summary(estimates, args.min_confidence, args.tolerance)
+    summary["error"] = error
+    summary["skipped"] = len(skipped)
+    print(
+        f"checked {summary['checked']} pair(s) of {source} against {args.check}: {summary['confident']} confident "
+        f"(confidence >= {args.min_confidence:g})"
+    )
+    if summary["median_offset_px"] is not None:
+        print(
+            f"median offset of the confident pairs ({summary['median_dx']:+.2f}, {summary['median_dy']:+.2f}) px = "
+            f"{summary['median_offset_px']:.2f} px, spread {summary['spread_px']:.2f} px (median distance from it); "
+            f"tolerance {args.tolerance:g} px"
+        )
+    print(summary["sentence"])
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.bag:
+            checked = {"bag": str(args.bag), "rgb_topic": args.rgb_topic, "thermal_topic": args.thermal_topic}
+            checked["every"] = args.every
+        else:
+            checked = {"images": len(args.rgb)}
+        data = {"calibration": str(args.check), "source": checked, "pairs": rows, "summary": summary}
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {out}")
+    return int(summary["exit_code"])

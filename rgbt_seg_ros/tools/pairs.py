@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..bags import BagError, bag_topics, read_messages, stamp_to_ns
@@ -35,6 +36,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", metavar="FILE", help="write rgb_stamp_ns,thermal_stamp_ns,dt_ms per pair")
 
 
+def bag_pairs(
+    bag: str | Path,
+    rgb_topic: str,
+    thermal_topic: str,
+    pairer: ApproximateTimePairer,
+    use_receive_clock: bool = True,
+) -> Iterator[Pair]:
+    """Feed a bag's image header stamps to ``pairer`` in receive order and yield each pair as it is formed
+    (payload = the bag message), so only the pairer's queues are held. A :class:`BagError` (a missing topic,
+    damage part-way) is raised where it happens, after the pairs formed before it."""
+    bag = Path(bag)
+    topics = bag_topics(bag)
+    missing = [t for t in (rgb_topic, thermal_topic) if t not in topics]
+    if missing:
+        listing = ", ".join(sorted(topics)) or "none"
+        raise BagError(f"bag {bag} has no topic {', '.join(missing)}; topics in the bag: {listing}")
+    for m in read_messages(bag, [rgb_topic, thermal_topic]):
+        header = getattr(m.msg, "header", None)
+        if header is None:
+            raise BagError(f"bag {bag}: topic {m.topic} ({m.msgtype}) has no header stamp to pair on")
+        now = m.log_time_ns if use_receive_clock else None
+        add = pairer.add_rgb if m.topic == rgb_topic else pairer.add_thermal
+        yield from add(stamp_to_ns(header.stamp), m, now)
+    yield from pairer.flush()
+
+
 def pair_bag(
     bag: str | Path,
     rgb_topic: str,
@@ -42,22 +69,8 @@ def pair_bag(
     pairer: ApproximateTimePairer,
     use_receive_clock: bool = True,
 ) -> tuple[list[Pair], PairingStats]:
-    """Feed a bag's image header stamps to ``pairer`` in receive order; payload = the bag message."""
-    bag = Path(bag)
-    topics = bag_topics(bag)
-    missing = [t for t in (rgb_topic, thermal_topic) if t not in topics]
-    if missing:
-        listing = ", ".join(sorted(topics)) or "none"
-        raise BagError(f"bag {bag} has no topic {', '.join(missing)}; topics in the bag: {listing}")
-    pairs: list[Pair] = []
-    for m in read_messages(bag, [rgb_topic, thermal_topic]):
-        header = getattr(m.msg, "header", None)
-        if header is None:
-            raise BagError(f"bag {bag}: topic {m.topic} ({m.msgtype}) has no header stamp to pair on")
-        now = m.log_time_ns if use_receive_clock else None
-        add = pairer.add_rgb if m.topic == rgb_topic else pairer.add_thermal
-        pairs.extend(add(stamp_to_ns(header.stamp), m, now))
-    pairs.extend(pairer.flush())
+    """Every pair of :func:`bag_pairs` in a list, and the pairer's counts."""
+    pairs = list(bag_pairs(bag, rgb_topic, thermal_topic, pairer, use_receive_clock))
     return pairs, pairer.stats
 
 
