@@ -40,6 +40,7 @@ ARGUMENTS: dict[str, tuple[str, str]] = {
     "device": ("", "auto, cpu or cuda; overrides model.device"),
     "class_set": ("", "class set of a multi-dataset checkpoint (segrgbx); overrides model.class_set"),
     "registration_file": ("", "calibration YAML; overrides registration.file (set registration.mode to match)"),
+    "on_rgb_loss": ("", "wait or thermal_only (segment thermal alone while RGB is lost); overrides on_rgb_loss"),
     "use_sim_time": ("", "true/false; default: true when bag:= is given, else the parameter file's value"),
     "managed": ("false", "true: start segment_node as a lifecycle (managed) node"),
     "autostart": ("true", "managed only: configure and activate the node once it is up"),
@@ -56,6 +57,7 @@ PARAMETER_ARGUMENTS = {
     "device": "model.device",
     "class_set": "model.class_set",
     "registration_file": "registration.file",
+    "on_rgb_loss": "on_rgb_loss",
     "rgb_transport": "input.rgb.transport",
     "thermal_transport": "input.thermal.transport",
 }
