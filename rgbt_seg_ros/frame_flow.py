@@ -392,6 +392,18 @@ class FramePipeline:
         timings = {"thermal": (t1 - t0) * 1e3, **model_input.timings}
         return PreparedFrame(rgb, thermal_raw, valid, model_input, timings, tuple(rgb_hw), registrar)
 
+    def reset_state(self) -> None:
+        """Forget what earlier frames left: the last RGB size, the correction, the drift estimates (a new bag)."""
+        self.rgb_hw = None
+        self._shifted = self._shifted_base = None
+        if self.health is not None:
+            self.health.reset()
+
+    def close(self) -> None:
+        """End the registration monitor's thread (the pipeline stays usable; a later estimate starts it again)."""
+        if self.health is not None:
+            self.health.close()
+
     def _thermal_only_hw(self, thermal_raw: np.ndarray) -> tuple[int, int]:
         """The RGB grid of a thermal-only frame: the last RGB size seen, else the calibration's, else thermal's."""
         if self.rgb_hw is not None:
@@ -421,7 +433,8 @@ class FramePipeline:
         if thermal_only:  # no prediction where thermal does not see: the dataset's ignore index there
             unseen_grid = ~prepared.valid_grid
             ignore = self.segmenter.dataset_info.ignore_index
-            if unseen_grid.any() and ignore <= np.iinfo(labels_grid.dtype).max:
+            # only an index that is no class and fits the label image means "no prediction" (else: predictions kept)
+            if unseen_grid.any() and self.num_classes <= ignore <= np.iinfo(labels_grid.dtype).max:
                 labels_grid = labels_grid.copy()
                 labels_grid[unseen_grid] = ignore
         t0 = time.perf_counter()
@@ -572,13 +585,14 @@ class FrameFlow:
             self.rgb_watch.timeout = float(params["rgb_timeout"])
             self._read_modes(params)
 
-    def _switch(self, mode: str) -> bool:
+    def _switch(self, mode: str) -> str | None:
+        """Set the mode (under the lock); the new mode when it changed, for :meth:`_announce` after the lock."""
         changed, self.mode = mode != self.mode, mode
-        return changed
+        return mode if changed else None
 
-    def _announce(self, changed: bool) -> None:
-        if changed and self._on_switch is not None:
-            self._on_switch(self.mode)
+    def _announce(self, changed: str | None) -> None:
+        if changed is not None and self._on_switch is not None:
+            self._on_switch(changed)
 
     def rgb(self, stamp_ns: int, payload: tuple, now_ns: int) -> list[Pair]:
         with self._lock:
@@ -587,8 +601,8 @@ class FrameFlow:
             if self.thermal_watch.lost(t) and self.rgb_only_mode:
                 changed = self._switch("rgb_only")
                 frames = [*self.pairer.poll(now_ns), Pair(stamp_ns, -1, payload, None, 0)]  # oldest first
-            else:
-                changed = self._switch("rgb_thermal") if self.mode == "thermal_only" else False  # RGB is back
+            else:  # RGB is back (thermal-only ends), or RGB-only is over or no longer wanted
+                changed = self._switch("rgb_thermal")
                 frames = self.pairer.add_rgb(stamp_ns, payload, now_ns=now_ns)
         self._announce(changed)
         return frames
@@ -597,11 +611,12 @@ class FrameFlow:
         with self._lock:
             t = now_ns / 1e9
             self.thermal_watch.partner_seen(t)
-            if self.rgb_watch.lost(t) and self.thermal_only_mode:
+            # thermal-only needs one RGB frame seen: its frame_id and size are those of the outputs
+            if self.rgb_watch.lost(t) and self.thermal_only_mode and self.rgb_watch.last_partner is not None:
                 changed = self._switch("thermal_only")
                 frames = [*self.pairer.poll(now_ns), Pair(-1, stamp_ns, None, payload, 0)]  # oldest first
-            else:
-                changed = self._switch("rgb_thermal") if self.mode == "rgb_only" else False  # thermal is back
+            else:  # thermal is back (RGB-only ends), or thermal-only is over or no longer wanted
+                changed = self._switch("rgb_thermal")
                 frames = self.pairer.add_thermal(stamp_ns, payload, now_ns=now_ns)
         self._announce(changed)
         return frames

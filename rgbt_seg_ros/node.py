@@ -421,8 +421,8 @@ class SegmentBehaviour:
         self.lifecycle_state = "inactive"
 
     def _cleanup(self) -> None:
-        if self.pipeline is not None and self.pipeline.health is not None:
-            self.pipeline.health.close()
+        if self.pipeline is not None:
+            self.pipeline.close()
         self.pipeline = None
         self.model_status = "not loaded"
         self.class_set_status = "?"
@@ -438,6 +438,8 @@ class SegmentBehaviour:
         if self.worker is not None and not self.worker.stop(timeout=10.0):
             self.get_logger().warning("the worker is still inside a forward pass; it stops when that returns")
         self.worker = None
+        if self.pipeline is not None:
+            self.pipeline.close()  # the registration monitor's thread (a new activation starts it again)
 
     # ------------------------------------------------------------------ setup
     def _declare_parameters(self) -> dict:
@@ -618,8 +620,8 @@ class SegmentBehaviour:
         )
 
     def _thermal_only_header(self, thermal_header) -> Header:
-        """A thermal-only frame is published in the RGB grid: the thermal stamp, the RGB camera's frame_id
-        (the thermal one while no RGB frame was ever seen, said in diagnostics)."""
+        """A thermal-only frame is published in the RGB grid: the thermal stamp, the RGB camera's frame_id (thermal-only
+        starts only after an RGB frame was seen; the thermal frame_id is a fallback that should not occur)."""
         return Header(stamp=thermal_header.stamp, frame_id=self.frame_ids["rgb"] or thermal_header.frame_id)
 
     def _publish(self, header, result, wanted: set[str]) -> None:
@@ -762,8 +764,6 @@ class SegmentBehaviour:
             level, message = 1, "thermal lost: segmenting RGB only"
         elif self.flow.thermal_only_active:
             level, message = 1, "RGB lost: segmenting thermal only"
-            if not self.frame_ids["rgb"]:
-                message += " (no RGB frame seen yet: outputs carry the thermal frame_id)"
         else:
             level, message = 0, "ok"
         values = {

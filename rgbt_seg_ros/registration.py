@@ -37,6 +37,7 @@ YAML (``config/registration/*.yaml`` holds one example per mode)::
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -300,6 +301,16 @@ def _median_step(coords: np.ndarray, front: np.ndarray, axis: int) -> float:
     return float(np.median(step[ok])) if ok.any() else 1.0
 
 
+def _grid_points(rgb_wh: tuple[int, int], grid_hw: tuple[int, int], margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """RGB pixel coordinates (xs, ys) of the centres of a ``grid_hw`` grid over the RGB image (pixel centres
+    aligned, as a resize), with ``margin`` extra grid pixels on every side."""
+    (w, h), (gh, gw) = rgb_wh, grid_hw
+    u, v = np.meshgrid(
+        np.arange(-margin, gw + margin, dtype=np.float64), np.arange(-margin, gh + margin, dtype=np.float64)
+    )
+    return (u + 0.5) * (w / gw) - 0.5, (v + 0.5) * (h / gh) - 0.5
+
+
 class ThermalRegistrar:
     """Warps thermal images into the RGB pixel grid; returns the warped image and a validity mask."""
 
@@ -326,6 +337,8 @@ class ThermalRegistrar:
         self.fill_value = float(fill_value)
         self._cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._cache_lock = threading.Lock()
+        self._calibration = self  # shifted copies sample this one's coordinate fields (see shifted)
+        self._fields: dict[tuple, tuple] = {}
         self.homography: np.ndarray | None = None
         self.thermal_size = self.rgb_size = None
         self.offset = (0.0, 0.0)  # RGB pixels added on top of the calibration (see shifted)
@@ -458,9 +471,12 @@ class ThermalRegistrar:
 
     def shifted(self, dx: float, dy: float) -> ThermalRegistrar:
         """This registration with a translation on top: the result shows at RGB pixel ``x`` what this one
-        shows at ``x + (dx, dy)`` (a drift correction, registration_health.py); its own map cache."""
+        shows at ``x + (dx, dy)`` (a drift correction, registration_health.py). Its maps have their own
+        cache and are made from the calibration's source coordinates, computed once on a grid with a margin
+        and interpolated at the shift (exact bilinear: one fractional part for all points): a few
+        milliseconds per new shift instead of the warp's full geometry (undistortion in calibrated mode)."""
         other = copy.copy(self)
-        other.offset = (float(dx), float(dy))
+        other.offset = (self.offset[0] + float(dx), self.offset[1] + float(dy))
         other._cache = {}
         other._cache_lock = threading.Lock()
         return other
@@ -516,8 +532,6 @@ class ThermalRegistrar:
         w, h = rgb_wh
         if xs is None:
             xs, ys = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
-        if self.offset != (0.0, 0.0):
-            xs, ys = xs + self.offset[0], ys + self.offset[1]
         if self.mode == "identity":  # a plain resize, pixel centres aligned
             sx, sy = thermal_wh[0] / w, thermal_wh[1] / h
             return (xs + 0.5) * sx - 0.5, (ys + 0.5) * sy - 0.5, np.ones(xs.shape, bool)
@@ -540,6 +554,46 @@ class ThermalRegistrar:
         pix = self.thermal_camera.project(rays_t, k_t)
         return pix[:, 0].reshape(shape), pix[:, 1].reshape(shape), front.reshape(shape)
 
+    def _coordinates(
+        self, thermal_wh: tuple[int, int], rgb_wh: tuple[int, int], grid_hw: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Source coordinates (map_x, map_y, front) at the centres of a ``grid_hw`` grid over the RGB image
+        (the RGB pixels themselves when it has the RGB size), this registrar's offset included."""
+        if self.offset == (0.0, 0.0):
+            return self._source_coordinates(thermal_wh, rgb_wh, *_grid_points(rgb_wh, grid_hw))
+        (w, h), (gh, gw) = rgb_wh, grid_hw
+        du, dv = self.offset[0] * gw / w, self.offset[1] * gh / h  # the shift in grid pixels
+        mx, my, front, m = self._calibration._field(thermal_wh, rgb_wh, grid_hw, max(abs(du), abs(dv)))
+        iu, iv = math.floor(du), math.floor(dv)
+        fu, fv = du - iu, dv - iv
+        rows, cols = slice(m + iv, m + iv + gh), slice(m + iu, m + iu + gw)
+        rows1, cols1 = slice(m + iv + 1, m + iv + 1 + gh), slice(m + iu + 1, m + iu + 1 + gw)
+        weights = ((1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv)
+        corners = ((rows, cols), (rows, cols1), (rows1, cols), (rows1, cols1))
+
+        def sample(field: np.ndarray) -> np.ndarray:
+            return sum(wt * field[r, c].astype(np.float64) for wt, (r, c) in zip(weights, corners) if wt > 0)
+
+        seen = np.logical_and.reduce([front[r, c] for wt, (r, c) in zip(weights, corners) if wt > 0])
+        return sample(mx), sample(my), seen
+
+    def _field(self, thermal_wh, rgb_wh, grid_hw, reach: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """The unshifted source coordinates on ``grid_hw`` extended by a margin of at least ``reach`` + 2 grid
+        pixels on every side (float32, cached per size; grown when a larger shift needs it)."""
+        key = (*thermal_wh, *rgb_wh, *grid_hw)
+        cached = self._fields.get(key)
+        need = int(math.ceil(reach)) + 2
+        if cached is not None and cached[3] >= need:
+            return cached
+        margin = need + 8  # room for the correction to grow without recomputing
+        mx, my, front = self._source_coordinates(thermal_wh, rgb_wh, *_grid_points(rgb_wh, grid_hw, margin))
+        entry = (mx.astype(np.float32), my.astype(np.float32), front, margin)
+        with self._cache_lock:
+            if len(self._fields) >= _CACHE_ENTRIES:
+                self._fields.pop(next(iter(self._fields)))
+            self._fields[key] = entry
+        return entry
+
     def maps(
         self, thermal_shape: tuple[int, int], rgb_size: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -551,7 +605,7 @@ class ThermalRegistrar:
         if cached is not None:
             return cached
         thermal_wh, rgb_wh = (key[1], key[0]), (key[3], key[2])
-        mx, my, front = self._source_coordinates(thermal_wh, rgb_wh)
+        mx, my, front = self._coordinates(thermal_wh, rgb_wh, (key[2], key[3]))
         entry = self._remap_maps(mx, my, front, thermal_wh)
         self._remember(key, entry)
         return entry
@@ -596,15 +650,17 @@ class ThermalRegistrar:
         if cached is not None:
             return cached
         (ht, wt), (h, w), (gh, gw) = key[1:3], key[3:5], key[5:7]
-        u, v = np.meshgrid(np.arange(gw, dtype=np.float64), np.arange(gh, dtype=np.float64))
-        xs, ys = (u + 0.5) * (w / gw) - 0.5, (v + 0.5) * (h / gh) - 0.5  # grid pixel -> RGB pixel
-        mx, my, front = self._source_coordinates((wt, ht), (w, h), xs, ys)
-        levels, shape = 0, (ht, wt)
-        spacing = min(_median_step(mx, front, axis=1), _median_step(my, front, axis=0))
-        while spacing >= 2.0 and min(shape) >= 4:
-            spacing /= 2.0
-            levels += 1
-            shape = (shape[0] // 2, shape[1] // 2)
+        mx, my, front = self._coordinates((wt, ht), (w, h), (gh, gw))
+        if self.offset != (0.0, 0.0):  # a shift does not change the sampling density: the calibration's plan
+            base = self._calibration.grid_maps(thermal_shape, rgb_size, grid_size)
+            levels, shape = base.levels, base.reduced_shape
+        else:
+            levels, shape = 0, (ht, wt)
+            spacing = min(_median_step(mx, front, axis=1), _median_step(my, front, axis=0))
+            while spacing >= 2.0 and min(shape) >= 4:
+                spacing /= 2.0
+                levels += 1
+                shape = (shape[0] // 2, shape[1] // 2)
         scale = (shape[1] / wt, shape[0] / ht)
         # a grid pixel is seen when its centre falls on the thermal image (its outer half pixels included)
         map1, map2, valid = self._remap_maps(mx, my, front, (wt, ht), scale, margin=0.5)

@@ -2,12 +2,13 @@
 
 A homography or a calibration is right for one rig on one day at one depth; vibration and heat move
 the two cameras, and misregistered thermal silently poisons the fusion. This module watches it
-from the images themselves, with no ROS import (docs/architecture.md: the frame path):
+from the images themselves, with no ROS import (docs/sensor_health.md):
 
 ``estimate_offset``      the residual translation between an RGB image and a thermal image already in
                          the RGB grid: gradient-magnitude maps of both (edges both cameras see, whatever
-                         their polarity), windowed, compared by phase correlation; the peak gives the
-                         offset with sub-pixel precision and its peak-to-sidelobe ratio a confidence.
+                         their polarity), windowed, compared by phase correlation (the whitened
+                         spectrum weighted by a Gaussian low-pass); the peak gives the offset with
+                         sub-pixel precision and its peak-to-sidelobe ratio a confidence.
 ``OffsetEstimator``      the same on a camera pair: thermal warped by the calibration into a small
                          working grid over the RGB image (320 px wide), RGB resized to it.
 ``DriftCorrector``       the optional correction: a translation on top of the calibrated warp that
@@ -36,12 +37,14 @@ import cv2
 import numpy as np
 
 WORK_WIDTH = 320  # width of the grid the estimate works in (RGB pixels are scaled back)
-#: confidence = (psr - PSR_FLOOR) / (PSR_FULL - PSR_FLOOR), clipped to [0, 1]; the floor is above the
-#: peak-to-sidelobe ratio of structureless frames (noise only), measured with `measure_confidence_floor`
-PSR_FLOOR = 7.0
-PSR_FULL = 14.0
+#: confidence = (psr - PSR_FLOOR) / (PSR_FULL - PSR_FLOOR), clipped to [0, 1]. Measured on the synthetic rig
+#: (docs/sensor_health.md): structureless frames (noise only) reach PSR 6, day/fog/glare scenes 20-100; at
+#: night estimates above PSR 16 (confidence 0.3, registration.min_confidence's default) were within 0.8 px
+PSR_FLOOR = 10.0
+PSR_FULL = 30.0
+LOWPASS = 0.15  # cycles per working-grid pixel: the whitened spectrum's Gaussian weight (noise is high-frequency)
 HISTORY = 2000  # estimates kept for replay's metrics
-EXCLUDE = 5  # half-size of the square around the peak left out of the sidelobe statistics
+EXCLUDE = 8  # half-size of the square around the peak left out of the sidelobe statistics
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ def estimate_offset(
     fa, fb = np.fft.rfft2(a), np.fft.rfft2(b)
     cross = fb * np.conj(fa)
     cross /= np.abs(cross) + 1e-9 * float(np.abs(cross).max() + 1e-30)
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    cross *= np.exp(-(fx * fx + fy * fy) / (2.0 * LOWPASS * LOWPASS))  # a Gaussian peak instead of a noisy spike
     surface = np.fft.fftshift(np.fft.irfft2(cross, s=(h, w)))  # the peak sits at (centre + offset)
     cy, cx = h // 2, w // 2
     limit = min(h, w) / 4.0 if max_shift is None else float(max_shift)
@@ -124,16 +129,19 @@ def estimate_offset(
     sidelobe[max(0, py - EXCLUDE) : py + EXCLUDE + 1, max(0, px - EXCLUDE) : px + EXCLUDE + 1] = False
     rest = surface[sidelobe]
     psr = (peak - float(rest.mean())) / max(float(rest.std()), 1e-12)
-    sub_x = _parabolic(surface[py, (px - 1) % w], peak, surface[py, (px + 1) % w])
-    sub_y = _parabolic(surface[(py - 1) % h, px], peak, surface[(py + 1) % h, px])
+    sub_x = _gaussian_vertex(surface[py, (px - 1) % w], peak, surface[py, (px + 1) % w])
+    sub_y = _gaussian_vertex(surface[(py - 1) % h, px], peak, surface[(py + 1) % h, px])
     confidence = min(1.0, max(0.0, (psr - PSR_FLOOR) / (PSR_FULL - PSR_FLOOR)))
     return OffsetEstimate(
         (px + sub_x - cx) * scale, (py + sub_y - cy) * scale, confidence, psr, (time.perf_counter() - t0) * 1e3
     )
 
 
-def _parabolic(left: float, centre: float, right: float) -> float:
-    """Sub-sample position of a peak from its two neighbours (a parabola through the three), in [-0.5, 0.5]."""
+def _gaussian_vertex(left: float, centre: float, right: float) -> float:
+    """Sub-sample position of a peak from its two neighbours, in [-0.5, 0.5]: the vertex of a Gaussian through
+    the three (a parabola through their logarithms; through the values themselves when one is not positive)."""
+    if left > 0 and centre > 0 and right > 0:
+        left, centre, right = math.log(left), math.log(centre), math.log(right)
     den = left - 2.0 * centre + right
     if den >= 0:
         return 0.0
@@ -199,10 +207,25 @@ class DriftCorrector:
         """A confident estimate (offset against the calibration): the target becomes the recent median."""
         self._recent.append((estimate.dx, estimate.dy))
         tx, ty = np.median(np.asarray(self._recent), axis=0)
-        norm = math.hypot(tx, ty)
-        if norm > self.max_offset:  # bounded: the direction kept, the length cut
-            tx, ty = tx * self.max_offset / norm, ty * self.max_offset / norm
-        self.target = (float(tx), float(ty))
+        self.target = self._bounded((float(tx), float(ty)))
+
+    def _bounded(self, v: tuple[float, float]) -> tuple[float, float]:
+        """``v`` within the disc of radius ``max_offset``: the direction kept, the length cut."""
+        norm = math.hypot(*v)
+        if norm <= self.max_offset:
+            return v
+        return (v[0] * self.max_offset / norm, v[1] * self.max_offset / norm)
+
+    def limit(self, max_offset: float, rate: float) -> None:
+        """New bounds at run time: a smaller bound applies at once to the target and to what is applied."""
+        self.max_offset, self.rate = float(max_offset), float(rate)
+        self.applied = self._bounded(self.applied)
+        if self.target is not None:
+            self.target = self._bounded(self.target)
+
+    def pause(self) -> None:
+        """Stop the clock (auto-correction off): the next :meth:`advance` moves nothing."""
+        self._last_t = None
 
     def advance(self, t: float) -> tuple[float, float]:
         """Move towards the target for the time since the last call; returns the applied offset."""
@@ -265,12 +288,17 @@ class RegistrationMonitor:
         self._pending: tuple | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._generation = 0  # bumped by reset: an estimate begun before it is dropped
         self.reset()
 
     def reset(self) -> None:
-        """Forget the estimates and go back to the calibration (the reset service)."""
+        """Forget the estimates and go back to the calibration (the reset service; replay's start)."""
         with self._lock:
+            self._generation += 1
+            self._pending = None
             self.corrector.reset()
+            self.errors = 0
+            self.last_error = ""
             self.frames = 0
             self.estimates = 0
             self.confident = 0
@@ -282,47 +310,55 @@ class RegistrationMonitor:
             self._history: deque[tuple] = deque(maxlen=HISTORY)
 
     def configure(self, settings: HealthSettings) -> None:
-        """New parameter values at run time; turning auto-correction off returns to the calibration."""
+        """New parameter values at run time. Turning auto-correction off returns to the calibration; turning it
+        on starts from the calibration and moves at the set rate; a smaller bound applies at once."""
         with self._lock:
             was = self.settings.auto_correct
             self.settings = settings
-            self.corrector.max_offset = settings.max_correction_px
-            self.corrector.rate = settings.correction_rate
-            if was and not settings.auto_correct:
-                self.corrector.reset()
+            self.corrector.limit(settings.max_correction_px, settings.correction_rate)
+            if was != settings.auto_correct:
+                self.corrector.applied = (0.0, 0.0)
+                self.corrector.pause()
 
     # --------------------------------------------------------------- the frame path's side
     def offer(self, rgb: np.ndarray, thermal_raw: np.ndarray, registrar, t: float) -> None:
         """A paired frame went by: every N-th is estimated (``registrar``: the calibration, not the correction)."""
         with self._lock:
             every = self.settings.every
-            if every <= 0 or self._closed:
+            if every <= 0:
                 return
             self.frames += 1
             if (self.frames - 1) % every:
                 return
             if not self.synchronous:
-                self._pending = (rgb, thermal_raw, registrar, t)
+                self._pending = (rgb, thermal_raw, registrar, t, self._generation)
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="rgbt_seg_registration", daemon=True)
                     self._thread.start()
                 self._wake.notify()
                 return
-        self._estimate(rgb, thermal_raw, registrar, t)
+            generation = self._generation
+        self._estimate(rgb, thermal_raw, registrar, t, generation)
 
     def correction(self, t: float | None) -> tuple[float, float]:
         """The offset to apply now (0, 0 without auto-correction); call once per frame (``t`` None: the
         offset applied so far, not advanced)."""
         with self._lock:
-            applied = self.corrector.applied if t is None else self.corrector.advance(t)
-            return applied if self.settings.auto_correct else (0.0, 0.0)
+            if not self.settings.auto_correct:
+                self.corrector.pause()  # the correction moves only while it is applied
+                return (0.0, 0.0)
+            return self.corrector.applied if t is None else self.corrector.advance(t)
 
     def close(self) -> None:
+        """End the estimating thread (live); a later :meth:`offer` starts a new one."""
         with self._lock:
             self._closed = True
             self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=5.0)
+        with self._lock:
+            self._closed = False
 
     def _run(self) -> None:
         while True:
@@ -332,15 +368,22 @@ class RegistrationMonitor:
                 if self._closed:
                     return
                 job, self._pending = self._pending, None
-            try:
-                self._estimate(*job)
-            except Exception:  # an odd frame must not end the thread: the next one is estimated
-                with self._lock:
-                    self.last = None
+            self._estimate(*job)
 
-    def _estimate(self, rgb, thermal_raw, registrar, t: float) -> None:
-        est = self.estimator.estimate(rgb, thermal_raw, registrar)
+    def _estimate(self, rgb, thermal_raw, registrar, t: float, generation: int) -> None:
+        """One estimate; a frame it cannot estimate is counted and named in the status, never raised (the frame
+        is segmented all the same), live and in replay alike."""
+        try:
+            est = self.estimator.estimate(rgb, thermal_raw, registrar)
+        except Exception as exc:
+            with self._lock:
+                if generation == self._generation:
+                    self.errors += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+            return
         with self._lock:
+            if generation != self._generation:
+                return  # begun before a reset: it belongs to the forgotten state
             self.estimates += 1
             self.estimate_ms.append(est.ms)
             self.last, self.last_t = est, t
@@ -382,13 +425,23 @@ class RegistrationMonitor:
                 "applied x (px)": f"{applied[0]:.2f}",
                 "applied y (px)": f"{applied[1]:.2f}",
                 "estimate time p50 (ms)": f"{np.median(self.estimate_ms):.1f}" if self.estimate_ms else "nan",
+                "failed estimates": str(self.errors),
+                "last error": self.last_error,
             }
             if s.every <= 0:
                 return 0, "not checked (registration.check_every is 0)", values
             drifting = self.drift_since is not None and t - self.drift_since >= s.warn_after
             if not drifting:
                 if last is None:
-                    return 0, "no estimate yet", values
+                    return (
+                        0,
+                        (
+                            f"no estimate yet ({self.errors} failed: {self.last_error})"
+                            if self.errors
+                            else "no estimate yet"
+                        ),
+                        values,
+                    )
                 if last.confidence < s.min_confidence:
                     return 0, "ok (last frame had too little structure to tell)", values
                 return 0, f"ok (offset {last.magnitude:.1f} px)", values

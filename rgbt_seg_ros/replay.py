@@ -178,7 +178,9 @@ def replay_bag(
         load_warnings: list[str] = []  # a refused model.class_set: reported, the primary set used (as the node)
         if pipeline is None:
             pipeline = FramePipeline.from_params(params, on_problem=load_warnings.append, synchronous_health=True)
-        elif pipeline.health is not None:
+        pipeline.reset_state()  # a pipeline given again starts as new: the same bag replays the same
+        was_synchronous = pipeline.health.synchronous if pipeline.health is not None else None
+        if pipeline.health is not None:
             pipeline.health.synchronous = True
         info = pipeline.segmenter.dataset_info
         flow = FrameFlow(params)
@@ -300,6 +302,8 @@ def replay_bag(
                 bar.close()
                 worker.wait_idle(submitted)
                 worker.stop()
+                if was_synchronous is not None:
+                    pipeline.health.synchronous = was_synchronous
         if failures:
             raise failures[0]
         wall_s = time.perf_counter() - wall0

@@ -252,9 +252,7 @@ def test_registration_drift_warns_corrects_and_resets_over_dds(tmp_path, ros_env
             "thermal.max": 330.0,
         },
     )
-    base = SceneGenerator(seed=5)
-    moved = np.array([[1.0, 0.0, -8.0], [0.0, 1.0, 4.0], [0.0, 0.0, 1.0]]) @ base.homography
-    rig = SceneGenerator(seed=5, homography=moved)
+    rig = SceneGenerator(seed=5).thermal_moved(8.0, -4.0)
     frames = [rig.sample(k, "day") for k in range(3)]
     proc = start_node(params, ros_env)
     client = DdsClient(int(ros_env["ROS_DOMAIN_ID"]), outputs=("labels",))

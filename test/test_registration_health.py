@@ -26,9 +26,7 @@ CALIBRATION = SceneGenerator().calibration_dict()  # the default rig: what the u
 
 def moved_rig(dx: float, dy: float, seed: int = 3) -> SceneGenerator:
     """The rig after its thermal camera moved: its registered thermal sits (dx, dy) px off the calibration."""
-    base = SceneGenerator(seed=seed)
-    t = np.array([[1.0, 0.0, -dx], [0.0, 1.0, -dy], [0.0, 0.0, 1.0]])
-    return SceneGenerator(seed=seed, homography=t @ base.homography)
+    return SceneGenerator(seed=seed).thermal_moved(dx, dy)
 
 
 @pytest.mark.parametrize("shift", [(0.0, 0.0), (3.0, 0.0), (-5.5, 4.0), (8.0, -8.0), (20.0, 12.0)])
@@ -144,10 +142,11 @@ def test_estimates_run_every_n_frames_and_off_the_frame_path_live():
             time.sleep(0.05)
             deadline -= 1
         assert 1 <= live.estimates <= 3  # frames 1, 4, 7 are due; a newer one may replace a waiting one
-        assert live._thread is not None and live._thread.is_alive()
+        thread = live._thread
+        assert thread is not None and thread.is_alive()
     finally:
         live.close()
-    assert not live._thread.is_alive()
+    assert not thread.is_alive() and live._thread is None
     off = _monitor(every=0)
     off.offer(sample.rgb, sample.thermal, calibration, 0.0)
     assert off.estimates == 0 and "not checked" in off.status(0.0)[1]
@@ -189,3 +188,51 @@ def test_auto_correction_through_the_pipeline_aligns_a_moved_rig(micro_checkpoin
     pipe.health.configure(HealthSettings.from_params({**params, "registration.auto_correct": False}))
     assert pipe.health.correction(3.1) == (0.0, 0.0)
     assert prepared.registrar is not pipe.registrar and prepared.registrar.offset != (0.0, 0.0)
+
+
+@pytest.mark.parametrize("name", ["homography", "calibrated"])
+def test_a_shift_samples_the_calibrations_geometry_exactly_without_recomputing_it(name):
+    """Shifted maps come from the calibration's cached coordinates interpolated at the shift: they equal the
+    geometry evaluated at the shifted points (lens distortion included) to a thousandth of a pixel."""
+    from rgbt_seg_ros.registration import _grid_points
+    from rgbt_seg_ros.resources import resolve_data_file
+
+    base = ThermalRegistrar.from_yaml(resolve_data_file(f"config/registration/{name}.yaml"))
+    thermal_wh, rgb_wh = base.thermal_size, base.rgb_size
+    for grid in ((rgb_wh[1], rgb_wh[0]), (rgb_wh[1] // 2 + 3, rgb_wh[0] // 2 - 5)):
+        for dx, dy in ((0.25, 0.0), (-3.5, 2.75), (14.2, -9.6)):
+            mx, my, front = base.shifted(dx, dy)._coordinates(thermal_wh, rgb_wh, grid)
+            xs, ys = _grid_points(rgb_wh, grid)
+            ex, ey, efront = base._source_coordinates(thermal_wh, rgb_wh, xs + dx, ys + dy)
+            ok = front & efront
+            assert ok.mean() > 0.95
+            assert np.abs(mx - ex)[ok].max() < 1e-3 and np.abs(my - ey)[ok].max() < 1e-3
+    assert set(base._fields)  # the calibration's coordinate fields were made once and kept
+
+
+def test_turning_auto_correction_on_later_starts_from_the_calibration_at_the_set_rate():
+    monitor = _monitor(auto_correct=False, max_correction_px=25.0, correction_rate=2.0)
+    for k in range(5):  # estimates while auto-correction is off: remembered, nothing applied or moved
+        monitor.corrector.observe(OffsetEstimate(10.0, 0.0, 1.0, 40.0))
+        assert monitor.correction(float(k)) == (0.0, 0.0)
+    monitor.configure(HealthSettings(every=1, auto_correct=True, correction_rate=2.0))
+    steps = [monitor.correction(5.0 + 0.1 * k)[0] for k in range(30)]
+    assert steps[0] == 0.0 and max(np.diff(steps)) <= 0.2 + 1e-9 and steps[-1] == pytest.approx(5.8)
+    monitor.configure(HealthSettings(every=1, auto_correct=True, max_correction_px=3.0))
+    assert math.hypot(*monitor.correction(None)) == pytest.approx(3.0)  # a smaller bound applies at once
+    monitor.configure(HealthSettings(every=1, auto_correct=False))
+    assert monitor.correction(9.0) == (0.0, 0.0) and monitor.corrector.applied == (0.0, 0.0)
+
+
+def test_a_reset_drops_an_estimate_begun_before_it_and_failed_estimates_are_counted_not_raised():
+    rig, calibration = moved_rig(6.0, 0.0), ThermalRegistrar.from_dict(CALIBRATION)
+    sample = rig.sample(0, "day")
+    monitor = _monitor()
+    begun = monitor._generation
+    monitor.reset()  # ~/reset_registration while the estimating thread is inside an estimate
+    monitor._estimate(sample.rgb, sample.thermal, calibration, 1.0, begun)
+    assert monitor.estimates == 0 and monitor.history() == []
+    monitor.offer(sample.rgb, np.zeros((1, 640), np.uint16), calibration, 2.0)  # a thermal image one pixel high
+    level, message, values = monitor.status(2.0)
+    assert values["failed estimates"] == "1" and "thermal image must be" in values["last error"]
+    assert level == 0 and "1 failed" in message

@@ -153,3 +153,36 @@ def test_replay_of_a_bag_whose_rgb_camera_stops(tmp_path, micro_checkpoint):
     assert {x.header.frame_id for x in out} == {RGB_FRAME} and {(x.height, x.width) for x in out} == {(96, 128)}
     waited = replay_bag(bag, {**p, "on_rgb_loss": "wait"}, tmp_path / "wait", progress=False).metrics
     assert waited["thermal_only_frames"] == 0 and waited["frames_processed"] == waited["pairs"]
+
+
+def test_thermal_only_waits_for_a_first_rgb_frame_and_ends_when_it_is_no_longer_wanted():
+    flow = FrameFlow(params())
+    frames = drive(flow, schedule((2.0, ("thermal",))))  # an RGB camera dead from the start: frame and size unknown
+    assert frames == [] and flow.mode == "rgb_thermal"
+    switches = []
+    flow = FrameFlow(params(), on_switch=switches.append)
+    drive(flow, schedule((1.0, ("rgb", "thermal")), (1.0, ("thermal",))))
+    assert flow.mode == "thermal_only"
+    flow.update(params(on_rgb_loss="wait"), sync_changed=False)
+    frames = drive(flow, schedule((0.5, ("thermal",))))
+    assert frames == [] and flow.mode == "rgb_thermal" and switches == ["thermal_only", "rgb_thermal"]
+
+
+def test_a_replay_with_auto_correction_repeats_with_the_same_pipeline(tmp_path, micro_checkpoint):
+    bag = write_sample_bag(tmp_path / "s", frames=24, thermal_shift_px=(6.0, -3.0), scene_seconds=0.4)
+    p = {
+        **defaults(),
+        "model.checkpoint": str(micro_checkpoint),
+        "registration.mode": "homography",
+        "registration.file": str(tmp_path / "s" / "calibration.yaml"),
+        "registration.check_every": 2,
+        "registration.auto_correct": True,
+        "registration.correction_rate": 10.0,
+    }
+    pipe = FramePipeline.from_params(p)  # live-style (its own thread): replay makes it synchronous meanwhile
+    runs = [replay_bag(bag, p, tmp_path / f"r{k}", pipeline=pipe, progress=False).metrics for k in range(2)]
+    first, second = (m["registration_health"]["estimates"] for m in runs)
+    assert first == second and len(first) == 12
+    assert abs(first[-1]["applied_x"] - 6.0) < 1.0 and abs(first[-1]["applied_y"] + 3.0) < 1.0
+    assert runs[0]["segmentation"]["miou"] == runs[1]["segmentation"]["miou"]
+    assert pipe.health.synchronous is False

@@ -87,12 +87,7 @@ def write_sample_bag(
     out_dir.mkdir(parents=True, exist_ok=True)
     bag_path = out_dir / "bag"
     calibrated = SceneGenerator(seed=seed, rgb_size=rgb_size, thermal_size=thermal_size)
-    gen = calibrated
-    if any(thermal_shift_px):  # the rig as it is now: thermal moved since the calibration was written
-        moved = np.array([[1.0, 0.0, -thermal_shift_px[0]], [0.0, 1.0, -thermal_shift_px[1]], [0.0, 0.0, 1.0]])
-        gen = SceneGenerator(
-            seed=seed, rgb_size=rgb_size, thermal_size=thermal_size, homography=moved @ calibrated.homography
-        )
+    gen = calibrated.thermal_moved(*thermal_shift_px)  # the rig as it is now (the calibration is the original)
     rng = np.random.default_rng(seed + 7919)
     period_ns = int(round(1e9 / fps))
     frames_per_scene = max(1, int(round(scene_seconds * fps)))
