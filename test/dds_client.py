@@ -103,6 +103,18 @@ class DdsClient:
         rclpy.shutdown(context=self.context)
 
 
+def call_service(client: DdsClient, proc, srv_type, name: str, request, timeout: float = 15.0):
+    """Call a service of the node under test and return its response (the test fails when there is none)."""
+    cli = client.node.create_client(srv_type, name)
+    try:
+        assert client.wait_for(cli.service_is_ready, timeout, proc), f"service {name} not available"
+        future = cli.call_async(request)
+        assert client.wait_for(future.done, timeout, proc), f"no answer from {name}"
+        return future.result()
+    finally:
+        client.node.destroy_client(cli)
+
+
 def now_ns(client: DdsClient) -> int:
     return client.node.get_clock().now().nanoseconds
 

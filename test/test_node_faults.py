@@ -8,7 +8,7 @@ Fixtures and helpers come from test_node_integration / dds_client (micro checkpo
 import time
 
 import pytest
-from dds_client import DdsClient, now_ns
+from dds_client import DdsClient, call_service, now_ns
 from sensor_msgs.msg import Image
 from test_node_integration import scene, start_node, stop, wait_until_ready
 
@@ -44,30 +44,19 @@ def launch(tmp_path, ros_env):
         print(stop(proc)[-3000:])
 
 
-def call(client, proc, srv_type, name, request, timeout=15.0):
-    cli = client.node.create_client(srv_type, name)
-    try:
-        assert client.wait_for(cli.service_is_ready, timeout, proc), f"service {name} not available"
-        future = cli.call_async(request)
-        assert client.wait_for(future.done, timeout, proc), f"no answer from {name}"
-        return future.result()
-    finally:
-        client.node.destroy_client(cli)
-
-
 def set_parameters(client, proc, values: dict):
     from rcl_interfaces.srv import SetParameters
     from rclpy.parameter import Parameter
 
     request = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
-    return call(client, proc, SetParameters, "/rgbt_seg/set_parameters", request).results
+    return call_service(client, proc, SetParameters, "/rgbt_seg/set_parameters", request).results
 
 
 def get_parameter(client, proc, name):
     from rcl_interfaces.srv import GetParameters
     from rclpy.parameter import parameter_value_to_python
 
-    result = call(client, proc, GetParameters, "/rgbt_seg/get_parameters", GetParameters.Request(names=[name]))
+    result = call_service(client, proc, GetParameters, "/rgbt_seg/get_parameters", GetParameters.Request(names=[name]))
     return parameter_value_to_python(result.values[0])
 
 
@@ -147,7 +136,7 @@ def test_a_corrupt_checkpoint_leaves_the_node_running_with_an_error_diagnostic(l
     pipe = client.latest_status("pipeline")
     assert pipe["level"] == 2 and "model not loaded" in pipe["message"], pipe
     assert counter(pipe, "no_model") > 0 and not client.received["labels"]
-    reset = call(client, proc, Trigger, "/rgbt_seg/reset", Trigger.Request())
+    reset = call_service(client, proc, Trigger, "/rgbt_seg/reset", Trigger.Request())
     assert reset.success and proc.poll() is None
 
 

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from dds_client import DdsClient, now_ns, random_pair, stop_node
+from dds_client import DdsClient, call_service, now_ns, random_pair, stop_node
 
 from conftest import make_micro_checkpoint, script, write_params
 from rgbt_seg_ros.imaging import image_to_numpy
@@ -275,11 +275,7 @@ def test_registration_drift_warns_corrects_and_resets_over_dds(tmp_path, ros_env
         assert abs(float(status["offset x (px)"]) - 8.0) < 1.0 and abs(float(status["offset y (px)"]) + 4.0) < 1.0
         assert abs(float(status["applied x (px)"]) - 8.0) < 1.0 and abs(float(status["applied y (px)"]) + 4.0) < 1.0
         assert "auto-correction applies" in status["message"]
-        cli = client.node.create_client(Trigger, "/rgbt_seg/reset_registration")
-        assert cli.wait_for_service(timeout_sec=10.0)
-        future = cli.call_async(Trigger.Request())
-        client.executor.spin_until_future_complete(future, timeout_sec=10.0)
-        assert future.result() is not None and future.result().success
+        assert call_service(client, proc, Trigger, "/rgbt_seg/reset_registration", Trigger.Request()).success
         client.diagnostics.clear()
         assert client.wait_for(lambda: client.latest_status("registration") is not None, 5, proc)
         after = client.latest_status("registration")
@@ -352,11 +348,7 @@ def test_reset_service_clears_statistics(node_and_client):
     assert client.wait_for(
         lambda: int((client.latest_status("pipeline") or {"processed": "0"})["processed"]) > 0, 10, proc
     )
-    cli = client.node.create_client(Trigger, "/rgbt_seg/reset")
-    assert cli.wait_for_service(timeout_sec=10.0)
-    future = cli.call_async(Trigger.Request())
-    client.executor.spin_until_future_complete(future, timeout_sec=10.0)
-    assert future.result() is not None and future.result().success
+    assert call_service(client, proc, Trigger, "/rgbt_seg/reset", Trigger.Request()).success
     client.diagnostics.clear()
     assert client.wait_for(lambda: client.latest_status("pipeline") is not None, 5, proc)
     status = client.latest_status("pipeline")
