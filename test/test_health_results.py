@@ -36,7 +36,7 @@ def test_every_shift_of_the_issue_rests_on_three_seeds():
 @pytest.mark.parametrize("shift", [0.0, 3.0, 8.0, 20.0])
 def test_estimates_are_within_a_pixel_and_correction_recovers_the_aligned_miou(shift):
     runs = {docs[0]["shift_px"]: docs for docs in drift_runs().values()}
-    aligned = np.median([d["calibrated"]["miou"] for d in runs[0.0]])
+    aligned = {d["seed"]: d["calibrated"]["miou"] for d in runs[0.0]}
     for doc in runs[shift]:
         est = doc["calibrated"]["estimates"]
         assert est["confident"] >= 0.5 * est["estimates"]  # day, fog and glare frames have structure
@@ -45,8 +45,12 @@ def test_estimates_are_within_a_pixel_and_correction_recovers_the_aligned_miou(s
         assert doc["auto_correct"]["settled_after_s"] is not None and doc["auto_correct"]["settled_after_s"] < 15
         truth, applied = np.array(doc["true_offset_px"]), np.array(doc["auto_correct"]["final_applied_px"])
         assert np.hypot(*(applied - truth)) < 1.0
-    corrected = np.median([d["auto_correct"]["miou"] for d in runs[shift]])
-    assert corrected >= aligned - 0.02, (shift, corrected, aligned)
+    # paired by seed (the same scenes): the median loss against the aligned rig is under 2 points
+    loss = [aligned[d["seed"]] - d["auto_correct"]["miou"] for d in runs[shift]]
+    assert np.median(loss) < 0.02, (shift, loss)
+    uncorrected = [aligned[d["seed"]] - d["calibrated"]["miou"] for d in runs[shift]]
+    if shift >= 8:  # a shift that matters costs the uncorrected rig clearly more than the corrected one
+        assert np.median(uncorrected) > np.median(loss) + 0.03, (uncorrected, loss)
 
 
 def test_the_table_is_written_between_its_markers_only(tmp_path):
