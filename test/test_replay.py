@@ -265,7 +265,8 @@ def test_the_sample_bag_replays_with_its_own_parameters_by_default(tmp_path, cap
 
 
 def test_a_pause_of_both_cameras_replays_without_rgb_only_frames(params, pipeline, tmp_path):
-    """A bag paused for 3 s (both cameras, e.g. a driver restart): every frame after it is paired."""
+    """A bag paused for 3 s (both cameras, e.g. a driver restart): every frame after it is paired, neither
+    camera counts as lost (no RGB-only and no thermal-only frame)."""
     from rgbt_seg_ros.bags import BagWriter, make_image
 
     rng = np.random.default_rng(1)
@@ -278,9 +279,9 @@ def test_a_pause_of_both_cameras_replays_without_rgb_only_frames(params, pipelin
             s = base + int(t * 1e9)
             writer.write("/rgb/image", make_image(rgb, "rgb8", s, "cam"), s + 5_000_000)
             writer.write("/thermal/image", make_image(thermal, "mono16", s + 3_000_000, "th"), s + 12_000_000)
-    p = dict(params, **{"thermal_timeout": 0.5})
+    p = dict(params, **{"thermal_timeout": 0.5, "rgb_timeout": 0.5, "on_rgb_loss": "thermal_only"})
     m = replay_bag(tmp_path / "paused", p, tmp_path / "out", pipeline=pipeline, gt_topic=None, progress=False).metrics
-    assert m["rgb_only_frames"] == 0 and m["pairs"] == 30
+    assert m["rgb_only_frames"] == 0 and m["thermal_only_frames"] == 0 and m["pairs"] == 30
     assert m["drops"]["unmatched_thermal"] == 0 and m["drops"]["unmatched_rgb"] == 0
 
 
