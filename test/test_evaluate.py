@@ -165,3 +165,22 @@ def test_evaluate_cli_thermal_only(tmp_path, ckpt, capsys):
     capsys.readouterr()
     assert evaluate_tool.run(_parse(argv + ["--blank-rgb", "--blank-thermal"])) == 2
     assert "--blank-thermal and --blank-rgb exclude each other" in capsys.readouterr().err
+
+
+def test_all_reduce_carries_the_unpredicted_pixels(monkeypatch):
+    import torch.distributed as dist
+
+    # two ranks with the same counts, simulated: the reduction doubles every count
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj] * len(out)))
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t.mul_(2))
+    item = _item([[0, 1, 1], [0, 1, 255]], [[1, 1, 0], [1, 1, 0]])
+    ev = SegmentationEvaluator(SYN, max_overlays=0)
+    ev.update(item, np.array([[0, 1, 255], [0, 255, 255]]))
+    matrix, unpredicted = ev.cm.matrix.copy(), ev.cm.unpredicted.copy()
+    assert unpredicted.tolist()[:2] == [0, 2]
+    ev.all_reduce()
+    np.testing.assert_array_equal(ev.cm.matrix, 2 * matrix)
+    np.testing.assert_array_equal(ev.cm.unpredicted, 2 * unpredicted)
+    np.testing.assert_array_equal(ev.by_condition["night"].unpredicted, 2 * unpredicted)
+    assert ev.items == 2
