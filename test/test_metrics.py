@@ -92,3 +92,50 @@ def test_json_is_strict_and_markdown_shows_undefined_as_na():
     assert "**33.33**" in md and "Pixel accuracy: 60.00" in md
     empty = ConfusionMatrix(2).as_json()
     assert empty["miou"] is None and empty["pixel_acc"] is None
+
+
+def test_a_prediction_equal_to_the_ignore_index_is_a_miss_of_the_true_class():
+    """What the node publishes where the thermal camera does not see in thermal_only mode (255): no
+    prediction. It lowers the true class's IoU and accuracy and is no false positive of any class."""
+    target = np.array([0, 0, 0, 0, 1, 1, 255])
+    pred = np.array([0, 0, 255, 255, 1, 255, 255])  # the last one sits on an ignored label: not counted
+    cm = ConfusionMatrix(2)
+    cm.update(pred, target)
+    # counted: (0,0) x2, (1,1); unpredicted: class 0 x2, class 1 x1
+    np.testing.assert_array_equal(cm.matrix, [[2, 0], [0, 1]])
+    np.testing.assert_array_equal(cm.unpredicted, [2, 1])
+    r = cm.compute()
+    # class 0: tp 2, gt 4 (2 unpredicted), pred 2 -> IoU 2 / (4 + 2 - 2); class 1: tp 1, gt 2, pred 1
+    np.testing.assert_allclose(r["iou"], [2 / 4, 1 / 2])
+    np.testing.assert_allclose(r["acc"], [2 / 4, 1 / 2])
+    np.testing.assert_allclose(r["precision"], [1.0, 1.0])  # nothing was predicted wrongly
+    np.testing.assert_allclose(r["f1"], [2 * 2 / 6, 2 * 1 / 3])
+    np.testing.assert_array_equal(r["support"], [4, 2])
+    assert r["pixels"] == 6 and r["unpredicted_pixels"] == 3 and r["pixel_acc"] == pytest.approx(3 / 6)
+    # the same labels with every pixel predicted right: IoU 1 everywhere, so the misses are what lowered it
+    full = ConfusionMatrix(2)
+    full.update(target.clip(0, 1), target)
+    assert full.compute()["miou"] == 1.0 and full.compute()["unpredicted_pixels"] == 0
+
+    data = json.loads(json.dumps(cm.as_json(["road", "car"]), allow_nan=False))
+    assert data["unpredicted_pixels"] == 3
+    assert data["per_class"]["road"]["unpredicted"] == 2 and data["per_class"]["car"]["unpredicted"] == 1
+    assert data["per_class"]["road"]["support"] == 4
+    assert "3 labelled pixels had no prediction" in cm.to_markdown(["road", "car"])
+    assert "no prediction" not in full.to_markdown(["road", "car"])
+
+    other = ConfusionMatrix(2)
+    other.update(np.array([255]), np.array([1]))
+    np.testing.assert_array_equal(cm.merge(other).unpredicted, [2, 2])
+    cm.reset()
+    assert not cm.unpredicted.any() and not cm.matrix.any()
+
+
+def test_only_the_ignore_index_means_no_prediction():
+    cm = ConfusionMatrix(3, ignore_index=100)
+    cm.update(np.array([100, 1]), np.array([2, 1]))
+    np.testing.assert_array_equal(cm.unpredicted, [0, 0, 1])
+    with pytest.raises(ValueError, match="prediction ids \\[255\\]"):
+        cm.update(np.array([255, 0]), np.array([0, 0]))
+    with pytest.raises(ValueError, match="prediction ids \\[-1\\]"):
+        cm.update(np.array([-1, 100]), np.array([0, 0]))

@@ -32,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-items", type=int, help="evaluate only the first N items")
     p.add_argument("--overlays", type=int, default=8, help="rows in overlays.png (default 8)")
     p.add_argument("--blank-thermal", action="store_true", help="feed no thermal (thermal 0, valid false): RGB-only")
+    p.add_argument(
+        "--blank-rgb",
+        action="store_true",
+        help="thermal only: RGB black, labels unseen by thermal count as misses; what segment_node publishes with "
+        "on_rgb_loss: thermal_only",
+    )
     p.add_argument("--synthetic-count", type=int, default=128, help="synthetic: scenes (default 128)")
     p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic: scene seed (default 0)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="synthetic: scene size (default 480 640)")
@@ -47,6 +53,13 @@ def run(args: argparse.Namespace) -> int:
     from ..training.datasets import DATASET_KINDS, DatasetError, build_dataset
     from ..training.evaluation import evaluate
 
+    if args.blank_thermal and args.blank_rgb:
+        print(
+            "error: --blank-thermal and --blank-rgb exclude each other: with both cameras blanked the model sees "
+            "nothing; give one of them",
+            file=sys.stderr,
+        )
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dataset not in DATASET_KINDS:
@@ -100,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             ds,
             out_dir=args.out,
             blank_thermal=args.blank_thermal,
+            blank_rgb=args.blank_rgb,
             max_items=args.max_items,
             max_overlays=args.overlays,
             progress=False if args.no_progress else None,

@@ -7,6 +7,11 @@ resolution, exactly as the node's output would be. Metrics come from a
 :class:`~.metrics.ConfusionMatrix` over the whole set and one per condition (``day``,
 ``night``, ...) when the items name one.
 
+Two blanked inputs measure what the node does when a camera is lost: ``blank_thermal`` feeds
+thermal 0 and valid false (``rgb_only``); ``blank_rgb`` feeds a black RGB image with the thermal
+and its validity mask as usual, and sets the labels where valid is false to the ignore index
+(``on_rgb_loss: thermal_only``), which the metrics count as misses of the true class.
+
 Outputs of :meth:`SegmentationEvaluator.write` (``OUT/``):
 
 * ``metrics.json``: means (mIoU, mAcc, mean F1, pixel accuracy), per-class IoU / accuracy /
@@ -35,20 +40,38 @@ from .transforms import rgb_bytes
 OVERLAY_MAX_WIDTH = 320
 
 
-def item_to_numpy_pair(item: dict, blank_thermal: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A dataset item -> (rgb HxWx3 uint8, thermal HxW float32, valid HxW bool), as the node has them."""
+def _check_blanks(blank_thermal: bool, blank_rgb: bool) -> None:
+    if blank_thermal and blank_rgb:
+        raise ValueError("blank_thermal and blank_rgb exclude each other: with both blanked the model sees nothing")
+
+
+def item_to_numpy_pair(
+    item: dict, blank_thermal: bool = False, blank_rgb: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A dataset item -> (rgb HxWx3 uint8, thermal HxW float32, valid HxW bool), as the node has them.
+
+    ``blank_thermal``: thermal 0 and valid false (the node's ``rgb_only``); ``blank_rgb``: RGB black,
+    thermal and valid as usual (the node's ``thermal_only``). Not both."""
+    _check_blanks(blank_thermal, blank_rgb)
     rgb = np.ascontiguousarray(rgb_bytes(np.asarray(item["rgb"]).transpose(1, 2, 0)))
     thermal = np.ascontiguousarray(np.asarray(item["thermal"], dtype=np.float32)[0])
     valid = np.asarray(item.get("valid", np.ones_like(item["thermal"])))[0] > 0.5
     if blank_thermal:
         thermal = np.zeros_like(thermal)
         valid = np.zeros_like(valid)
+    if blank_rgb:
+        rgb = np.zeros_like(rgb)
     return rgb, thermal, np.ascontiguousarray(valid)
 
 
-def predict_item(segmenter, item: dict, blank_thermal: bool = False, timings: list | None = None) -> np.ndarray:
-    """Labels (H, W) at the item's label resolution from a Segmenter."""
-    rgb, thermal, valid = item_to_numpy_pair(item, blank_thermal)
+def predict_item(
+    segmenter, item: dict, blank_thermal: bool = False, timings: list | None = None, blank_rgb: bool = False
+) -> np.ndarray:
+    """Labels (H, W) at the item's label resolution from a Segmenter.
+
+    With ``blank_rgb`` the labels where the thermal camera sees nothing (valid false) are the
+    ignore index, as the node publishes them in ``thermal_only`` mode."""
+    rgb, thermal, valid = item_to_numpy_pair(item, blank_thermal, blank_rgb)
     res = segmenter(rgb, thermal, valid)
     if timings is not None:
         timings.append(res.timings)
@@ -56,6 +79,15 @@ def predict_item(segmenter, item: dict, blank_thermal: bool = False, timings: li
     h, w = np.asarray(item["labels"]).shape[-2:]
     if labels.shape != (h, w):
         labels = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
+    if blank_rgb:
+        unseen = ~valid
+        if unseen.shape != (h, w):
+            unseen = cv2.resize(unseen.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        ignore = int(segmenter.dataset_info.ignore_index)
+        if labels.dtype.kind in "iu" and not np.iinfo(labels.dtype).min <= ignore <= np.iinfo(labels.dtype).max:
+            labels = labels.astype(np.int64)
+        labels = labels.copy()
+        labels[unseen] = ignore
     return labels
 
 
@@ -114,10 +146,12 @@ class SegmentationEvaluator:
         for c in all_conds:
             self.by_condition.setdefault(c, ConfusionMatrix(self.info.num_classes, self.info.ignore_index))
         mats = [self.cm] + [self.by_condition[c] for c in all_conds]
-        t = torch.from_numpy(np.stack([m.matrix for m in mats]).astype(np.int64))
+        # each (C + 1, C): the confusion matrix and, as its last row, the unpredicted pixels per class
+        t = torch.from_numpy(np.stack([np.vstack([m.matrix, m.unpredicted]) for m in mats]).astype(np.int64))
         dist.all_reduce(t)
         for m, v in zip(mats, t.numpy()):
-            m.matrix[:] = v
+            m.matrix[:] = v[:-1]
+            m.unpredicted[:] = v[-1]
         n = torch.tensor([self.items], dtype=torch.int64)
         dist.all_reduce(n)
         self.items = int(n.item())
@@ -141,7 +175,7 @@ class SegmentationEvaluator:
                 **{
                     k: v
                     for k, v in m.as_json(self.info.class_names).items()
-                    if k in ("miou", "macc", "mf1", "pixel_acc", "pixels")
+                    if k in ("miou", "macc", "mf1", "pixel_acc", "pixels", "unpredicted_pixels")
                 },
                 "per_class_iou": dict(zip(self.info.class_names, m.compute()["iou"].tolist())),
             }
@@ -224,13 +258,18 @@ def evaluate(
     progress: bool | None = None,
     title: str = "Evaluation",
     meta: dict | None = None,
+    blank_rgb: bool = False,
 ) -> dict:
     """Run ``segmenter`` over ``dataset`` (items as in :mod:`.datasets`, no transform needed).
 
     Returns ``metrics.json``'s document; with ``out_dir`` also writes all the files.
     ``blank_thermal`` feeds thermal = 0 and valid = False (what the node does without thermal).
+    ``blank_rgb`` feeds a black RGB image with thermal and valid as usual, and labels unseen by the
+    thermal camera (valid False) are the ignore index, counted as misses (the node's ``thermal_only``).
     """
     from tqdm import tqdm
+
+    _check_blanks(blank_thermal, blank_rgb)
 
     n = len(dataset) if max_items is None else min(len(dataset), int(max_items))
     if n == 0:
@@ -241,9 +280,10 @@ def evaluate(
     t0 = time.perf_counter()
     for i in tqdm(range(n), desc="evaluate", disable=not show, leave=False):
         item = dataset[i]
-        ev.update(item, predict_item(segmenter, item, blank_thermal, ev.timings), index=i)
+        ev.update(item, predict_item(segmenter, item, blank_thermal, ev.timings, blank_rgb), index=i)
     meta = dict(meta or {})
     meta.setdefault("blank_thermal", bool(blank_thermal))
+    meta.setdefault("blank_rgb", bool(blank_rgb))
     meta["wall_s"] = round(time.perf_counter() - t0, 2)
     if out_dir is not None:
         ev.write(out_dir, title=title, meta=meta)

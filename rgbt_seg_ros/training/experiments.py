@@ -5,10 +5,11 @@
     python -m rgbt_seg_ros.training.experiments realdata --out runs/realdata [--realdata DIR]
     python -m rgbt_seg_ros.training.experiments step-bench --config models/sartm_micro.yaml --size 480 640 --batch 2
 
-``evidence`` (:mod:`.evidence`): the three backends with their own recipes and the SARTM ablation
-variants (thermal blanked, no auxiliary head, no language losses), each trained from scratch per seed
-at one budget and tested at camera size with and without thermal; one JSON per run under
-``docs/results/learning/``. ``table``: README's backend and ablation tables from those files.
+``evidence`` (:mod:`.evidence`): the four backends with their own recipes, the SARTM and SegRGB-X
+ablation variants and the four backends trained with modality dropout, each trained from scratch per
+seed at one budget and tested at camera size with thermal, with thermal blanked and with RGB blanked
+(the node's ``thermal_only``); one JSON per run under ``docs/results/learning/``. ``table``: README's
+backend, ablation and thermal-only tables from those files.
 
 ``realdata``: the real-format path end to end: trains on the PST900 sample (``pst900`` layout)
 and on the MFNet figure tiles (``folder`` layout, MFNet classes), each read through symlinks

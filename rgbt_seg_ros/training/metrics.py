@@ -1,7 +1,14 @@
 """Segmentation metrics from a confusion matrix.
 
 Rows are ground truth, columns prediction; pixels whose label is ``ignore_index`` are not counted.
-Per class k with ``tp`` = M[k, k], ``gt`` = row sum, ``pred`` = column sum:
+
+A *prediction* equal to ``ignore_index`` means "no prediction": a pixel the model could not see
+(e.g. one outside the thermal camera's view in the node's ``thermal_only`` mode, which publishes
+``ignore_index`` there). Such a pixel is a miss of its true class: it counts in that class's
+``gt`` (lowering its IoU and accuracy) and in no class's ``pred`` (no false positive), and is kept
+per true class in ``unpredicted``. Any other prediction outside 0..C-1 is an error.
+
+Per class k with ``tp`` = M[k, k], ``gt`` = row sum + unpredicted[k], ``pred`` = column sum:
 
 * IoU = tp / (gt + pred - tp); accuracy (recall) = tp / gt; precision = tp / pred;
   F1 = 2 tp / (gt + pred);
@@ -10,7 +17,7 @@ Per class k with ``tp`` = M[k, k], ``gt`` = row sum, ``pred`` = column sum:
   a class predicted but never labelled has IoU 0, precision 0, F1 0 and accuracy NaN; a class
   labelled but never predicted has IoU 0, accuracy 0, F1 0 and precision NaN;
 * mIoU, mAcc, mean F1 and mean precision are means over the defined classes; pixel accuracy is
-  trace / total.
+  trace / total, where total includes the unpredicted pixels.
 
 Values are fractions in [0, 1]; :meth:`ConfusionMatrix.as_json` turns NaN into ``null``.
 """
@@ -57,7 +64,8 @@ def json_safe(value):
 
 
 class ConfusionMatrix:
-    """Accumulates a (C, C) int64 confusion matrix over any number of updates."""
+    """Accumulates a (C, C) int64 confusion matrix over any number of updates, and per true class
+    the pixels left without a prediction (``unpredicted``, predictions equal to ``ignore_index``)."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         if num_classes < 1:
@@ -65,12 +73,16 @@ class ConfusionMatrix:
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        self.unpredicted = np.zeros(self.num_classes, dtype=np.int64)
 
     def reset(self) -> None:
         self.matrix[:] = 0
+        self.unpredicted[:] = 0
 
     def update(self, pred, target) -> None:
-        """Add predicted and true class ids of the same shape (numpy or torch, any shape)."""
+        """Add predicted and true class ids of the same shape (numpy or torch, any shape).
+
+        A prediction equal to ``ignore_index`` is "no prediction": a miss of the pixel's true class."""
         pred, target = _to_numpy(pred), _to_numpy(target)
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {pred.shape} differs from label shape {target.shape}")
@@ -83,11 +95,15 @@ class ConfusionMatrix:
         pred = pred.reshape(-1).astype(np.int64)
         keep = target != self.ignore_index
         target, pred = target[keep], pred[keep]
+        missed = pred == self.ignore_index
         c = self.num_classes
-        for what, ids in (("label", target), ("prediction", pred)):
+        for what, ids in (("label", target), ("prediction", pred[~missed])):
             if ids.size and (ids.min() < 0 or ids.max() >= c):
                 bad = np.unique(ids[(ids < 0) | (ids >= c)])[:8].tolist()
                 raise ValueError(f"{what} ids {bad} are outside 0..{c - 1} (ignore index {self.ignore_index})")
+        if missed.any():
+            self.unpredicted += np.bincount(target[missed], minlength=c)
+            target, pred = target[~missed], pred[~missed]
         self.matrix += np.bincount(target * c + pred, minlength=c * c).reshape(c, c)
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
@@ -95,32 +111,36 @@ class ConfusionMatrix:
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge confusion matrices of {other.num_classes} and {self.num_classes} classes")
         self.matrix += other.matrix
+        self.unpredicted += other.unpredicted
         return self
 
     def compute(self) -> dict:
-        """Per-class arrays (``iou``, ``acc``, ``precision``, ``f1``, ``support``) and means
-        (``miou``, ``macc``, ``mprecision``, ``mf1``, ``pixel_acc``); NaN where undefined."""
+        """Per-class arrays (``iou``, ``acc``, ``precision``, ``f1``, ``support``, ``unpredicted``), means
+        (``miou``, ``macc``, ``mprecision``, ``mf1``, ``pixel_acc``) and counts (``pixels``,
+        ``unpredicted_pixels``); NaN where undefined. Support and pixels include the unpredicted pixels."""
         m = self.matrix.astype(np.float64)
         tp = np.diag(m)
-        gt = m.sum(axis=1)
+        gt = m.sum(axis=1) + self.unpredicted
         pred = m.sum(axis=0)
         iou = _safe_div(tp, gt + pred - tp)
         acc = _safe_div(tp, gt)
         precision = _safe_div(tp, pred)
         f1 = _safe_div(2 * tp, gt + pred)
-        total = m.sum()
+        total = m.sum() + self.unpredicted.sum()
         return {
             "iou": iou,
             "acc": acc,
             "precision": precision,
             "f1": f1,
-            "support": self.matrix.sum(axis=1),
+            "support": self.matrix.sum(axis=1) + self.unpredicted,
+            "unpredicted": self.unpredicted.copy(),
             "miou": _nanmean(iou),
             "macc": _nanmean(acc),
             "mprecision": _nanmean(precision),
             "mf1": _nanmean(f1),
             "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan,
             "pixels": int(total),
+            "unpredicted_pixels": int(self.unpredicted.sum()),
         }
 
     def as_json(self, class_names: list[str] | tuple[str, ...] | None = None) -> dict:
@@ -134,6 +154,7 @@ class ConfusionMatrix:
                 "precision": r["precision"][i],
                 "f1": r["f1"][i],
                 "support": int(r["support"][i]),
+                "unpredicted": int(r["unpredicted"][i]),
             }
             for i, name in enumerate(names)
         }
@@ -145,6 +166,7 @@ class ConfusionMatrix:
                 "mprecision": r["mprecision"],
                 "pixel_acc": r["pixel_acc"],
                 "pixels": r["pixels"],
+                "unpredicted_pixels": r["unpredicted_pixels"],
                 "ignore_index": self.ignore_index,
                 "per_class": per_class,
                 "confusion_matrix": self.matrix,
@@ -180,6 +202,11 @@ class ConfusionMatrix:
         lines.append(
             f"Pixel accuracy: {pct(r['pixel_acc'])} %. Means leave out classes absent from labels and predictions."
         )
+        if r["unpredicted_pixels"]:
+            lines.append(
+                f"{r['unpredicted_pixels']} labelled pixels had no prediction (ignore index {self.ignore_index}); "
+                "they count as misses of their class."
+            )
         return "\n".join(lines) + "\n"
 
     def _names(self, class_names) -> list[str]:
