@@ -125,8 +125,9 @@ def test_thermal_only_table_gives_paired_thermal_only_and_rgb_only_night_scores(
     assert "| SARTM |" not in table  # a result file written before the thermal_only test mode loads, has no row
     row = [line for line in table.splitlines() if line.startswith("| CPAL")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1:3] == ["40.0 (40.0-40.0, 3 seeds)", "25.0 (20.0-30.0, 3 seeds)"]  # night mIoU paired, thermal only
-    assert cells[3:6] == ["50.0 (50.0-50.0, 3 seeds)", "20.0 (10.0-30.0, 3 seeds)", "0.0 (0.0-0.0, 3 seeds)"]
-    assert cells[6:9] == ["60.0 (60.0-60.0, 3 seeds)", "40.0 (20.0-60.0, 3 seeds)", "20.0 (20.0-20.0, 3 seeds)"]
+    # night mIoU paired, thermal only, RGB only
+    assert cells[1:4] == ["40.0 (40.0-40.0, 3 seeds)", "25.0 (20.0-30.0, 3 seeds)", "10.0 (10.0-10.0, 3 seeds)"]
+    assert cells[4:7] == ["50.0 (50.0-50.0, 3 seeds)", "20.0 (10.0-30.0, 3 seeds)", "0.0 (0.0-0.0, 3 seeds)"]
+    assert cells[7:10] == ["60.0 (60.0-60.0, 3 seeds)", "40.0 (20.0-60.0, 3 seeds)", "20.0 (20.0-20.0, 3 seeds)"]
     header = table.splitlines()[0]
     assert "night person IoU, thermal only" in header and "night car IoU, RGB only" in header

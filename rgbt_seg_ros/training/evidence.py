@@ -290,14 +290,14 @@ def thermal_only_table(res: dict[str, list[dict]], rows: dict[str, str] = THERMA
     """Night scores of the modality-dropout runs: paired, RGB blanked (thermal only), thermal blanked (RGB only)."""
     modes = (("thermal", "paired"), ("thermal_only", "thermal only"), ("blank", "RGB only"))
     header = ["backend (trained with modality dropout)"]
-    header += [f"night mIoU, {label}" for _, label in modes[:2]]
+    header += [f"night mIoU, {label}" for _, label in modes]
     header += [f"night {cls} IoU, {label}" for cls in NIGHT_CLASSES for _, label in modes]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, label in rows.items():
         runs = [r for r in res.get(name, []) if "thermal_only" in r["test"]]
         if not runs:
             continue
-        cells = [_pct(runs, lambda r, m=m: r["test"][m]["conditions"]["night"]) for m, _ in modes[:2]]
+        cells = [_pct(runs, lambda r, m=m: r["test"][m]["conditions"]["night"]) for m, _ in modes]
         cells += [_pct(runs, lambda r, m=m, c=c: r["test"][m]["night_iou"][c]) for c in NIGHT_CLASSES for m, _ in modes]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", _budget(res, list(rows))])
@@ -326,8 +326,8 @@ def _budget(res: dict[str, list[dict]], names: list[str]) -> str:
 
 def demo_card(checkpoint: Path, run_dir: Path | None, test_count: int = 128) -> dict:
     """Evaluate a checkpoint on the held-out synthetic test split at camera size, with and without
-    thermal; with the training run's summary when ``run_dir`` is given. The document of
-    ``models/demo/metrics.json``."""
+    thermal and with RGB blanked (the node's thermal-only mode); with the training run's summary when
+    ``run_dir`` is given. The document of ``models/demo/metrics.json``."""
     from ..classes import load_dataset_info
     from ..segmenter import Segmenter
     from .datasets import build_dataset
@@ -340,8 +340,8 @@ def demo_card(checkpoint: Path, run_dir: Path | None, test_count: int = 128) -> 
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
         keys = ("steps", "total_steps", "wall_s", "step_time_s_median", "peak_rss_mb", "best_miou")
         doc["training"] = {k: summary.get(k) for k in keys}
-    for mode, blank in (("thermal", False), ("blank", True)):
-        report = evaluate(seg, test, blank_thermal=blank, progress=False)
+    for mode, blank in (("thermal", {}), ("blank", {"blank_thermal": True}), ("thermal_only", {"blank_rgb": True})):
+        report = evaluate(seg, test, progress=False, **blank)
         doc[f"test_{mode}"] = {
             **_scores(report),
             "camera_size": list(test.size),
@@ -361,7 +361,14 @@ def demo_table(doc: dict) -> str:
         + " | night person IoU | night car IoU |",
         "|---|---:|" + "---:|" * (len(CONDITIONS) + 2),
     ]
-    for mode, label in (("thermal", "RGB-T"), ("blank", "thermal blanked (thermal 0, valid false)")):
+    modes = (
+        ("thermal", "RGB-T"),
+        ("blank", "thermal blanked (thermal 0, valid false)"),
+        ("thermal_only", "RGB blanked (black: the node's thermal-only mode)"),
+    )
+    for mode, label in modes:
+        if f"test_{mode}" not in doc:
+            continue
         t = doc[f"test_{mode}"]
         cells = [pct(t["miou"])] + [pct(t["conditions"].get(c)) for c in CONDITIONS]
         cells += [pct(t["night_iou"][k]) for k in NIGHT_CLASSES]

@@ -249,7 +249,12 @@ def run_table(args) -> int:
 
 def run_demo_card(args) -> int:
     doc = evidence.demo_card(Path(args.checkpoint), Path(args.run) if args.run else None, args.test_count)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    out = Path(args.out)
+    if args.run is None and out.is_file():  # a new card of the same checkpoint keeps its training record
+        previous = json.loads(out.read_text())
+        if "training" in previous:
+            doc["training"] = previous["training"]
+    out.write_text(json.dumps(doc, indent=2) + "\n")
     print(evidence.demo_table(doc))
     return 0
 
