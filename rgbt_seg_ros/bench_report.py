@@ -220,6 +220,22 @@ def stage_table(before: list[dict], after: list[dict]) -> list[str]:
     return lines
 
 
+def write_each(jobs, path_of, run, describe, rerun: bool = False, progress: bool = True, desc: str = "runs") -> None:
+    """Run every job whose result file is missing (all of them with ``rerun``), writing each one's JSON as soon as
+    it is done, so that a stopped study keeps every finished run. ``path_of(*job)`` names the file,
+    ``run(*job)`` makes the document, ``describe(doc, path)`` the line printed after it."""
+    from tqdm import tqdm
+
+    for job in tqdm(jobs, desc=desc, disable=not progress):
+        path = Path(path_of(*job))
+        if path.exists() and not rerun:
+            print(f"{path} exists: skipped (--rerun to run it again)", flush=True)
+            continue
+        doc = run(*job)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        print(describe(doc, path), flush=True)
+
+
 def load_numbered(folder: Path, tag: str) -> dict[str, list[dict]]:
     """``<name>_<tag><k>.json`` files grouped by name, in the order of k (runs, seeds)."""
     runs: dict[str, list[tuple[int, dict]]] = {}

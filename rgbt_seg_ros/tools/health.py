@@ -178,8 +178,7 @@ def run_one(seed: int, length: float, args, params: dict) -> dict:
 
 
 def run_drift(args) -> int:
-    from tqdm import tqdm
-
+    from ..bench_report import write_each
     from ..params import defaults
     from ..resources import resolve_data_file
 
@@ -194,22 +193,25 @@ def run_drift(args) -> int:
     params["model.device"] = "cpu"
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, x) for s in args.seeds for x in args.shifts]
-    for seed, length in tqdm(jobs, desc="drift study", disable=args.no_progress):
-        path = results / f"drift_shift{length:g}_seed{seed}.json"
-        if path.exists() and not args.rerun:
-            print(f"{path} exists: skipped (--rerun to run it again)", flush=True)
-            continue
-        doc = run_one(seed, length, args, params)
-        path.write_text(json.dumps(doc, indent=2) + "\n")
+
+    def describe(doc: dict, path: Path) -> str:
         est, cal, fix = doc["calibrated"]["estimates"], doc["calibrated"], doc["auto_correct"]
-        print(
-            f"shift {length:g} px seed {seed}: estimate error median {_fmt(est['error_px_median'], 2)} px, "
-            f"max {_fmt(est['error_px_max'], 2)} ({est['confident']}/{est['estimates']} confident); mIoU "
+        return (
+            f"shift {doc['shift_px']:g} px seed {doc['seed']}: estimate error median {_fmt(est['error_px_median'], 2)} "
+            f"px, max {_fmt(est['error_px_max'], 2)} ({est['confident']}/{est['estimates']} confident); mIoU "
             f"calibrated {_fmt(cal['miou'], 1, 100)}, auto-corrected {_fmt(fix['miou'], 1, 100)}, settled after "
-            f"{_fmt(fix['settled_after_s'], 0)} s -> {path}",
-            flush=True,
+            f"{_fmt(fix['settled_after_s'], 0)} s -> {path}"
         )
+
+    write_each(
+        [(s, x) for s in args.seeds for x in args.shifts],
+        lambda seed, length: results / f"drift_shift{length:g}_seed{seed}.json",
+        lambda seed, length: run_one(seed, length, args, params),
+        describe,
+        rerun=args.rerun,
+        progress=not args.no_progress,
+        desc="drift study",
+    )
     return 0
 
 

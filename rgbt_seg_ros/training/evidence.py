@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bench_report import load_numbered, replace_between, spread
+from ..bench_report import load_numbered, replace_between, spread, write_each
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "learning"
 
@@ -190,8 +190,6 @@ def run_variant(variant: str, seed: int, args, test_set) -> dict:
 
 
 def run_evidence(args) -> int:
-    from tqdm import tqdm
-
     from ..classes import load_dataset_info
     from .datasets import build_dataset
 
@@ -200,21 +198,25 @@ def run_evidence(args) -> int:
     test_set = build_dataset(
         "synthetic", None, "test", load_dataset_info("synthetic"), count=args.test_count, seed=0, cache=True
     )
-    jobs = [(v, s) for s in args.seeds for v in args.variants]
-    for variant, seed in tqdm(jobs, desc="evidence runs", disable=args.no_progress):
-        path = results / f"{variant}_seed{seed}.json"
-        if path.exists() and not args.rerun:
-            print(f"{path} exists: skipped (--rerun to train it again)", flush=True)
-            continue
-        doc = run_variant(variant, seed, args, test_set)
-        path.write_text(json.dumps(doc, indent=2) + "\n")
+
+    def describe(doc: dict, path: Path) -> str:
         t, b, o = doc["test"]["thermal"], doc["test"]["blank"], doc["test"]["thermal_only"]
-        print(
-            f"{variant} seed {seed}: mIoU {100 * t['miou']:.1f}, night {100 * t['conditions']['night']:.1f} "
+        return (
+            f"{doc['variant']} seed {doc['seed']}: mIoU {100 * t['miou']:.1f}, "
+            f"night {100 * t['conditions']['night']:.1f} "
             f"(thermal blanked {100 * b['conditions']['night']:.1f}, RGB blanked {100 * o['conditions']['night']:.1f})"
-            f", {doc['train_wall_s']:.0f} s -> {path}",
-            flush=True,
+            f", {doc['train_wall_s']:.0f} s -> {path}"
         )
+
+    write_each(
+        [(v, s) for s in args.seeds for v in args.variants],
+        lambda variant, seed: results / f"{variant}_seed{seed}.json",
+        lambda variant, seed: run_variant(variant, seed, args, test_set),
+        describe,
+        rerun=args.rerun,
+        progress=not args.no_progress,
+        desc="evidence runs",
+    )
     return 0
 
 
