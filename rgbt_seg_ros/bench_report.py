@@ -232,7 +232,9 @@ def write_each(jobs, path_of, run, describe, rerun: bool = False, progress: bool
             print(f"{path} exists: skipped (--rerun to run it again)", flush=True)
             continue
         doc = run(*job)
-        path.write_text(json.dumps(doc, indent=2) + "\n")
+        partial = path.with_name(path.name + ".partial")  # a run stopped while writing leaves no file to skip
+        partial.write_text(json.dumps(doc, indent=2) + "\n")
+        partial.replace(path)
         print(describe(doc, path), flush=True)
 
 

@@ -26,6 +26,13 @@ class DatasetInfo:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def no_prediction_label(self, dtype) -> int | None:
+        """The label that marks "no prediction" in a label image of ``dtype`` (a pixel the model could not see,
+        e.g. out of the thermal camera's view in thermal-only mode): ``ignore_index`` when it is no class id and
+        fits the dtype, else None (no such label: the prediction is kept)."""
+        ignore = int(self.ignore_index)
+        return ignore if self.num_classes <= ignore <= np.iinfo(dtype).max else None
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,

@@ -432,11 +432,10 @@ class FramePipeline:
         unseen_grid = None
         if thermal_only:  # no prediction where thermal does not see: the dataset's ignore index there
             unseen_grid = ~prepared.valid_grid
-            ignore = self.segmenter.dataset_info.ignore_index
-            # only an index that is no class and fits the label image means "no prediction" (else: predictions kept)
-            if unseen_grid.any() and self.num_classes <= ignore <= np.iinfo(labels_grid.dtype).max:
+            mark = self.segmenter.dataset_info.no_prediction_label(labels_grid.dtype)
+            if unseen_grid.any() and mark is not None:
                 labels_grid = labels_grid.copy()
-                labels_grid[unseen_grid] = ignore
+                labels_grid[unseen_grid] = mark
         t0 = time.perf_counter()
         out = FrameResult(
             labels=upscale_nearest(labels_grid, hw),

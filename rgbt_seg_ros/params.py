@@ -210,8 +210,8 @@ SPECS: tuple[ParamSpec, ...] = (
         "on_rgb_loss",
         "wait",
         "when RGB stops while thermal runs: wait (publish nothing) or thermal_only (segment thermal alone "
-        "in the RGB grid, with the thermal stamp and the RGB frame_id; best with a checkpoint trained with "
-        "transform.modality_dropout.p_rgb)",
+        "in the RGB grid, with the thermal stamp and the RGB frame_id; transform.modality_dropout.p_rgb trains "
+        "models on black RGB)",
         choices=("wait", "thermal_only"),
         dynamic=True,
     ),

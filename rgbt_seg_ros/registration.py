@@ -585,11 +585,12 @@ class ThermalRegistrar:
         need = int(math.ceil(reach)) + 2
         if cached is not None and cached[3] >= need:
             return cached
-        margin = need + 8  # room for the correction to grow without recomputing
+        # room for the correction to grow: 32 grid pixels at first, then at least doubled (rarely computed twice)
+        margin = max(need + 8, 32 if cached is None else 2 * cached[3])
         mx, my, front = self._source_coordinates(thermal_wh, rgb_wh, *_grid_points(rgb_wh, grid_hw, margin))
         entry = (mx.astype(np.float32), my.astype(np.float32), front, margin)
         with self._cache_lock:
-            if len(self._fields) >= _CACHE_ENTRIES:
+            if key not in self._fields and len(self._fields) >= _CACHE_ENTRIES:
                 self._fields.pop(next(iter(self._fields)))
             self._fields[key] = entry
         return entry

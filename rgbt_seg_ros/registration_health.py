@@ -37,9 +37,9 @@ import cv2
 import numpy as np
 
 WORK_WIDTH = 320  # width of the grid the estimate works in (RGB pixels are scaled back)
-#: confidence = (psr - PSR_FLOOR) / (PSR_FULL - PSR_FLOOR), clipped to [0, 1]. Measured on the synthetic rig
-#: (docs/sensor_health.md): structureless frames (noise only) reach PSR 6, day/fog/glare scenes 20-100; at
-#: night estimates above PSR 16 (confidence 0.3, registration.min_confidence's default) were within 0.8 px
+#: confidence = (psr - PSR_FLOOR) / (PSR_FULL - PSR_FLOOR), clipped to [0, 1]: structureless frames stay below
+#: the floor, and estimates above PSR 16 (confidence 0.3, registration.min_confidence's default) are within a
+#: pixel on the synthetic rig (`rgbt-seg health drift` records PSR, error and confidence of every estimate)
 PSR_FLOOR = 10.0
 PSR_FULL = 30.0
 LOWPASS = 0.15  # cycles per working-grid pixel: the whitened spectrum's Gaussian weight (noise is high-frequency)
@@ -286,8 +286,7 @@ class RegistrationMonitor:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: tuple | None = None
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._thread: threading.Thread | None = None  # the estimating thread (live); one that is not it ends
         self._generation = 0  # bumped by reset: an estimate begun before it is dropped
         self.reset()
 
@@ -332,10 +331,10 @@ class RegistrationMonitor:
                 return
             if not self.synchronous:
                 self._pending = (rgb, thermal_raw, registrar, t, self._generation)
-                if self._thread is None:
+                if self._thread is None or not self._thread.is_alive():
                     self._thread = threading.Thread(target=self._run, name="rgbt_seg_registration", daemon=True)
                     self._thread.start()
-                self._wake.notify()
+                self._wake.notify_all()
                 return
             generation = self._generation
         self._estimate(rgb, thermal_raw, registrar, t, generation)
@@ -350,22 +349,22 @@ class RegistrationMonitor:
             return self.corrector.applied if t is None else self.corrector.advance(t)
 
     def close(self) -> None:
-        """End the estimating thread (live); a later :meth:`offer` starts a new one."""
+        """End the estimating thread (live; it finishes an estimate in progress); a later :meth:`offer` starts a
+        new one. A thread that is no longer :attr:`_thread` ends by itself, so two never estimate at once."""
         with self._lock:
-            self._closed = True
-            self._wake.notify_all()
             thread, self._thread = self._thread, None
+            self._pending = None
+            self._wake.notify_all()
         if thread is not None:
             thread.join(timeout=5.0)
-        with self._lock:
-            self._closed = False
 
     def _run(self) -> None:
+        me = threading.current_thread()
         while True:
             with self._lock:
-                while self._pending is None and not self._closed:
+                while self._pending is None and self._thread is me:
                     self._wake.wait(0.5)
-                if self._closed:
+                if self._thread is not me:  # closed, or replaced by a newer thread
                     return
                 job, self._pending = self._pending, None
             self._estimate(*job)
@@ -393,7 +392,7 @@ class RegistrationMonitor:
                 self.last_confident = est
                 self.corrector.observe(est)
             applied = self.corrector.applied if self.settings.auto_correct else (0.0, 0.0)
-            self._history.append((t, est.dx, est.dy, est.confidence, applied[0], applied[1]))
+            self._history.append((t, est.dx, est.dy, est.confidence, est.psr, applied[0], applied[1]))
             if not confident:
                 return  # no structure to tell: neither drift nor its absence is known
             if est.magnitude > self.settings.warn_px:
@@ -405,7 +404,7 @@ class RegistrationMonitor:
     # --------------------------------------------------------------- reporting
     def history(self) -> list[dict]:
         """The recent estimates (at most HISTORY), oldest first, with the correction applied at the time."""
-        keys = ("t", "dx", "dy", "confidence", "applied_x", "applied_y")
+        keys = ("t", "dx", "dy", "confidence", "psr", "applied_x", "applied_y")
         with self._lock:
             return [dict(zip(keys, (round(float(v), 4) for v in row))) for row in self._history]
 

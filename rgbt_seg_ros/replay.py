@@ -179,9 +179,6 @@ def replay_bag(
         if pipeline is None:
             pipeline = FramePipeline.from_params(params, on_problem=load_warnings.append, synchronous_health=True)
         pipeline.reset_state()  # a pipeline given again starts as new: the same bag replays the same
-        was_synchronous = pipeline.health.synchronous if pipeline.health is not None else None
-        if pipeline.health is not None:
-            pipeline.health.synchronous = True
         info = pipeline.segmenter.dataset_info
         flow = FrameFlow(params)
         truth = GroundTruth(Path(gt_dir) if gt_dir else None)
@@ -242,6 +239,9 @@ def replay_bag(
                             matched_gt += 1
 
             source = LatestSlot(keep_all=True)
+            was_synchronous = pipeline.health.synchronous if pipeline.health is not None else None
+            if pipeline.health is not None:  # estimates inline while this replay runs (restored below)
+                pipeline.health.synchronous = True
             worker = StagedWorker(
                 source,
                 pipeline=lambda: pipeline,

@@ -78,3 +78,25 @@ def test_a_broken_result_file_is_named(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="has no table markers"):
         bench_report.update_readme(readme, tmp_path / "empty")
+
+
+def test_write_each_writes_every_missing_result_at_once_and_skips_the_rest(tmp_path, capsys):
+    from rgbt_seg_ros.bench_report import write_each
+
+    (tmp_path / "b_run1.json").write_text('{"old": true}')
+    made = []
+
+    def run(name, k):
+        made.append((name, k))
+        return {"name": name, "k": k}
+
+    write_each(
+        [("a", 1), ("b", 1)],
+        lambda n, k: tmp_path / f"{n}_run{k}.json",
+        run,
+        lambda d, p: f"did {p.name}",
+        progress=False,
+    )
+    assert made == [("a", 1)] and json.loads((tmp_path / "a_run1.json").read_text()) == {"name": "a", "k": 1}
+    assert json.loads((tmp_path / "b_run1.json").read_text()) == {"old": True}
+    assert "did a_run1.json" in capsys.readouterr().out and not list(tmp_path.glob("*.partial"))

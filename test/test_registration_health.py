@@ -236,3 +236,23 @@ def test_a_reset_drops_an_estimate_begun_before_it_and_failed_estimates_are_coun
     level, message, values = monitor.status(2.0)
     assert values["failed estimates"] == "1" and "thermal image must be" in values["last error"]
     assert level == 0 and "1 failed" in message
+
+
+def test_a_closed_monitor_starts_a_new_thread_on_the_next_pair():
+    sample, calibration = moved_rig(4.0, 0.0).sample(0, "day"), ThermalRegistrar.from_dict(CALIBRATION)
+    live = RegistrationMonitor(HealthSettings(every=1), synchronous=False)
+    try:
+        live.offer(sample.rgb, sample.thermal, calibration, 0.0)
+        first = live._thread
+        live.close()
+        assert not first.is_alive()
+        live.offer(sample.rgb, sample.thermal, calibration, 1.0)
+        second = live._thread
+        assert second is not first and second.is_alive()
+        for _ in range(100):
+            if live.estimates >= 1 and live.last_t == 1.0:
+                break
+            time.sleep(0.05)
+        assert live.last_t == 1.0  # the new thread estimated the pair offered after the close
+    finally:
+        live.close()

@@ -186,3 +186,27 @@ def test_a_replay_with_auto_correction_repeats_with_the_same_pipeline(tmp_path, 
     assert abs(first[-1]["applied_x"] - 6.0) < 1.0 and abs(first[-1]["applied_y"] + 3.0) < 1.0
     assert runs[0]["segmentation"]["miou"] == runs[1]["segmentation"]["miou"]
     assert pipe.health.synchronous is False
+
+
+def test_no_prediction_is_marked_only_with_an_index_that_is_no_class(tmp_path):
+    from rgbt_seg_ros.classes import DatasetInfo
+    from rgbt_seg_ros.training.metrics import ConfusionMatrix
+
+    palette = np.zeros((4, 3), np.uint8)
+    assert DatasetInfo("a", ("w", "x", "y", "z"), palette, 255).no_prediction_label(np.uint8) == 255
+    assert DatasetInfo("b", ("w", "x", "y", "z"), palette, 3).no_prediction_label(np.uint8) is None  # a class id
+    assert DatasetInfo("c", ("w", "x", "y", "z"), palette, 300).no_prediction_label(np.uint8) is None  # too big
+    cm = ConfusionMatrix(4, ignore_index=3)  # label 3 ignored in the ground truth, but 3 is a predictable class
+    cm.update(np.array([3, 1]), np.array([0, 1]))
+    assert cm.unpredicted.sum() == 0 and cm.matrix[0, 3] == 1
+
+
+def test_a_replay_that_fails_early_leaves_the_callers_monitor_as_it_was(tmp_path, pipeline):
+    from rgbt_seg_ros.bags import BagError
+
+    bag = write_sample_bag(tmp_path / "s", frames=4, rgb_size=(96, 128), thermal_size=(104, 128))
+    (tmp_path / "out" / "segmented").mkdir(parents=True)  # the output bag exists: refused before any frame
+    assert pipeline.health.synchronous is False
+    with pytest.raises(BagError, match="already exists"):
+        replay_bag(bag, defaults(), tmp_path / "out", pipeline=pipeline, progress=False)
+    assert pipeline.health.synchronous is False

@@ -83,11 +83,10 @@ def predict_item(
         unseen = ~valid
         if unseen.shape != (h, w):
             unseen = cv2.resize(unseen.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-        ignore = int(segmenter.dataset_info.ignore_index)
-        if labels.dtype.kind in "iu" and not np.iinfo(labels.dtype).min <= ignore <= np.iinfo(labels.dtype).max:
-            labels = labels.astype(np.int64)
-        labels = labels.copy()
-        labels[unseen] = ignore
+        mark = segmenter.dataset_info.no_prediction_label(labels.dtype)  # the node's rule (frame_flow)
+        if mark is not None:
+            labels = labels.copy()
+            labels[unseen] = mark
     return labels
 
 

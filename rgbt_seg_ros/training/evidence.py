@@ -337,7 +337,10 @@ def demo_card(checkpoint: Path, run_dir: Path | None, test_count: int = 128) -> 
 
     seg = Segmenter.from_checkpoint(checkpoint, device="cpu", warmup=False)
     test = build_dataset("synthetic", None, "test", load_dataset_info("synthetic"), count=test_count, seed=0)
-    doc: dict = {"checkpoint": str(checkpoint), "date": datetime.date.today().isoformat()}
+    repo = DEMO_METRICS.parents[2]
+    shown = Path(checkpoint).resolve()
+    shown = shown.relative_to(repo) if shown.is_relative_to(repo) else Path(checkpoint)  # no machine's path
+    doc: dict = {"checkpoint": str(shown), "date": datetime.date.today().isoformat()}
     if run_dir is not None:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
         keys = ("steps", "total_steps", "wall_s", "step_time_s_median", "peak_rss_mb", "best_miou")

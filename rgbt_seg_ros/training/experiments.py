@@ -252,7 +252,7 @@ def run_demo_card(args) -> int:
     out = Path(args.out)
     if args.run is None and out.is_file():  # a new card of the same checkpoint keeps its training record
         previous = json.loads(out.read_text())
-        if "training" in previous:
+        if "training" in previous and previous.get("checkpoint") == doc["checkpoint"]:
             doc["training"] = previous["training"]
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(evidence.demo_table(doc))

@@ -95,7 +95,8 @@ class ConfusionMatrix:
         pred = pred.reshape(-1).astype(np.int64)
         keep = target != self.ignore_index
         target, pred = target[keep], pred[keep]
-        missed = pred == self.ignore_index
+        # "no prediction" only where the ignore index is no class id (else it is a prediction of that class)
+        missed = pred == self.ignore_index if self.ignore_index >= self.num_classes else np.zeros(pred.shape, bool)
         c = self.num_classes
         for what, ids in (("label", target), ("prediction", pred[~missed])):
             if ids.size and (ids.min() < 0 or ids.max() >= c):
