@@ -526,6 +526,7 @@ class SegmentBehaviour:
         self._hand_over(self.flow.thermal(stamp_ns(msg.header), (msg.header, thermal), time.monotonic_ns()), now)
 
     def _on_mode(self, mode: str) -> None:
+        previous, self._mode = getattr(self, "_mode", "rgb_thermal"), mode
         if mode == "rgb_only":
             self.get_logger().warning("thermal lost: segmenting RGB only until thermal returns")
         elif mode == "thermal_only":
@@ -533,7 +534,8 @@ class SegmentBehaviour:
                 "RGB lost: segmenting thermal alone (published in the RGB grid, RGB frame_id) until RGB returns"
             )
         else:
-            self.get_logger().info("both cameras are back: segmenting RGB-thermal pairs again")
+            back = {"rgb_only": "thermal is back", "thermal_only": "RGB is back"}.get(previous, "both cameras run")
+            self.get_logger().info(f"{back}: segmenting RGB-thermal pairs again")
 
     def _on_info(self, camera: str, msg: CameraInfo) -> None:
         self._camera_infos[camera] = msg
