@@ -31,10 +31,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import cv2
 import numpy as np
+
+from .imaging import ThermalNormalizer
 
 WORK_WIDTH = 320  # width of the grid the estimate works in (RGB pixels are scaled back)
 #: confidence = (psr - PSR_FLOOR) / (PSR_FULL - PSR_FLOOR), clipped to [0, 1]: structureless frames stay below
@@ -82,6 +85,15 @@ def _standardised(grad: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
     return centred / std
 
 
+@lru_cache(maxsize=8)
+def _lowpass(h: int, w: int) -> np.ndarray:
+    """The Gaussian weight of the whitened cross-power spectrum of an (h, w) grid (made once per size)."""
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    weight = np.exp(-(fx * fx + fy * fy) / (2.0 * LOWPASS * LOWPASS))
+    weight.setflags(write=False)
+    return weight
+
+
 def estimate_offset(
     rgb_gray: np.ndarray,
     thermal: np.ndarray,
@@ -116,14 +128,14 @@ def estimate_offset(
     fa, fb = np.fft.rfft2(a), np.fft.rfft2(b)
     cross = fb * np.conj(fa)
     cross /= np.abs(cross) + 1e-9 * float(np.abs(cross).max() + 1e-30)
-    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
-    cross *= np.exp(-(fx * fx + fy * fy) / (2.0 * LOWPASS * LOWPASS))  # a Gaussian peak instead of a noisy spike
+    cross *= _lowpass(h, w)  # a Gaussian peak instead of a noisy spike
     surface = np.fft.fftshift(np.fft.irfft2(cross, s=(h, w)))  # the peak sits at (centre + offset)
     cy, cx = h // 2, w // 2
-    limit = min(h, w) / 4.0 if max_shift is None else float(max_shift)
-    ys, xs = np.ogrid[:h, :w]
-    search = np.where((np.abs(ys - cy) <= limit) & (np.abs(xs - cx) <= limit), surface, -np.inf)
-    py, px = np.unravel_index(int(np.argmax(search)), search.shape)
+    limit = int(min(h, w) / 4.0 if max_shift is None else max_shift)
+    y0, x0 = max(0, cy - limit), max(0, cx - limit)
+    window = surface[y0 : cy + limit + 1, x0 : cx + limit + 1]  # offsets up to the limit only
+    wy, wx = np.unravel_index(int(np.argmax(window)), window.shape)
+    py, px = y0 + int(wy), x0 + int(wx)
     peak = float(surface[py, px])
     sidelobe = np.ones_like(surface, bool)
     sidelobe[max(0, py - EXCLUDE) : py + EXCLUDE + 1, max(0, px - EXCLUDE) : px + EXCLUDE + 1] = False
@@ -148,10 +160,6 @@ def _gaussian_vertex(left: float, centre: float, right: float) -> float:
     return float(np.clip(0.5 * (left - right) / den, -0.5, 0.5))
 
 
-def gray_u8(rgb: np.ndarray) -> np.ndarray:
-    return rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-
-
 class OffsetEstimator:
     """Offset of a camera pair's registered thermal against its RGB image, in RGB pixels."""
 
@@ -170,11 +178,9 @@ class OffsetEstimator:
         t0 = time.perf_counter()
         rgb_hw = rgb.shape[:2]
         gh, gw = self.work_size(rgb_hw)
-        thermal_raw = np.asarray(thermal_raw)
-        if thermal_raw.ndim == 3:
-            thermal_raw = thermal_raw.mean(axis=2, dtype=np.float32)
+        thermal_raw = ThermalNormalizer.single_channel(thermal_raw)  # the frame path's rule for thermal images
         thermal, valid = registrar.warp_to_grid(thermal_raw, rgb_hw, (gh, gw))
-        gray = gray_u8(rgb)
+        gray = rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         if (gh, gw) != rgb_hw:
             gray = cv2.resize(gray, (gw, gh), interpolation=cv2.INTER_AREA)
         scale = rgb_hw[1] / gw

@@ -155,8 +155,6 @@ def test_estimates_run_every_n_frames_and_off_the_frame_path_live():
 def test_auto_correction_through_the_pipeline_aligns_a_moved_rig(micro_checkpoint):
     """The shared FramePipeline with auto_correct: the correction settles on the true shift, the thermal the
     model gets is then the aligned rig's, and turning auto-correction off returns to the calibration."""
-    from rgbt_seg_ros.resources import resolve_data_file
-
     params = {
         **defaults(),
         "model.checkpoint": str(micro_checkpoint),
@@ -165,7 +163,6 @@ def test_auto_correction_through_the_pipeline_aligns_a_moved_rig(micro_checkpoin
         "registration.auto_correct": True,
         "registration.correction_rate": 4.0,
     }
-    assert resolve_data_file(str(micro_checkpoint))
     pipe = FramePipeline.from_params(params, synchronous_health=True)
     pipe.registrar = ThermalRegistrar.from_dict(CALIBRATION)
     rig, aligned = moved_rig(-6.0, 3.0), moved_rig(0.0, 0.0)

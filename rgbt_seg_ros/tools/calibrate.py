@@ -497,6 +497,8 @@ def _rgb_u8(image: np.ndarray) -> np.ndarray:
 def _image_pairs(rgb_paths: list[str], thermal_paths: list[str]) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
     for rp, tp in zip(rgb_paths, thermal_paths):
         rgb, thermal = _rgb_u8(_read_image(rp, "RGB")), _read_image(tp, "thermal")
+        if thermal.ndim == 3:  # a thermal picture saved in colour: its grey levels (the estimate uses edges only)
+            thermal = to_gray8(thermal)
         yield {"label": f"{Path(rp).name} + {Path(tp).name}", "rgb": str(rp), "thermal": str(tp)}, rgb, thermal
 
 

@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -164,8 +165,6 @@ def run_one(seed: int, length: float, args, params: dict) -> dict:
     for mode, correct in (("calibrated", False), ("auto_correct", True)):
         out = root / mode
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         m = replay_bag(
             bag,
