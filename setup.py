@@ -39,7 +39,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            f"segment_node = {PACKAGE}.node:main",
+            f"segment_node = {PACKAGE}.ros.node:main",
             f"rgbt-seg = {PACKAGE}.cli:main",
         ],
     },

@@ -7,7 +7,7 @@
 
 `ros2 launch rgbt_seg_ros segment.launch.py --show-args` lists every argument. What each argument
 does (and the precedence: your params_file wins over launch defaults, an argument you give wins over
-the file) is decided by rgbt_seg_ros.launch_plan, which the test suite checks without ROS installed.
+the file) is decided by rgbt_seg_ros.ros.launch_plan, which the test suite checks without ROS installed.
 """
 
 import tempfile
@@ -29,7 +29,7 @@ from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
 from lifecycle_msgs.msg import Transition
 
-from rgbt_seg_ros.launch_plan import ARGUMENTS, launch_plan
+from rgbt_seg_ros.ros.launch_plan import ARGUMENTS, launch_plan
 
 
 def _start(context, *args, **kwargs):

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pairs": ("pairs", "pair a bag's RGB and thermal stamps with the node's synchronizer; counts and CSV"),
     "calibrate": ("calibrate", "fit the thermal->RGB homography from checkerboard images; write calibration YAML"),
     "train": ("train", "train a model config on a dataset (DDP under torchrun)"),
+    "experiments": ("experiments", "the training experiments behind the evidence tables; the tables themselves"),
     "evaluate": ("evaluate", "score a checkpoint on a dataset split; JSON, markdown, plots"),
     "replay": ("replay", "run the node's pipeline over a bag: output bag, metrics.json, report.md"),
     "demo": ("demo", "the live demo: segment_node + demo checkpoint over the sample bag; GIF, contact sheet"),

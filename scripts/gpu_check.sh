@@ -11,7 +11,7 @@
 #   (c) runs, each under a timeout taken from the budget (default 480 s): pytest -m cuda,
 #       `rgbt-seg bench model` of the three tiny configs at 480x640, `rgbt-seg bench pipeline` at
 #       640x480 and 1280x720, `rgbt-seg bench train` (batch 8: step time, peak memory), and the
-#       Segmenter in fp32 / bf16 / fp16 / torch.compile (rgbt_seg_ros/segmenter_benchmark.py);
+#       Segmenter in fp32 / bf16 / fp16 / torch.compile (rgbt_seg_ros/bench/segmenter_benchmark.py);
 #   (d) records a step that fails or times out in OUT/summary.json and goes on; exits 1 if any failed;
 #   (f) prints where the JSON files are (OUT, default gpu_check_out/) and a table.
 # --device cpu is the dry run (micro configs, 1-2 repetitions, same commands): CI runs it
@@ -68,10 +68,10 @@ cd "$REPO"
 
 echo "gpu_check.sh: device $DEVICE, python $PY, wheels $WHEELS, out $OUT, budget ${BUDGET} s"
 # (a) python + torch (+ CUDA): nothing else can run without them
-"$PY" -m rgbt_seg_ros.gpu_check check --device "$DEVICE" --out "$OUT"
+"$PY" -m rgbt_seg_ros.bench.gpu_check check --device "$DEVICE" --out "$OUT"
 # (b) what is missing, from the wheels; a failure is recorded (install.json) and the steps still run
-"$PY" -m rgbt_seg_ros.gpu_check install --wheels "$WHEELS" --out "$OUT" --repo "$REPO" || true
+"$PY" -m rgbt_seg_ros.bench.gpu_check install --wheels "$WHEELS" --out "$OUT" --repo "$REPO" || true
 # (c)-(f)
 rc=0
-"$PY" -m rgbt_seg_ros.gpu_check run --device "$DEVICE" --out "$OUT" --budget-s "$BUDGET" --repo "$REPO" || rc=$?
+"$PY" -m rgbt_seg_ros.bench.gpu_check run --device "$DEVICE" --out "$OUT" --budget-s "$BUDGET" --repo "$REPO" || rc=$?
 exit "$rc"

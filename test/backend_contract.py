@@ -41,10 +41,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rgbt_seg_ros.checkpoint import export_standalone, load_checkpoint, save_checkpoint
-from rgbt_seg_ros.classes import load_dataset_info
 from rgbt_seg_ros.models import available_backends, build_model, resolve_model_config
-from rgbt_seg_ros.segmenter import Segmenter
+from rgbt_seg_ros.models.checkpoint import export_standalone, load_checkpoint, save_checkpoint
+from rgbt_seg_ros.models.classes import load_dataset_info
+from rgbt_seg_ros.pipeline.segmenter import Segmenter
 
 
 def _no_change(model: torch.nn.Module) -> None:
@@ -229,7 +229,7 @@ class BackendContract:
 
     def test_black_rgb_gives_finite_outputs_and_rgb_influences_them(self, info):
         """The node's thermal_only input: RGB zeros (normalised as every frame is), thermal and valid as usual."""
-        from rgbt_seg_ros.segmenter import normalize_batch
+        from rgbt_seg_ros.models.preprocessing import normalize_batch
 
         model = self.build(info).eval()
         self.case.randomize(model)
@@ -348,8 +348,8 @@ class BackendContract:
         (2026-12-02, 2-core CPU; paired / thermal only / RGB only / nothing): SARTM 0.323 / 0.318 / 0.132 /
         0.182, CPAL 0.393 / 0.372 / 0.155 / 0.021, FusionSAM 0.250 / 0.260 / 0.151 / 0.151, SegRGB-X 0.670 /
         0.703 / 0.069 / 0.065."""
-        from rgbt_seg_ros.training.datasets import build_dataset
-        from rgbt_seg_ros.training.evaluation import SegmentationEvaluator, evaluate, item_to_numpy_pair
+        from rgbt_seg_ros.data.datasets import build_dataset
+        from rgbt_seg_ros.evaluation.evaluator import SegmentationEvaluator, evaluate, item_to_numpy_pair
         from rgbt_seg_ros.training.trainer import Trainer
 
         night = {"size": [96, 128], "conditions": ["night"]}

@@ -58,8 +58,8 @@ def micro_checkpoint(tmp_path_factory):
 def make_micro_checkpoint(out_dir: Path, input_size=None, seed: int = 0) -> Path:
     import torch
 
-    from rgbt_seg_ros.checkpoint import save_checkpoint
     from rgbt_seg_ros.models import build_model, dataset_info_for, resolve_model_config
+    from rgbt_seg_ros.models.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     cfg = resolve_model_config(REPO / "models" / "sartm_micro.yaml")
@@ -103,6 +103,6 @@ def one_thread():
 @pytest.fixture(scope="session")
 def info():
     """The synthetic class set (8 classes)."""
-    from rgbt_seg_ros.classes import load_dataset_info
+    from rgbt_seg_ros.models.classes import load_dataset_info
 
     return load_dataset_info("synthetic")

@@ -13,7 +13,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
-from rgbt_seg_ros.imaging import fill_compressed_msg, fill_image_msg
+from rgbt_seg_ros.pipeline.imaging import fill_compressed_msg, fill_image_msg
 
 
 class DdsClient:

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from rosbags.highlevel import AnyReader
 
-from rgbt_seg_ros.bags import TYPESTORE, bag_topics, read_messages, stamp_to_ns
+from rgbt_seg_ros.data.bags import TYPESTORE, bag_topics, read_messages, stamp_to_ns
 from rgbt_seg_ros.data.sample_bag import write_sample_bag
-from rgbt_seg_ros.imaging import image_to_numpy
-from rgbt_seg_ros.params import write_param_file
-from rgbt_seg_ros.replay import LABELS_TOPIC
+from rgbt_seg_ros.evaluation.replay import LABELS_TOPIC
+from rgbt_seg_ros.pipeline.imaging import image_to_numpy
+from rgbt_seg_ros.pipeline.params import write_param_file
 from rgbt_seg_ros.tools import replay as replay_tool
 from rgbt_seg_ros.tools.bag_repair import run_recover, run_reindex
 
@@ -142,7 +142,7 @@ def _zstd_copy(src, dest):
 
     import zstandard
 
-    from rgbt_seg_ros.bag_recovery import MCAP_MAGIC, OP_CHUNK, _Cursor, _records
+    from rgbt_seg_ros.data.bag_recovery import MCAP_MAGIC, OP_CHUNK, _Cursor, _records
 
     data = src.read_bytes()
     out = bytearray(MCAP_MAGIC)

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from rgbt_seg_ros import pipeline_benchmark as pb
+from rgbt_seg_ros.bench.models import load_segmenter
+from rgbt_seg_ros.ros import pipeline_benchmark as pb
 from rgbt_seg_ros.tools import bench
 
 
@@ -62,7 +63,7 @@ def test_bench_pipeline_with_a_stand_in_forward_says_so_and_is_bounded_by_it(tmp
 
 
 def test_bench_pipeline_with_random_weights_of_a_config():
-    seg = pb.load_segmenter(config="models/sartm_micro.yaml", model_size=(64, 96))
+    seg = load_segmenter(config="models/sartm_micro.yaml", model_size=(64, 96))
     assert seg.input_size == (64, 96)
     result = pb.bench_pipeline(
         segmenter=seg, config="models/sartm_micro.yaml", sizes=[(48, 64)], repeats=1, warmup=0, seconds=0
@@ -73,9 +74,9 @@ def test_bench_pipeline_with_random_weights_of_a_config():
 
 
 def test_bench_pipeline_reports_the_registration_health_estimate_apart_from_the_frame_path():
-    from rgbt_seg_ros.params import SPEC_BY_NAME
+    from rgbt_seg_ros.pipeline.params import SPEC_BY_NAME
 
-    seg = pb.load_segmenter(config="models/sartm_micro.yaml", model_size=(64, 96))
+    seg = load_segmenter(config="models/sartm_micro.yaml", model_size=(64, 96))
     result = pb.bench_pipeline(
         segmenter=seg, config="models/sartm_micro.yaml", sizes=[(96, 128)], repeats=3, warmup=1, seconds=0
     )

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import REPO
-from rgbt_seg_ros import bench_report
+from rgbt_seg_ros.evaluation import reports as bench_report
 
 
 def test_readme_table_is_what_the_committed_results_give():
@@ -81,7 +81,7 @@ def test_a_broken_result_file_is_named(tmp_path):
 
 
 def test_write_each_writes_every_missing_result_at_once_and_skips_the_rest(tmp_path, capsys):
-    from rgbt_seg_ros.bench_report import write_each
+    from rgbt_seg_ros.evaluation.reports import write_each
 
     (tmp_path / "b_run1.json").write_text('{"old": true}')
     made = []

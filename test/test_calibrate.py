@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rgbt_seg_ros.registration import ThermalRegistrar
+from rgbt_seg_ros.pipeline.registration import ThermalRegistrar
 from rgbt_seg_ros.tools import calibrate
 
 BOARD = (8, 5)

@@ -6,7 +6,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from rgbt_seg_ros.checkpoint import (
+from rgbt_seg_ros.models import build_model, resolve_model_config
+from rgbt_seg_ros.models.checkpoint import (
     BASE_FILE,
     CONFIG_FILE,
     MODEL_FILE,
@@ -14,7 +15,6 @@ from rgbt_seg_ros.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from rgbt_seg_ros.models import build_model, resolve_model_config
 
 MICRO = "models/sartm_micro.yaml"
 

@@ -16,12 +16,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rgbt_seg_ros.checkpoint import checkpoint_class_sets, load_checkpoint, save_checkpoint
-from rgbt_seg_ros.class_sets import ClassSetError, config_class_sets
-from rgbt_seg_ros.classes import load_dataset_info
-from rgbt_seg_ros.frame_flow import checked_class_set, segmenter_from_params
-from rgbt_seg_ros.params import defaults
-from rgbt_seg_ros.segmenter import Segmenter
+from rgbt_seg_ros.models.checkpoint import checkpoint_class_sets, load_checkpoint, save_checkpoint
+from rgbt_seg_ros.models.class_sets import ClassSetError, config_class_sets
+from rgbt_seg_ros.models.classes import load_dataset_info
+from rgbt_seg_ros.pipeline.frame_flow import checked_class_set, segmenter_from_params
+from rgbt_seg_ros.pipeline.params import defaults
+from rgbt_seg_ros.pipeline.segmenter import Segmenter
 from rgbt_seg_ros.training.experiments import mfnet_tiles_layout
 from rgbt_seg_ros.training.joint import JointBatchSampler, model_class_sets, share_batches
 from rgbt_seg_ros.training.trainer import TrainConfigError, Trainer, resolve_train_config
@@ -248,7 +248,7 @@ def test_a_joint_checkpoint_segments_with_either_class_set(joint_run):
     ]
     val = [r for r in rows if r["type"] == "val"]
     assert len(val) == 1 and set(val[0]["per_class_iou"]) == set(load_dataset_info("synthetic").class_names)
-    from rgbt_seg_ros.training.text_teacher import class_text_embeddings
+    from rgbt_seg_ros.models.text_teacher import class_text_embeddings
 
     assert set(tr.text_embeddings) == {"synthetic", "mfnet"}
     assert torch.equal(tr.text_embeddings["mfnet"], class_text_embeddings(load_dataset_info("mfnet").class_names))
@@ -382,7 +382,7 @@ def _node_pipeline_status(checkpoint, class_set: str, ros_env) -> tuple:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from rgbt_seg_ros.node import SegmentNode
+    from rgbt_seg_ros.ros.node import SegmentNode
 
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=int(ros_env["ROS_DOMAIN_ID"]))
@@ -453,8 +453,8 @@ def test_one_checkpoint_learns_two_label_spaces_and_segments_each_with_its_own_c
     """segrgbx micro trained jointly (150 steps) on the synthetic set (8 classes) and a second dataset labelled
     in a coarse 3-class space (background / pedestrian / vehicle; other scenes): the one checkpoint segments
     held-out data of each dataset in that dataset's classes, and finds people and cars in both label spaces."""
-    from rgbt_seg_ros.training.datasets import build_dataset
-    from rgbt_seg_ros.training.evaluation import evaluate
+    from rgbt_seg_ros.data.datasets import build_dataset
+    from rgbt_seg_ros.evaluation.evaluator import evaluate
 
     size = [96, 128]
     root, classes = coarse_dataset(tmp_path / "coarse")

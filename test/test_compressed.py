@@ -11,9 +11,9 @@ import pytest
 from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CompressedImage as RclpyCompressedImage
 
-from rgbt_seg_ros import imaging
-from rgbt_seg_ros.bags import TYPESTORE, make_header
-from rgbt_seg_ros.imaging import (
+from rgbt_seg_ros.data.bags import TYPESTORE, make_header
+from rgbt_seg_ros.pipeline import imaging
+from rgbt_seg_ros.pipeline.imaging import (
     COLOR_ENCODINGS,
     THERMAL_ENCODINGS,
     ImageEncodingError,

@@ -2,7 +2,7 @@
 
 Every test here is marked ``cuda``: without a GPU the conftest hook skips them ("no CUDA device");
 ``scripts/gpu_check.sh`` runs them on a GPU machine (``pytest -m cuda``). Models are the micro
-configs with random weights (``pipeline_benchmark.load_segmenter``, seeded: the CPU and the CUDA
+configs with random weights (``bench.models.load_segmenter``, seeded: the CPU and the CUDA
 copy have the same weights). Where CUDA results are compared with the CPU's, TF32 is switched
 off, so both compute in full fp32 and differ by rounding only.
 """
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from rgbt_seg_ros.pipeline_benchmark import load_segmenter
-from rgbt_seg_ros.segmenter import Segmenter, normalize_batch
-from rgbt_seg_ros.segmenter_benchmark import synthetic_pair
+from rgbt_seg_ros.bench.models import load_segmenter
+from rgbt_seg_ros.bench.segmenter_benchmark import synthetic_pair
+from rgbt_seg_ros.models.preprocessing import normalize_batch
+from rgbt_seg_ros.pipeline.segmenter import Segmenter
 
 pytestmark = pytest.mark.cuda
 
@@ -158,7 +159,7 @@ def test_first_training_step_loss_on_cuda_equals_cpu(tmp_path):
 
 
 def test_bench_train_reports_cuda_peak_memory():
-    from rgbt_seg_ros.train_benchmark import bench_train
+    from rgbt_seg_ros.training.benchmark import bench_train
 
     r = bench_train(MICRO, batch=2, steps=2, warmup=1, device="cuda", size=(64, 96))
     assert r["device"].startswith("cuda") and r["memory"]["kind"] == "cuda max_memory_allocated"

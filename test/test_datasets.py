@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from rgbt_seg_ros.classes import load_dataset_info
+from rgbt_seg_ros.data.datasets import DatasetError, build_dataset, split_seed
 from rgbt_seg_ros.data.sample_dataset import read_mfnet_png, write_sample_dataset
 from rgbt_seg_ros.data.synthetic import CONDITIONS, SceneGenerator
-from rgbt_seg_ros.training.datasets import DatasetError, build_dataset, split_seed
+from rgbt_seg_ros.models.classes import load_dataset_info
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 SIZE = (64, 96)

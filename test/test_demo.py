@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from rgbt_seg_ros.demo import DemoError, run_demo
+from rgbt_seg_ros.ros.demo import DemoError, run_demo
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def test_demo_path_on_a_few_frames(tmp_path, micro_checkpoint, ros_env, monkeypa
 
 
 def test_contact_sheet_rows_start_with_one_frame_per_condition():
-    from rgbt_seg_ros.demo import _contact_stamps
+    from rgbt_seg_ros.ros.demo import _contact_stamps
 
     stamps = list(range(40))
     conditions = {s: ("day", "night", "fog", "glare")[s // 10] for s in stamps}

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import make_micro_checkpoint
-from rgbt_seg_ros.classes import load_dataset_info
-from rgbt_seg_ros.segmenter import SegmentationResult, Segmenter
+from rgbt_seg_ros.data.datasets import build_dataset
+from rgbt_seg_ros.evaluation.evaluator import SegmentationEvaluator, evaluate, item_to_numpy_pair
+from rgbt_seg_ros.models.classes import load_dataset_info
+from rgbt_seg_ros.pipeline.segmenter import SegmentationResult, Segmenter
 from rgbt_seg_ros.tools import evaluate as evaluate_tool
-from rgbt_seg_ros.training.datasets import build_dataset
-from rgbt_seg_ros.training.evaluation import SegmentationEvaluator, evaluate, item_to_numpy_pair
 
 SYN = load_dataset_info("synthetic")
 FILES = ("metrics.json", "metrics.md", "confusion_matrix.png", "per_class_iou.png", "overlays.png")

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from sensor_msgs.msg import Image
 
-from rgbt_seg_ros.frame_flow import (
+from rgbt_seg_ros.pipeline.frame_flow import (
     FramePipeline,
     LatestSlot,
     PartnerWatch,
     normalizer_from_params,
     registrar_from_params,
 )
-from rgbt_seg_ros.imaging import (
+from rgbt_seg_ros.pipeline.imaging import (
     ENCODINGS,
     ImageEncodingError,
     ThermalNormalizer,
@@ -27,10 +27,10 @@ from rgbt_seg_ros.imaging import (
     rgb_from_msg,
     thermal_from_msg,
 )
-from rgbt_seg_ros.params import defaults
-from rgbt_seg_ros.registration import ThermalRegistrar
-from rgbt_seg_ros.segmenter import Segmenter
-from rgbt_seg_ros.sync import ApproximateTimePairer
+from rgbt_seg_ros.pipeline.params import defaults
+from rgbt_seg_ros.pipeline.registration import ThermalRegistrar
+from rgbt_seg_ros.pipeline.segmenter import Segmenter
+from rgbt_seg_ros.pipeline.sync import ApproximateTimePairer
 
 H, W = 61, 83  # odd sizes on purpose
 BASE = 1_700_000_000_000_000_000

@@ -1,4 +1,4 @@
-"""The frame flow shared by node, replay and benchmarks (rgbt_seg_ros/frame_flow.py).
+"""The frame flow shared by node, replay and benchmarks (rgbt_seg_ros/pipeline/frame_flow.py).
 
 Unit level: the fast host path against the full-resolution reference, the pairing policy of
 ``sync.max_wait: 0`` in every tool, the staged worker's newest-frame and keep-all policies.
@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from sensor_msgs.msg import Image
 
 from conftest import script, write_params
-from rgbt_seg_ros.bags import BagWriter, make_image, read_messages, stamp_to_ns
+from rgbt_seg_ros.data.bags import BagWriter, make_image, read_messages, stamp_to_ns
 from rgbt_seg_ros.data.synthetic import SceneGenerator
-from rgbt_seg_ros.frame_flow import (
+from rgbt_seg_ros.evaluation.replay import LABELS_TOPIC, replay_bag
+from rgbt_seg_ros.pipeline.frame_flow import (
     FrameFlow,
     FramePipeline,
     Job,
@@ -31,14 +32,13 @@ from rgbt_seg_ros.frame_flow import (
     latency_summary,
     pairer_from_params,
 )
-from rgbt_seg_ros.imaging import ThermalNormalizer, fill_image_msg, image_to_numpy
-from rgbt_seg_ros.params import defaults
-from rgbt_seg_ros.registration import ThermalRegistrar
-from rgbt_seg_ros.render import blend_overlay, colorize
-from rgbt_seg_ros.replay import LABELS_TOPIC, replay_bag
+from rgbt_seg_ros.pipeline.imaging import ThermalNormalizer, fill_image_msg, image_to_numpy
+from rgbt_seg_ros.pipeline.params import defaults
+from rgbt_seg_ros.pipeline.registration import ThermalRegistrar
+from rgbt_seg_ros.pipeline.render import blend_overlay, colorize
+from rgbt_seg_ros.pipeline.segmenter import Segmenter
+from rgbt_seg_ros.pipeline.sync import Pair
 from rgbt_seg_ros.resources import resolve_data_file
-from rgbt_seg_ros.segmenter import Segmenter
-from rgbt_seg_ros.sync import Pair
 from rgbt_seg_ros.tools.pairs import pair_bag
 
 MS = 1_000_000

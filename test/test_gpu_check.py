@@ -1,6 +1,6 @@
 """scripts/gpu_check.sh: its dry run end to end (``--device cpu``, as CI runs it) and its failure handling.
 
-The dry run runs every step of the GPU check with the micro configs (see rgbt_seg_ros/gpu_check.py);
+The dry run runs every step of the GPU check with the micro configs (see rgbt_seg_ros/bench/gpu_check.py);
 here it takes about a minute. The JSON figures are checked for being there and plausible, not for speed.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rgbt_seg_ros import gpu_check
+from rgbt_seg_ros.bench import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"

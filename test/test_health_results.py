@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from rgbt_seg_ros.bench_report import load_numbered
+from rgbt_seg_ros.evaluation.reports import load_numbered
 from rgbt_seg_ros.tools import health
 
 RESULTS = REPO / "docs" / "results" / "health"

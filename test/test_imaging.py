@@ -7,8 +7,8 @@ import pytest
 from rosbags.image import message_to_cvimage
 from sensor_msgs.msg import Image as RclpyImage
 
-from rgbt_seg_ros.bags import make_image
-from rgbt_seg_ros.imaging import (
+from rgbt_seg_ros.data.bags import make_image
+from rgbt_seg_ros.pipeline.imaging import (
     ENCODINGS,
     ImageEncodingError,
     ThermalNormalizer,

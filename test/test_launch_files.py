@@ -1,6 +1,6 @@
 """Launch file and rviz2 config, checked without ROS 2's launch stack (not installable here).
 
-Two levels: ``rgbt_seg_ros.launch_plan`` (what the launch file decides: parameter precedence,
+Two levels: ``rgbt_seg_ros.ros.launch_plan`` (what the launch file decides: parameter precedence,
 remappings, sim time, rviz, bag play) is tested directly; then ``launch/segment.launch.py`` itself
 is executed against a recording stand-in of the launch API, to check that it hands those decisions
 to the real actions unchanged. test/test_launch_pytest.py runs the launch file for real where
@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from rgbt_seg_ros.launch_plan import ARGUMENTS, LaunchArgumentError, launch_plan, rviz_config_for
-from rgbt_seg_ros.params import BAG_PARAMS, SPEC_BY_NAME, load_param_file
+from rgbt_seg_ros.pipeline.params import BAG_PARAMS, SPEC_BY_NAME, load_param_file
 from rgbt_seg_ros.resources import share_dir
+from rgbt_seg_ros.ros.launch_plan import ARGUMENTS, LaunchArgumentError, launch_plan, rviz_config_for
 
 LAUNCH = REPO / "launch" / "segment.launch.py"
 SHARE = REPO
@@ -195,7 +195,7 @@ def test_the_launch_file_starts_what_the_plan_says(monkeypatch, tmp_path):
     assert kw["parameters"] == [str(user), {"model.device": "cpu"}]
     assert kw["remappings"] == [("rgb/image", "/cam/rgb")]
     assert kw["ros_arguments"] == ["--log-level", "debug"]
-    assert "segment_node = {PACKAGE}.node:main" in (REPO / "setup.py").read_text()
+    assert "segment_node = {PACKAGE}.ros.node:main" in (REPO / "setup.py").read_text()
 
 
 def test_the_launch_file_with_a_bag_rviz_and_a_managed_node(monkeypatch, tmp_path):
@@ -229,7 +229,7 @@ def test_rviz_config_parses_and_shows_the_node_outputs():
     topics = _rviz_topics(rviz)
     # default namespace "" and node name rgbt_seg: private topics are /rgbt_seg/<output>
     assert topics == {"/rgbt_seg/overlay", "/rgbt_seg/labels", "/rgbt_seg/thermal_registered"}
-    from rgbt_seg_ros.node import NODE_NAME, OUTPUT_TOPICS
+    from rgbt_seg_ros.ros.node import NODE_NAME, OUTPUT_TOPICS
 
     assert NODE_NAME == "rgbt_seg"
     for topic in topics:

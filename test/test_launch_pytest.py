@@ -20,7 +20,7 @@ from launch.actions import IncludeLaunchDescription  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
-from rgbt_seg_ros.imaging import fill_image_msg, image_to_numpy  # noqa: E402
+from rgbt_seg_ros.pipeline.imaging import fill_image_msg, image_to_numpy  # noqa: E402
 
 SHARE = Path(get_package_share_directory("rgbt_seg_ros"))
 

@@ -14,8 +14,7 @@ RESULTS = REPO / "docs" / "results" / "learning"
 
 def test_readme_tables_are_what_the_committed_results_give():
     assert evidence.update_readme(REPO / "README.md", RESULTS, check=True), (
-        "README.md's learning tables differ from docs/results/learning: "
-        "run `python -m rgbt_seg_ros.training.experiments table`"
+        "README.md's learning tables differ from docs/results/learning: run `rgbt-seg experiments table`"
     )
 
 

@@ -286,10 +286,10 @@ def test_class_weighted_ohem_is_the_weighted_mean_over_kept_pixels():
 def _encoder_gradient_shares(neck_width: int) -> dict[str, float]:
     """Norm of each weighted term's gradient on the micro SARTM's SAM2 encoder (trunk, neck, LoRA) at
     initialisation, divided by CE(S0)'s: one fixed batch of 4 synthetic scenes at 96x128."""
-    from rgbt_seg_ros.classes import load_dataset_info
+    from rgbt_seg_ros.data.datasets import SyntheticDataset
     from rgbt_seg_ros.models import build_model, resolve_model_config
-    from rgbt_seg_ros.segmenter import normalize_batch
-    from rgbt_seg_ros.training.datasets import SyntheticDataset
+    from rgbt_seg_ros.models.classes import load_dataset_info
+    from rgbt_seg_ros.models.preprocessing import normalize_batch
 
     info = load_dataset_info("synthetic")
     cfg = resolve_model_config("models/sartm_micro.yaml")

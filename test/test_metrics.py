@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rgbt_seg_ros.training.metrics import ConfusionMatrix
+from rgbt_seg_ros.evaluation.metrics import ConfusionMatrix
 
 # 4 classes; class 3 appears in neither labels nor (counted) predictions.
 TARGET = np.array([0, 0, 0, 1, 1, 255, 255])

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from rgbt_seg_ros.classes import load_dataset_info
 from rgbt_seg_ros.models import build_model, resolve_model_config
+from rgbt_seg_ros.models.classes import load_dataset_info
 from rgbt_seg_ros.models.cpal import CPAL
 from rgbt_seg_ros.models.cpal_blocks import (
     GatedPerceptionModule,

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rgbt_seg_ros.classes import load_dataset_info
 from rgbt_seg_ros.models import build_model, resolve_model_config
+from rgbt_seg_ros.models.classes import load_dataset_info
 from rgbt_seg_ros.models.fusionsam import POSITIVE_POINT_KEY, FusionSAM
 from rgbt_seg_ros.models.fusionsam_blocks import (
     BidirectionalCrossAttention,

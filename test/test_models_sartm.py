@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from rgbt_seg_ros.classes import DatasetInfo, load_dataset_info
 from rgbt_seg_ros.models import SARTM, available_backends, build_model, resolve_model_config
+from rgbt_seg_ros.models.classes import DatasetInfo, load_dataset_info
 from rgbt_seg_ros.models.heads import SAM2MaskDecoderHead
 from rgbt_seg_ros.models.sam2_checkpoint import (
     DECODER_SHARED_PARTS,

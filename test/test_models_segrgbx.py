@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from backend_contract import randomize_named
 
-from rgbt_seg_ros.checkpoint import load_checkpoint, save_checkpoint
-from rgbt_seg_ros.classes import load_dataset_info
 from rgbt_seg_ros.models import build_model, resolve_model_config
+from rgbt_seg_ros.models.checkpoint import load_checkpoint, save_checkpoint
+from rgbt_seg_ros.models.classes import load_dataset_info
 from rgbt_seg_ros.models.segrgbx import SegRGBX
 from rgbt_seg_ros.models.segrgbx_blocks import DSRM, prompted_block
 from rgbt_seg_ros.training.ma_clip import caption, contrastive_loss
@@ -310,7 +310,7 @@ class _Scenes:
     """Synthetic items (the trainer's item format); ``thermal_noise``: thermal replaced by noise of that seed."""
 
     def __init__(self, count=16, thermal_noise=None):
-        from rgbt_seg_ros.training.datasets import build_dataset
+        from rgbt_seg_ros.data.datasets import build_dataset
 
         synthetic = load_dataset_info("synthetic")
         self.data = build_dataset("synthetic", None, "train", synthetic, count=count, size=(64, 96))
@@ -372,7 +372,7 @@ def test_a_resumed_run_does_not_repeat_the_ma_clip_stage(tmp_path):
 
 
 def test_segmenters_sharing_a_model_keep_their_own_class_set(info):
-    from rgbt_seg_ros.segmenter import Segmenter
+    from rgbt_seg_ros.pipeline.segmenter import Segmenter
 
     mfnet = load_dataset_info("mfnet")
     text = {"synthetic": unit(info.num_classes, seed=1), "mfnet": unit(mfnet.num_classes, seed=2)}

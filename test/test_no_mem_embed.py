@@ -17,7 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from rgbt_seg_ros.checkpoint import (
+from rgbt_seg_ros.models import build_model, dataset_info_for, resolve_model_config
+from rgbt_seg_ros.models.checkpoint import (
     ADDED_SINCE_FORMAT_1,
     CHECKPOINT_FORMAT,
     CONFIG_FILE,
@@ -26,7 +27,6 @@ from rgbt_seg_ros.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from rgbt_seg_ros.models import build_model, dataset_info_for, resolve_model_config
 from rgbt_seg_ros.models.sam2_checkpoint import NO_MEM_KEY, official_to_parts
 
 REPO = Path(__file__).resolve().parents[1]

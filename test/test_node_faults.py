@@ -13,7 +13,7 @@ from sensor_msgs.msg import Image
 from test_node_integration import scene, start_node, stop, wait_until_ready
 
 from conftest import write_params
-from rgbt_seg_ros.imaging import fill_image_msg
+from rgbt_seg_ros.pipeline.imaging import fill_image_msg
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import pytest
 from dds_client import DdsClient, call_service, now_ns, random_pair, stop_node
 
 from conftest import make_micro_checkpoint, script, write_params
-from rgbt_seg_ros.imaging import image_to_numpy
+from rgbt_seg_ros.pipeline.imaging import image_to_numpy
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +111,7 @@ def test_pairs_come_back_as_labels_and_overlays_with_the_rgb_header(node_and_cli
 def test_bad_input_is_counted_and_the_node_keeps_working(node_and_client):
     from sensor_msgs.msg import Image
 
-    from rgbt_seg_ros.imaging import fill_image_msg
+    from rgbt_seg_ros.pipeline.imaging import fill_image_msg
 
     proc, client = node_and_client
     wait_until_ready(client, proc)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from rgbt_seg_ros.onnx_export import (  # noqa: E402
+from rgbt_seg_ros.models.onnx_export import (  # noqa: E402
     compare_with_torch,
     export_checkpoint,
     onnx_session,

@@ -67,7 +67,7 @@ def test_requirements_are_ranges_locked_by_constraints():
 def test_setup_py_names_console_scripts_and_license():
     tree = ast.parse((REPO / "setup.py").read_text())
     text = ast.unparse(tree)
-    assert "segment_node = {PACKAGE}.node:main" in text and "rgbt-seg = {PACKAGE}.cli:main" in text
+    assert "segment_node = {PACKAGE}.ros.node:main" in text and "rgbt-seg = {PACKAGE}.cli:main" in text
     assert "Apache-2.0" in text
     assert (REPO / "LICENSE").read_text().lstrip().startswith("Apache License")
 
@@ -94,7 +94,7 @@ def test_installed_data_files_and_ament_index():
 
 
 def test_dataset_class_files():
-    from rgbt_seg_ros.classes import load_dataset_info
+    from rgbt_seg_ros.models.classes import load_dataset_info
 
     counts = {name: load_dataset_info(name).num_classes for name in ("mfnet", "pst900", "fmb", "synthetic")}
     assert counts == {"mfnet": 9, "pst900": 5, "fmb": 15, "synthetic": 8}

@@ -10,7 +10,7 @@ import pytest
 from rosbags.rosbag1 import Writer as Rosbag1Writer
 from rosbags.typesys import Stores, get_typestore
 
-from rgbt_seg_ros.bags import read_messages, stamp_to_ns
+from rgbt_seg_ros.data.bags import read_messages, stamp_to_ns
 from rgbt_seg_ros.data.sample_bag import write_sample_bag
 from rgbt_seg_ros.tools import pairs as pairs_tool
 

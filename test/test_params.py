@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from rgbt_seg_ros.params import SPECS, defaults, load_param_file, validate
+from rgbt_seg_ros.pipeline.params import SPECS, defaults, load_param_file, validate
 
 
 def test_shipped_parameter_file_sets_every_parameter_with_valid_values():

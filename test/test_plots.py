@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from rgbt_seg_ros.classes import load_dataset_info
-from rgbt_seg_ros.training.metrics import ConfusionMatrix
-from rgbt_seg_ros.training.plots import latency_histogram, overlay_grid, plot_confusion_matrix, plot_per_class_iou
+from rgbt_seg_ros.evaluation.metrics import ConfusionMatrix
+from rgbt_seg_ros.evaluation.plots import latency_histogram, overlay_grid, plot_confusion_matrix, plot_per_class_iou
+from rgbt_seg_ros.models.classes import load_dataset_info
 
 INFO = load_dataset_info("synthetic")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rgbt_seg_ros.registration import RegistrationError, ThermalRegistrar
+from rgbt_seg_ros.pipeline.registration import RegistrationError, ThermalRegistrar
 from rgbt_seg_ros.tools.calibrate import detect_corners, render_board, to_gray8
 
 REPO = Path(__file__).resolve().parent.parent

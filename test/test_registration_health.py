@@ -1,4 +1,4 @@
-"""Registration health (rgbt_seg_ros/registration_health.py): the drift estimate on the synthetic rig whose
+"""Registration health (rgbt_seg_ros/pipeline/registration_health.py): the drift estimate on the synthetic rig whose
 true warp is known, the bounded correction, the warning, and both through the shared FramePipeline."""
 
 import math
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from rgbt_seg_ros.data.synthetic import SceneGenerator
-from rgbt_seg_ros.frame_flow import FramePipeline
-from rgbt_seg_ros.params import defaults
-from rgbt_seg_ros.registration import ThermalRegistrar
-from rgbt_seg_ros.registration_health import (
+from rgbt_seg_ros.pipeline.frame_flow import FramePipeline
+from rgbt_seg_ros.pipeline.params import defaults
+from rgbt_seg_ros.pipeline.registration import ThermalRegistrar
+from rgbt_seg_ros.pipeline.registration_health import (
     DriftCorrector,
     HealthSettings,
     OffsetEstimate,
@@ -191,7 +191,7 @@ def test_auto_correction_through_the_pipeline_aligns_a_moved_rig(micro_checkpoin
 def test_a_shift_samples_the_calibrations_geometry_exactly_without_recomputing_it(name):
     """Shifted maps come from the calibration's cached coordinates interpolated at the shift: they equal the
     geometry evaluated at the shifted points (lens distortion included) to a thousandth of a pixel."""
-    from rgbt_seg_ros.registration import _grid_points
+    from rgbt_seg_ros.pipeline.registration import _grid_points
     from rgbt_seg_ros.resources import resolve_data_file
 
     base = ThermalRegistrar.from_yaml(resolve_data_file(f"config/registration/{name}.yaml"))

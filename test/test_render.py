@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from rgbt_seg_ros.classes import load_dataset_info
-from rgbt_seg_ros.render import blend_overlay, colorize, contact_sheet, legend, parse_palette, thermal_to_rgb
+from rgbt_seg_ros.models.classes import load_dataset_info
+from rgbt_seg_ros.pipeline.render import blend_overlay, colorize, contact_sheet, legend, parse_palette, thermal_to_rgb
 
 
 def test_parse_palette_forms():

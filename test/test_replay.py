@@ -9,13 +9,13 @@ from rosbags.highlevel import AnyReader
 from rosbags.rosbag1 import Writer as Rosbag1Writer
 from rosbags.typesys import Stores, get_typestore
 
-from rgbt_seg_ros.bags import read_messages, stamp_to_ns
+from rgbt_seg_ros.data.bags import read_messages, stamp_to_ns
 from rgbt_seg_ros.data.sample_bag import write_sample_bag
-from rgbt_seg_ros.frame_flow import FramePipeline
-from rgbt_seg_ros.params import defaults, write_param_file
-from rgbt_seg_ros.replay import LABELS_TOPIC, OVERLAY_TOPIC, replay_bag
-from rgbt_seg_ros.segmenter import Segmenter
-from rgbt_seg_ros.sync import ApproximateTimePairer
+from rgbt_seg_ros.evaluation.replay import LABELS_TOPIC, OVERLAY_TOPIC, replay_bag
+from rgbt_seg_ros.pipeline.frame_flow import FramePipeline
+from rgbt_seg_ros.pipeline.params import defaults, write_param_file
+from rgbt_seg_ros.pipeline.segmenter import Segmenter
+from rgbt_seg_ros.pipeline.sync import ApproximateTimePairer
 from rgbt_seg_ros.tools import replay as replay_tool
 from rgbt_seg_ros.tools.pairs import pair_bag
 
@@ -143,7 +143,7 @@ def test_truncated_bag_keeps_a_valid_partial_output(sample, params, pipeline, tm
 
 def test_missing_topic_is_named(sample, params, pipeline, tmp_path):
     _, bag = sample
-    from rgbt_seg_ros.bags import BagError
+    from rgbt_seg_ros.data.bags import BagError
 
     with pytest.raises(BagError, match="has no topic /nope"):
         replay_bag(bag, params, tmp_path / "o", pipeline=pipeline, progress=False, thermal_topic="/nope")
@@ -187,8 +187,8 @@ def test_ros1_bag_and_rgb_only_when_thermal_stops(params, pipeline, tmp_path):
 
 def _compressed_copy(bag, out, rgb_topic="/rgb/image", thermal_topic="/thermal/image", corrupt_first_rgb=False):
     """The sample bag with its camera images as image_transport's compressed topics (png: lossless)."""
-    from rgbt_seg_ros.bags import TYPESTORE, BagWriter, make_header
-    from rgbt_seg_ros.imaging import fill_compressed_msg, image_to_numpy
+    from rgbt_seg_ros.data.bags import TYPESTORE, BagWriter, make_header
+    from rgbt_seg_ros.pipeline.imaging import fill_compressed_msg, image_to_numpy
 
     compressed_t = TYPESTORE.types["sensor_msgs/msg/CompressedImage"]
     first = True
@@ -234,7 +234,7 @@ def test_compressed_input_replays_to_the_same_labels_and_counts_a_broken_payload
 
 
 def image_to_numpy_copy(msg):
-    from rgbt_seg_ros.imaging import image_to_numpy
+    from rgbt_seg_ros.pipeline.imaging import image_to_numpy
 
     return image_to_numpy(msg).copy()
 
@@ -267,7 +267,7 @@ def test_the_sample_bag_replays_with_its_own_parameters_by_default(tmp_path, cap
 def test_a_pause_of_both_cameras_replays_without_rgb_only_frames(params, pipeline, tmp_path):
     """A bag paused for 3 s (both cameras, e.g. a driver restart): every frame after it is paired, neither
     camera counts as lost (no RGB-only and no thermal-only frame)."""
-    from rgbt_seg_ros.bags import BagWriter, make_image
+    from rgbt_seg_ros.data.bags import BagWriter, make_image
 
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)

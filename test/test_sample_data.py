@@ -13,7 +13,7 @@ from rosbags.highlevel import AnyReader
 from rosbags.image import message_to_cvimage
 
 from conftest import script
-from rgbt_seg_ros.bags import BagError, bag_topics, read_messages, stamp_to_ns
+from rgbt_seg_ros.data.bags import BagError, bag_topics, read_messages, stamp_to_ns
 from rgbt_seg_ros.data.sample_bag import GT_TOPIC, RGB_TOPIC, START_NS, THERMAL_TOPIC, write_sample_bag
 from rgbt_seg_ros.data.sample_dataset import read_mfnet_png, write_sample_dataset
 from rgbt_seg_ros.data.synthetic import CONDITIONS, SceneGenerator
@@ -35,7 +35,7 @@ def test_sample_bag_reads_back(tmp_path, storage):
         scene_seconds=0.5,
         **SMALL,
     )
-    with AnyReader([bag]) as reader:  # rosbags' own reader, independent of rgbt_seg_ros.bags
+    with AnyReader([bag]) as reader:  # rosbags' own reader, independent of rgbt_seg_ros.data.bags
         counts = Counter(c.topic for c in reader.connections for _ in range(c.msgcount))
         msgs = {}
         times = []

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from rgbt_seg_ros.checkpoint import save_checkpoint
-from rgbt_seg_ros.classes import DatasetInfo, load_dataset_info
 from rgbt_seg_ros.models import build_model, resolve_model_config
-from rgbt_seg_ros.segmenter import Segmenter, fit_size, resolve_device
+from rgbt_seg_ros.models.checkpoint import save_checkpoint
+from rgbt_seg_ros.models.classes import DatasetInfo, load_dataset_info
+from rgbt_seg_ros.models.preprocessing import fit_size, resolve_device
+from rgbt_seg_ros.pipeline.segmenter import Segmenter
 
 MICRO = "models/sartm_micro.yaml"
 
@@ -150,7 +151,7 @@ def test_torch_compile_option_traces_the_model_and_keeps_the_results(ckpt_dir, s
     """``compile`` wraps the model in torch.compile and compiles during warm-up. The ``eager`` backend
     runs TorchDynamo's graph capture of the whole model (the part that breaks on unsupported Python)
     without inductor's C++ code generation, which takes minutes on this CPU."""
-    from rgbt_seg_ros.checkpoint import load_checkpoint
+    from rgbt_seg_ros.models.checkpoint import load_checkpoint
 
     model, cfg, info = load_checkpoint(ckpt_dir)
     compiled = Segmenter(model, cfg, info, device="cpu", compile="default", compile_backend="eager")
@@ -165,7 +166,7 @@ def test_torch_compile_option_traces_the_model_and_keeps_the_results(ckpt_dir, s
 
 
 def test_host_staging_reuses_one_buffer_per_input_and_size():
-    from rgbt_seg_ros.segmenter import HostStaging
+    from rgbt_seg_ros.pipeline.segmenter import HostStaging
 
     staging = HostStaging(pin=False)  # pin=True needs CUDA; the reuse logic is the same
     a = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)

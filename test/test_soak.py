@@ -8,7 +8,7 @@ thermal_timeout, count every bad or oversize frame, keep segmenting and keep its
 import pytest
 
 from conftest import make_micro_checkpoint
-from rgbt_seg_ros.soak import SoakPlan, bench_soak
+from rgbt_seg_ros.ros.soak import SoakPlan, bench_soak
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def test_a_burst_of_oversize_frames_leaves_no_memory_behind(tmp_path, ros_env, m
 
     Before the package's Fast DDS profile (readers free each sample) the node kept ~350 MB of such a burst.
     """
-    from rgbt_seg_ros.soak import bench_oversize
+    from rgbt_seg_ros.ros.soak import bench_oversize
 
     monkeypatch.setenv("ROS_LOG_DIR", ros_env["ROS_LOG_DIR"])
     r = bench_oversize(make_micro_checkpoint(tmp_path / "micro"), frames=30, rate=40.0, reliability="reliable")
@@ -55,8 +55,8 @@ def test_a_burst_of_oversize_frames_leaves_no_memory_behind(tmp_path, ros_env, m
 
 
 def test_the_node_points_fast_dds_at_the_package_profile_unless_the_user_chose_one():
-    from rgbt_seg_ros.node import middleware_defaults
     from rgbt_seg_ros.resources import share_path
+    from rgbt_seg_ros.ros.node import middleware_defaults
 
     env = {}
     assert middleware_defaults(env) == str(share_path("config", "fastdds_profiles.xml"))

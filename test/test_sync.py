@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from rgbt_seg_ros.sync import ApproximateTimePairer
+from rgbt_seg_ros.pipeline.sync import ApproximateTimePairer
 
 S = 1_000_000_000
 MS = 1_000_000

@@ -4,7 +4,6 @@ import cv2
 import numpy as np
 import pytest
 
-from rgbt_seg_ros.classes import load_dataset_info
 from rgbt_seg_ros.data.synthetic import (
     CLASS_NAMES,
     CONDITIONS,
@@ -14,6 +13,7 @@ from rgbt_seg_ros.data.synthetic import (
     SIGN,
     SceneGenerator,
 )
+from rgbt_seg_ros.models.classes import load_dataset_info
 
 SIZE = dict(rgb_size=(240, 320), thermal_size=(256, 320))
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rgbt_seg_ros.classes import load_dataset_info
-from rgbt_seg_ros.training.text_teacher import TEXT_DIMS, class_text_embeddings
+from rgbt_seg_ros.models.classes import load_dataset_info
+from rgbt_seg_ros.models.text_teacher import TEXT_DIMS, class_text_embeddings
 
 
 def test_minilm_embeddings_shape_norm_meaning_and_cache():
@@ -22,7 +22,7 @@ def test_minilm_embeddings_shape_norm_meaning_and_cache():
 
 
 def test_segmenter_from_config_stores_teacher_embeddings():
-    from rgbt_seg_ros.segmenter import Segmenter
+    from rgbt_seg_ros.pipeline.segmenter import Segmenter
 
     seg = Segmenter.from_config("models/sartm_micro.yaml", dataset="synthetic", device="cpu", warmup=False)
     names = load_dataset_info("synthetic").class_names

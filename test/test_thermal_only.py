@@ -6,15 +6,15 @@ thermal-only frame, and replay of a bag whose RGB camera stops; the node over DD
 import numpy as np
 import pytest
 
-from rgbt_seg_ros.bags import read_messages, stamp_to_ns
+from rgbt_seg_ros.data.bags import read_messages, stamp_to_ns
 from rgbt_seg_ros.data.sample_bag import RGB_FRAME, write_sample_bag
 from rgbt_seg_ros.data.synthetic import SceneGenerator
-from rgbt_seg_ros.frame_flow import FrameFlow, FramePipeline
-from rgbt_seg_ros.params import defaults
-from rgbt_seg_ros.registration import ThermalRegistrar
-from rgbt_seg_ros.render import upscale_nearest
-from rgbt_seg_ros.replay import LABELS_TOPIC, replay_bag
-from rgbt_seg_ros.segmenter import Segmenter
+from rgbt_seg_ros.evaluation.replay import LABELS_TOPIC, replay_bag
+from rgbt_seg_ros.pipeline.frame_flow import FrameFlow, FramePipeline
+from rgbt_seg_ros.pipeline.params import defaults
+from rgbt_seg_ros.pipeline.registration import ThermalRegistrar
+from rgbt_seg_ros.pipeline.render import upscale_nearest
+from rgbt_seg_ros.pipeline.segmenter import Segmenter
 
 BASE = 1_700_000_000_000_000_000
 MS = 1_000_000
@@ -189,8 +189,8 @@ def test_a_replay_with_auto_correction_repeats_with_the_same_pipeline(tmp_path, 
 
 
 def test_no_prediction_is_marked_only_with_an_index_that_is_no_class(tmp_path):
-    from rgbt_seg_ros.classes import DatasetInfo
-    from rgbt_seg_ros.training.metrics import ConfusionMatrix
+    from rgbt_seg_ros.evaluation.metrics import ConfusionMatrix
+    from rgbt_seg_ros.models.classes import DatasetInfo
 
     palette = np.zeros((4, 3), np.uint8)
     assert DatasetInfo("a", ("w", "x", "y", "z"), palette, 255).no_prediction_label(np.uint8) == 255
@@ -202,7 +202,7 @@ def test_no_prediction_is_marked_only_with_an_index_that_is_no_class(tmp_path):
 
 
 def test_a_replay_that_fails_early_leaves_the_callers_monitor_as_it_was(tmp_path, pipeline):
-    from rgbt_seg_ros.bags import BagError
+    from rgbt_seg_ros.data.bags import BagError
 
     bag = write_sample_bag(tmp_path / "s", frames=4, rgb_size=(96, 128), thermal_size=(104, 128))
     (tmp_path / "out" / "segmented").mkdir(parents=True)  # the output bag exists: refused before any frame

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rgbt_seg_ros.segmenter import Segmenter
+from rgbt_seg_ros.pipeline.segmenter import Segmenter
 from rgbt_seg_ros.tools import train as train_tool
 from rgbt_seg_ros.training.trainer import (
     TrainConfigError,
@@ -239,7 +239,7 @@ REALDATA = REPO_ROOT.parent / "shared" / "realdata"
 
 @pytest.mark.skipif(not (REALDATA / "pst900" / "sample_102").is_dir(), reason="shared/realdata not present")
 def test_real_pst900_sample_trains(tmp_path):
-    """Smoke version of `python -m rgbt_seg_ros.training.experiments realdata` (which reaches > 90 % mIoU)."""
+    """Smoke version of `rgbt-seg experiments realdata` (which reaches > 90 % mIoU)."""
     from rgbt_seg_ros.training.experiments import pst900_layout, realdata_train_config
 
     root = pst900_layout(REALDATA, tmp_path / "pst900")
@@ -258,14 +258,15 @@ def test_real_pst900_sample_trains(tmp_path):
 def test_realdata_cli_resumes_the_mfnet_tiles_run(tmp_path):
     """`experiments realdata --resume` continues OUT/NAME/last to the new --steps total (the README's
     two-phase MFNet-tiles recipe), on the committed recipe with the micro model and 2 + 1 steps."""
-    from rgbt_seg_ros.training import experiments
+    from rgbt_seg_ros.cli import main
 
-    args = ["realdata", "--out", str(tmp_path), "--runs", "mfnet_tiles", "--config", str(MICRO), "--threads", "1"]
-    assert experiments.main([*args, "--steps", "2"]) == 0
+    args = ["experiments", "realdata", "--out", str(tmp_path), "--realdata", str(REALDATA), "--runs", "mfnet_tiles"]
+    args += ["--config", str(MICRO), "--threads", "1"]
+    assert main([*args, "--steps", "2"]) == 0
     first = json.loads((tmp_path / "realdata.json").read_text())["mfnet_tiles"]
     assert first["images"] == 17 and first["steps"] == 2 and 0.0 <= first["train_miou"] <= 1.0
     with pytest.warns(RuntimeWarning, match="planned for 2 steps with 3"):
-        assert experiments.main([*args, "--steps", "3", "--resume"]) == 0
+        assert main([*args, "--steps", "3", "--resume"]) == 0
     assert json.loads((tmp_path / "realdata.json").read_text())["mfnet_tiles"]["steps"] == 3
     rows = [json.loads(line) for line in (tmp_path / "mfnet_tiles" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["type"] == "train"] == [2, 3]  # step 3 continued step 2, not a restart
@@ -323,7 +324,7 @@ def test_training_sees_the_pixels_the_segmenter_gives_the_model_for_a_camera_fra
     Segmenter's own resize: with augmentation off, a training batch equals the Segmenter's model input
     for the same camera frame. (Rendering at the model's size used to give a model that scored 13.4 %
     mIoU at 96x128 and 1.4 % on camera frames.)"""
-    from rgbt_seg_ros.training.datasets import SYNTHETIC_CAMERA_SIZE
+    from rgbt_seg_ros.data.datasets import SYNTHETIC_CAMERA_SIZE
 
     size = [96, 128]
     off = {"scale": False, "color_jitter": False, "thermal_noise": False, "flip": 0}

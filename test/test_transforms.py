@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rgbt_seg_ros.training.transforms import (
+from rgbt_seg_ros.data.transforms import (
     ColorJitter,
     Compose,
     HorizontalFlip,

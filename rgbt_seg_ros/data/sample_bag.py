@@ -17,11 +17,12 @@ Scenes change every second and cycle through day, night, fog and glare.
 Two faults a rig has in the field can be recorded on purpose: ``thermal_shift_px`` moves the
 thermal camera after calibration (the written calibration stays the rig's original one, the
 images come from a rig whose registered thermal sits that many RGB pixels off, in the sense of
-:mod:`rgbt_seg_ros.registration_health`), and ``rgb_gap`` silences the RGB camera (its image,
+:mod:`rgbt_seg_ros.pipeline.registration_health`), and ``rgb_gap`` silences the RGB camera (its image,
 camera_info and ground truth) for a span of seconds while thermal keeps running.
 
 The rig's own node parameters (its exact homography, the thermal scaling of its Kelvin*100
-counts) are written into the bag directory as ``rgbt_seg_params.yaml`` (:data:`~rgbt_seg_ros.params.BAG_PARAMS`):
+counts) are written into the bag directory as ``rgbt_seg_params.yaml``
+(:data:`~rgbt_seg_ros.pipeline.params.BAG_PARAMS`):
 ``rgbt-seg replay``, ``rgbt-seg demo`` and the launch file's ``bag:=`` use it when no other
 parameter file is given.
 """
@@ -34,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..bags import BagWriter, make_camera_info, make_image
-from ..params import BAG_PARAMS, write_param_file
+from ..pipeline.params import BAG_PARAMS, write_param_file
+from .bags import BagWriter, make_camera_info, make_image
 from .synthetic import CONDITIONS, SceneGenerator
 
 RGB_TOPIC = "/rgb/image"

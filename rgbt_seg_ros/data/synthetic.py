@@ -132,7 +132,7 @@ class SceneGenerator:
 
     def thermal_moved(self, dx: float, dy: float) -> SceneGenerator:
         """The same rig after its thermal camera moved: thermal registered with *this* rig's calibration sits
-        (dx, dy) RGB pixels off (the convention of :mod:`rgbt_seg_ros.registration_health`); same scenes."""
+        (dx, dy) RGB pixels off (the convention of :mod:`rgbt_seg_ros.pipeline.registration_health`); same scenes."""
         move = np.array([[1.0, 0.0, -float(dx)], [0.0, 1.0, -float(dy)], [0.0, 0.0, 1.0]])
         return SceneGenerator(self.seed, self.rgb_size, self.thermal_size, homography=move @ self.homography)
 

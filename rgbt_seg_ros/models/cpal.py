@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..classes import DatasetInfo
+from .classes import DatasetInfo
 from .cpal_blocks import GatedPerceptionModule, MultiModalCrossPrompter, UPerHead, attention_sublayer, dual_stream_block
 from .lora import MODALITY_ADAPTERS, activate_adapter, add_modality_lora
 from .registry import check_rgbt_inputs, recipe, refuse_frozen_random, register_backend

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..classes import DatasetInfo
+from .classes import DatasetInfo
 from .fusionsam_blocks import FusionMaskPrompting, FusionPromptEncoder
 from .heads import SAM2MaskDecoderHead
 from .registry import check_rgbt_inputs, recipe, refuse_frozen_random, register_backend

@@ -36,8 +36,8 @@ import torch
 import yaml
 from torch import nn
 
-from ..classes import DatasetInfo, load_dataset_info
 from ..resources import resolve_data_file
+from .classes import DatasetInfo, load_dataset_info
 
 #: Keys every model config has, with their defaults.
 COMMON_DEFAULTS: dict[str, Any] = {

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..classes import DatasetInfo
+from .classes import DatasetInfo
 from .fusion import FeatureFusionModule, FeatureRectifyModule, LanguageGuidedChannelAttention
 from .heads import AuxiliaryFPNHead, SAM2MaskDecoderHead
 from .lora import MODALITY_ADAPTERS, activate_adapter, add_modality_lora, modality_batch

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..classes import DatasetInfo
+from .classes import DatasetInfo
 from .cpal import CPAL, build_hiera_trunk, trunk_to_official
 from .fusion import FeatureFusionModule, FeatureRectifyModule
 from .lora import add_modality_lora
@@ -190,7 +190,7 @@ class SegRGBX(nn.Module):
 
     # ------------------------------------------------------------------ class sets
     def _init_class_sets(self, primary: DatasetInfo, extra: dict, text_embeddings, text_dim: int) -> None:
-        from ..class_sets import config_class_sets
+        from .class_sets import config_class_sets
 
         sets = config_class_sets({"class_sets": extra}, primary)  # names checked against their class lists
         for name, info in sets.items():

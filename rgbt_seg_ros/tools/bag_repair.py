@@ -24,7 +24,7 @@ def add_recover_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_reindex(args: argparse.Namespace) -> int:
-    from ..bag_recovery import reindex
+    from ..data.bag_recovery import reindex
 
     try:
         meta = reindex(args.bag)
@@ -38,8 +38,8 @@ def run_reindex(args: argparse.Namespace) -> int:
 
 
 def run_recover(args: argparse.Namespace) -> int:
-    from ..bag_recovery import RecoveredBag
-    from ..bags import BagWriter
+    from ..data.bag_recovery import RecoveredBag
+    from ..data.bags import BagWriter
 
     out = args.out or args.bag.with_name(args.bag.name + ".recovered")
     if out.exists():

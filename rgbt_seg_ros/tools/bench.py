@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import statistics
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..evaluation.reports import write_result_json
 
 CLASS_SET_HELP = "class set to run with, of a model with several (segrgbx; default: its primary)"
 
@@ -121,7 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     over.add_argument("--reliability", choices=("best_effort", "reliable"), default="best_effort")
     over.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     over.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
-    from ..train_benchmark import add_arguments as add_train_arguments  # bench train: train_benchmark.py
+    from ..training.benchmark import add_arguments as add_train_arguments  # bench train: train_benchmark.py
 
     add_train_arguments(sub.add_parser("train", help="one training step (the trainer's own): median time, peak memory"))
     table = sub.add_parser("table", help="README's benchmark table from docs/results/bench/*.json (bench_report.py)")
@@ -273,9 +274,9 @@ def bench_model(
 ) -> dict:
     """Build a backend and measure it; returns a dict of results (see module docstring).
     ``class_set``: the set of a model with several to run with (its class count sizes the logits)."""
-    from ..class_sets import random_text_embeddings, select_class_set
     from ..models import build_model, dataset_info_for, resolve_model_config
-    from ..segmenter import resolve_device
+    from ..models.class_sets import random_text_embeddings, select_class_set
+    from ..models.preprocessing import resolve_device
 
     dev = resolve_device(device)
     cfg = resolve_model_config(config)
@@ -390,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
     if args.target == "table":
         return run_table(args)
     if args.target == "train":
-        from ..train_benchmark import run as run_train
+        from ..training.benchmark import run as run_train
 
         return run_train(args)
     if args.threads:
@@ -415,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_table(args: argparse.Namespace) -> int:
-    from ..bench_report import table, update_readme
+    from ..evaluation.reports import table, update_readme
 
     try:
         current = update_readme(args.readme, args.results, check=args.check)
@@ -430,21 +431,13 @@ def run_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_result_json(path: Path | None, result: dict) -> None:
-    """A benchmark's figures as JSON (``--json``), dated: ``rgbt-seg bench table`` reads them back."""
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **result}, indent=2))
-        print(f"wrote {path}")
-
-
 def run_node(args: argparse.Namespace) -> int:
-    from .. import live_benchmark
+    from ..ros import live_benchmark
 
     try:
         ckpt = _checkpoint_or_random(args.checkpoint, args.config, args.model_size)
         if args.class_set:  # refused here, before the node starts (the node itself would fall back)
-            from ..checkpoint import check_checkpoint_class_set
+            from ..models.checkpoint import check_checkpoint_class_set
 
             try:
                 check_checkpoint_class_set(ckpt, args.class_set)
@@ -473,7 +466,7 @@ def _checkpoint_or_random(checkpoint: Path | None, config: str, model_size=None)
         return checkpoint
     import tempfile
 
-    from .. import live_benchmark
+    from ..ros import live_benchmark
 
     ckpt = Path(tempfile.mkdtemp(prefix="rgbt_bench_ckpt_")) / "random"
     live_benchmark.make_random_checkpoint(config, ckpt, input_size=model_size)
@@ -481,7 +474,7 @@ def _checkpoint_or_random(checkpoint: Path | None, config: str, model_size=None)
 
 
 def run_soak_or_oversize(args: argparse.Namespace) -> int:
-    from .. import soak
+    from ..ros import soak
 
     try:
         ckpt = _checkpoint_or_random(args.checkpoint, "models/sartm_micro.yaml")
@@ -508,7 +501,8 @@ def run_soak_or_oversize(args: argparse.Namespace) -> int:
 
 
 def run_pipeline_or_memory(args: argparse.Namespace) -> int:
-    from .. import pipeline_benchmark as pb
+    from ..bench.models import load_segmenter
+    from ..ros import pipeline_benchmark as pb
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -516,7 +510,7 @@ def run_pipeline_or_memory(args: argparse.Namespace) -> int:
     try:
         if args.target == "pipeline":
             sizes = [parse_size(s) for s in args.sizes]
-            seg = pb.load_segmenter(
+            seg = load_segmenter(
                 args.checkpoint,
                 args.config,
                 model_size,

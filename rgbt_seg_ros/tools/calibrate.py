@@ -19,7 +19,7 @@ together with RANSAC; the homography, image sizes and fit error go to a registra
 ``--check CALIBRATION.yaml`` fits nothing: it measures how far the thermal image registered by an
 existing calibration sits from the RGB image, on the pairs of a bag (``--bag``, paired by the node's
 pairer with its default ``sync.*``) or on an image set (``--rgb``/``--thermal``). The score is the
-one the node's registration diagnostics report (:class:`~rgbt_seg_ros.registration_health.OffsetEstimator`:
+one the node's registration diagnostics report (:class:`~rgbt_seg_ros.pipeline.registration_health.OffsetEstimator`:
 offset in RGB pixels and a confidence); the verdict rests on the median offset of the confident pairs.
 A bag damaged part-way is checked up to the damage, which is reported beside the verdict.
 Exit codes: 0 the calibration fits, 1 thermal sits off (recalibrate), 3 not enough structure to tell,
@@ -39,8 +39,8 @@ import cv2
 import numpy as np
 import yaml
 
-from ..params import SPEC_BY_NAME
-from ..registration import RegistrationError, ThermalRegistrar, check_homography
+from ..pipeline.params import SPEC_BY_NAME
+from ..pipeline.registration import RegistrationError, ThermalRegistrar, check_homography
 
 
 class CalibrationError(ValueError):
@@ -442,7 +442,7 @@ _FIT_ONLY = {
 
 
 def check_summary(estimates: list, min_confidence: float, tolerance_px: float) -> dict:
-    """The verdict over per-pair :class:`~rgbt_seg_ros.registration_health.OffsetEstimate`: the median offset
+    """The verdict over per-pair :class:`~rgbt_seg_ros.pipeline.registration_health.OffsetEstimate`: the median offset
     (per axis) of those with ``confidence >= min_confidence``, its spread (the median distance of those
     estimates from it), and ``verdict`` fits / off / cannot_tell with its ``sentence`` and ``exit_code``."""
     confident = [e for e in estimates if e.confidence >= min_confidence]
@@ -505,9 +505,9 @@ def _image_pairs(rgb_paths: list[str], thermal_paths: list[str]) -> Iterator[tup
 def _bag_pairs(args: argparse.Namespace, skipped: list[str]) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
     """Every ``--every``-th pair the node's pairer (default ``sync.*``) forms from the bag, converted as the node
     converts camera messages; a pair whose image cannot be converted is left out and its reason kept."""
-    from ..frame_flow import pairer_from_params
-    from ..imaging import ImageEncodingError, rgb_from_msg, thermal_from_msg
-    from ..params import defaults
+    from ..pipeline.frame_flow import pairer_from_params
+    from ..pipeline.imaging import ImageEncodingError, rgb_from_msg, thermal_from_msg
+    from ..pipeline.params import defaults
     from .pairs import bag_pairs
 
     params = defaults()
@@ -529,7 +529,7 @@ def _bag_pairs(args: argparse.Namespace, skipped: list[str]) -> Iterator[tuple[d
 
 def _check_arguments(args: argparse.Namespace) -> str | None:
     """Why the check-mode arguments cannot be used, or None."""
-    from ..params import validate
+    from ..pipeline.params import validate
 
     if not args.check:
         return "--bag is for checking a calibration: give --check CALIBRATION.yaml too"
@@ -558,7 +558,7 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
 
 def _bag_total(args: argparse.Namespace) -> int | None:
     """Pairs the bag will give, for the progress bar (the smaller camera's message count)."""
-    from ..bags import message_counts
+    from ..data.bags import message_counts
 
     counts = message_counts(args.bag)
     if args.rgb_topic not in counts or args.thermal_topic not in counts:
@@ -571,8 +571,8 @@ def run_check(args: argparse.Namespace) -> int:
     """``--check``: per-pair offsets against the calibration, the summary, the verdict (its exit code)."""
     from tqdm import tqdm
 
-    from ..bags import BagError
-    from ..registration_health import OffsetEstimator
+    from ..data.bags import BagError
+    from ..pipeline.registration_health import OffsetEstimator
 
     problem = _check_arguments(args)
     if problem:

@@ -15,8 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bags import BagError
-    from ..demo import DemoError, run_demo
+    from ..data.bags import BagError
+    from ..ros.demo import DemoError, run_demo
 
     try:
         m = run_demo(args.out, checkpoint=args.checkpoint, frames=args.frames, device=args.device)

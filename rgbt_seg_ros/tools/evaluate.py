@@ -48,10 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..classes import load_dataset_info
-    from ..segmenter import Segmenter
-    from ..training.datasets import DATASET_KINDS, DatasetError, build_dataset
-    from ..training.evaluation import evaluate
+    from ..data.datasets import DATASET_KINDS, DatasetError, build_dataset
+    from ..evaluation.evaluator import evaluate
+    from ..models.classes import load_dataset_info
+    from ..pipeline.segmenter import Segmenter
 
     if args.blank_thermal and args.blank_rgb:
         print(

@@ -5,7 +5,7 @@ rgbt-seg export-onnx --checkpoint DIR --out model.onnx [--opset 17] [--size H W]
 ```
 
 The file maps normalised ``rgb`` (B,3,H,W), ``thermal`` (B,1,H,W) and ``valid`` (B,1,H,W) to
-``logits`` (B,C,H,W); see ``rgbt_seg_ros/onnx_export.py``. Unless ``--no-verify``, the file is
+``logits`` (B,C,H,W); see ``rgbt_seg_ros/models/onnx_export.py``. Unless ``--no-verify``, the file is
 run once with onnxruntime (CPU) against PyTorch on random inputs and the largest logit
 difference and the arg-max agreement are printed; a disagreement above the tolerances exits 2.
 """
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from ..onnx_export import compare_with_torch, export_checkpoint
+        from ..models.onnx_export import compare_with_torch, export_checkpoint
     except ImportError as exc:  # onnx is an optional dependency of deployment
         print(f"error: ONNX export needs the 'onnx' package (and 'onnxruntime' to verify): {exc}", file=sys.stderr)
         return 1

@@ -80,8 +80,8 @@ def shift_vector(length: float) -> tuple[float, float]:
 def structureless_confidence(n: int = 20, seed: int = 0) -> list[float]:
     """Confidence on flat frames (a lens cap, fog, a white wall: one level plus sensor noise)."""
     from ..data.synthetic import SceneGenerator
-    from ..registration import ThermalRegistrar
-    from ..registration_health import OffsetEstimator
+    from ..pipeline.registration import ThermalRegistrar
+    from ..pipeline.registration_health import OffsetEstimator
 
     rng = np.random.default_rng(seed)
     registrar = ThermalRegistrar.from_dict(SceneGenerator().calibration_dict())
@@ -150,7 +150,7 @@ def settle_time(history: list[dict], truth: tuple[float, float], t0: float, tol:
 
 def run_one(seed: int, length: float, args, params: dict) -> dict:
     from ..data.sample_bag import CONDITIONS_FILE, rig_parameters, write_sample_bag
-    from ..replay import replay_bag
+    from ..evaluation.replay import replay_bag
 
     truth = shift_vector(length)
     root = Path(args.out) / f"shift{length:g}_seed{seed}"
@@ -194,8 +194,8 @@ def run_one(seed: int, length: float, args, params: dict) -> dict:
 
 
 def run_drift(args) -> int:
-    from ..bench_report import write_each
-    from ..params import defaults
+    from ..evaluation.reports import write_each
+    from ..pipeline.params import defaults
     from ..resources import resolve_data_file
 
     if args.threads:
@@ -239,7 +239,7 @@ def _fmt(value, digits: int, scale: float = 1.0) -> str:
 
 
 def drift_table(results: Path = RESULTS) -> str:
-    from ..bench_report import load_numbered, spread
+    from ..evaluation.reports import load_numbered, spread
 
     runs = load_numbered(results, "seed")
     rows = sorted((r for r in runs if r.startswith("drift_shift")), key=lambda r: runs[r][0]["shift_px"])
@@ -310,7 +310,7 @@ def drift_table(results: Path = RESULTS) -> str:
 
 
 def run_table(args) -> int:
-    from ..bench_report import replace_between
+    from ..evaluation.reports import replace_between
 
     readme = Path(args.readme)
     text = readme.read_text()

@@ -1,7 +1,7 @@
 """``rgbt-seg pairs BAG``: which RGB / thermal messages of a bag the node would pair.
 
 Reads a ROS 2 (sqlite3, mcap) or ROS 1 bag with rosbags, feeds the header stamps in bag (receive)
-order to the same :class:`~rgbt_seg_ros.sync.ApproximateTimePairer` the node uses (the bag's receive
+order to the same :class:`~rgbt_seg_ros.pipeline.sync.ApproximateTimePairer` the node uses (the bag's receive
 time stands in for the node's clock, so ``--max-wait`` acts as it would live), prints the counts and
 the stamp differences, and optionally writes one CSV row per pair
 (``rgb_stamp_ns,thermal_stamp_ns,dt_ms`` with ``dt = thermal - rgb``).
@@ -15,9 +15,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..bags import BagError, bag_topics, read_messages, stamp_to_ns
-from ..frame_flow import pairer_from_params
-from ..sync import ApproximateTimePairer, Pair, PairingStats
+from ..data.bags import BagError, bag_topics, read_messages, stamp_to_ns
+from ..pipeline.frame_flow import pairer_from_params
+from ..pipeline.sync import ApproximateTimePairer, Pair, PairingStats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +75,7 @@ def pair_bag(
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..params import validate
+    from ..pipeline.params import validate
 
     # the node's ranges for the same settings (config/segment.yaml: sync.*)
     for flag, name, value in (

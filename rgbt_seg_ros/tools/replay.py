@@ -68,9 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bags import BagError
-    from ..params import BAG_PARAMS, load_param_file
-    from ..replay import DEFAULT_RGB_TOPIC, DEFAULT_THERMAL_TOPIC, replay_bag
+    from ..data.bags import BagError
+    from ..evaluation.replay import DEFAULT_RGB_TOPIC, DEFAULT_THERMAL_TOPIC, replay_bag
+    from ..pipeline.params import BAG_PARAMS, load_param_file
     from ..resources import share_path
 
     if args.max_pairs is not None and args.max_pairs < 1:
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None:
         params["model.device"] = args.device
     if args.class_set is not None:  # given on the command line: an unknown set is an error, not a fallback
-        from ..frame_flow import checked_class_set
+        from ..pipeline.frame_flow import checked_class_set
 
         params["model.class_set"] = args.class_set
         try:

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..training.datasets import DatasetError
+    from ..data.datasets import DatasetError
     from ..training.trainer import MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE, TrainConfigError, Trainer
 
     if args.threads:

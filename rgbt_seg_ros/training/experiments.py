@@ -1,15 +1,16 @@
-"""Reproducible experiments behind the README's training evidence (not part of ``make test``).
+"""The experiments behind the training evidence in docs/ (not part of ``make test``); the command line is
+``rgbt-seg experiments`` (``tools/experiments.py``)::
 
-    python -m rgbt_seg_ros.training.experiments evidence --out runs/evidence --seeds 0 1 2 [--variants ...]
-    python -m rgbt_seg_ros.training.experiments table [--check]
-    python -m rgbt_seg_ros.training.experiments realdata --out runs/realdata [--realdata DIR]
-    python -m rgbt_seg_ros.training.experiments step-bench --config models/sartm_micro.yaml --size 480 640 --batch 2
+    rgbt-seg experiments evidence --out runs/evidence --seeds 0 1 2 [--variants ...]
+    rgbt-seg experiments table [--check]
+    rgbt-seg experiments realdata --out runs/realdata --realdata DIR
+    rgbt-seg experiments step-bench --config models/sartm_micro.yaml --size 480 640 --batch 2
 
 ``evidence`` (:mod:`.evidence`): the four backends with their own recipes, the SARTM and SegRGB-X
 ablation variants and the four backends trained with modality dropout, each trained from scratch per
 seed at one budget and tested at camera size with thermal, with thermal blanked and with RGB blanked
-(the node's ``thermal_only``); one JSON per run under ``docs/results/learning/``. ``table``: README's
-backend, ablation and thermal-only tables from those files.
+(the node's ``thermal_only``); one JSON per run under ``docs/results/learning/``. ``table``: the
+backend, ablation and thermal-only tables in README and docs/ from those files.
 
 ``realdata``: the real-format path end to end: trains on the PST900 sample (``pst900`` layout)
 and on the MFNet figure tiles (``folder`` layout, MFNet classes), each read through symlinks
@@ -21,9 +22,7 @@ given size and batch, on random data.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -33,9 +32,6 @@ import numpy as np
 import torch
 
 from . import evidence
-
-REPO_DEFAULT_REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
-
 
 # --------------------------------------------------------------------------- real data
 
@@ -187,9 +183,9 @@ def run_realdata(args) -> int:
 
 
 def run_step_bench(args) -> int:
-    from ..classes import load_dataset_info
     from ..models import build_model, dataset_info_for, resolve_model_config
-    from ..segmenter import normalize_batch
+    from ..models.classes import load_dataset_info
+    from ..models.preprocessing import normalize_batch
     from .losses import SartmLoss
     from .trainer import param_groups
 
@@ -257,65 +253,3 @@ def run_demo_card(args) -> int:
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(evidence.demo_table(doc))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = argparse.ArgumentParser(prog="python -m rgbt_seg_ros.training.experiments")
-    sub = p.add_subparsers(dest="what", required=True)
-    e = sub.add_parser("evidence", help="backends and SARTM ablation, per seed, tested with and without thermal")
-    e.add_argument("--out", required=True, help="run directories (checkpoints, evaluation reports)")
-    e.add_argument(
-        "--results", default=str(evidence.RESULTS), help="result JSON folder (default docs/results/learning)"
-    )
-    e.add_argument("--variants", nargs="*", choices=list(evidence.VARIANTS), default=list(evidence.VARIANTS))
-    e.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    e.add_argument("--steps", type=int, default=500)
-    e.add_argument("--batch", type=int, default=8)
-    e.add_argument("--scenes", type=int, default=500, help="training scenes (rendered once per process)")
-    e.add_argument("--size", type=int, nargs=2, default=[96, 128], help="model input size")
-    e.add_argument("--test-count", type=int, default=128)
-    e.add_argument("--rerun", action="store_true", help="train runs whose result file exists again")
-    e.add_argument("--no-progress", action="store_true")
-    t = sub.add_parser("table", help="README's backend and ablation tables from docs/results/learning")
-    t.add_argument("--results", default=str(evidence.RESULTS))
-    t.add_argument("--readme", default=str(Path(__file__).resolve().parents[2] / "README.md"))
-    t.add_argument("--check", action="store_true", help="only compare; exit 1 when README differs")
-    d = sub.add_parser("demo-card", help="evaluate the demo checkpoint at camera size, write its metrics.json")
-    d.add_argument("--checkpoint", default=str(evidence.DEMO_METRICS.parent))
-    d.add_argument("--run", help="the training run directory (its summary.json goes into the card)")
-    d.add_argument("--out", default=str(evidence.DEMO_METRICS))
-    d.add_argument("--test-count", type=int, default=128)
-    r = sub.add_parser("realdata", help="train on the PST900 sample and the MFNet tiles; training mIoU")
-    r.add_argument("--out", required=True)
-    r.add_argument("--config", default="models/sartm_micro.yaml")
-    r.add_argument("--realdata", default=str(REPO_DEFAULT_REALDATA))
-    r.add_argument("--steps", type=int, default=400)
-    r.add_argument("--runs", nargs="*", choices=list(REALDATA_RUNS))
-    r.add_argument("--val-every", type=int, default=1_000_000, help="epochs between validations (default: at the end)")
-    r.add_argument("--resume", action="store_true", help="continue from OUT/NAME/last (--steps: new total)")
-    s = sub.add_parser("step-bench", help="training step time and peak memory on random data")
-    s.add_argument("--config", default="models/sartm_micro.yaml")
-    s.add_argument("--dataset", default=None)
-    s.add_argument("--size", type=int, nargs=2, default=[480, 640])
-    s.add_argument("--batch", type=int, default=2)
-    s.add_argument("--steps", type=int, default=3)
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--random-init", action="store_true", help="unfreeze encoder and decoder (no SAM2 weights)")
-    for q in (e, r, d):
-        q.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    runs = {
-        "evidence": evidence.run_evidence,
-        "table": run_table,
-        "demo-card": run_demo_card,
-        "realdata": run_realdata,
-        "step-bench": run_step_bench,
-    }
-    return runs[args.what](args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from ..classes import DatasetInfo
+from ..models.classes import DatasetInfo
 from ..models.registry import backend_spec
 from .train_config import TrainConfigError
 

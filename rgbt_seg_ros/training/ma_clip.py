@@ -109,8 +109,8 @@ def pretrain(
     ``labels``, ``condition``). ``blank_thermal``: thermal 0 and invalid everywhere, as the segmentation
     steps of an RGB-only run (train config ``modalities: rgb``) see it.
     """
-    from ..segmenter import normalize_batch
-    from .text_teacher import sentence_embeddings
+    from ..models.preprocessing import normalize_batch
+    from ..models.text_teacher import sentence_embeddings
 
     if getattr(model, "ma_clip", None) is None or steps <= 0:
         return []

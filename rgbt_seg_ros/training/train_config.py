@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import copy
 
+from ..data.datasets import DATASET_KINDS
+from ..models.preprocessing import PRECISIONS
 from ..models.registry import RECIPE_LOSSES, RECIPE_OPTIMIZERS
-from ..segmenter import PRECISIONS
-from .datasets import DATASET_KINDS
 from .losses import PAPER_WEIGHTS
 
 #: Every train-config key with its default (``--train-config`` files may set any of them).

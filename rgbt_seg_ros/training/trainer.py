@@ -8,7 +8,7 @@ YAML serves several experiments.
 
 What one step does: a batch of augmented items (:mod:`.transforms`, each item's randomness drawn
 from ``(seed, epoch, index)``, so workers, ranks and resumption never change it) is normalised
-with :func:`rgbt_seg_ros.segmenter.normalize_batch` (the Segmenter's own function), run through
+with :func:`rgbt_seg_ros.models.preprocessing.normalize_batch` (the Segmenter's own function), run through
 the model, scored with :class:`.losses.SartmLoss` (eq. 15) and optimised with the backend's
 **recipe** (the ``recipe`` section of its model config: optimizer AdamW or Adam, lr, weight decay,
 poly power, OHEM or plain cross-entropy; SARTM: AdamW 1e-4, 0.01, poly 0.9, OHEM). A train-config
@@ -71,12 +71,13 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..class_sets import text_embeddings_for
-from ..classes import DatasetInfo, load_dataset_info
+from ..data.datasets import SYNTHETIC_CAMERA_SIZE, DatasetError, build_dataset
+from ..data.transforms import build_train_transform, fit_item, rgb_bytes
 from ..models import LOSS_TERMS, backend_loss_terms, build_model, load_model_config, resolve_model_config
+from ..models.class_sets import text_embeddings_for
+from ..models.classes import DatasetInfo, load_dataset_info
+from ..models.preprocessing import PRECISIONS, fit_size, normalize_batch, resolve_device
 from ..models.registry import DEFAULT_RECIPE
-from ..segmenter import PRECISIONS, fit_size, normalize_batch, resolve_device
-from .datasets import SYNTHETIC_CAMERA_SIZE, DatasetError, build_dataset
 from .joint import JointBatchSampler, JointDataset, class_set_names_of, model_class_sets
 from .losses import SartmLoss, enet_class_weights
 from .train_config import (  # noqa: F401  (re-exported: the train config's keys and checks live there)
@@ -86,7 +87,6 @@ from .train_config import (  # noqa: F401  (re-exported: the train config's keys
     _merge,
     resolve_train_config,
 )
-from .transforms import build_train_transform, fit_item, rgb_bytes
 
 TRAIN_STATE_FILE = "train_state.pt"
 TRAIN_CONFIG_FILE = "train_config.yaml"
@@ -588,7 +588,7 @@ class Trainer:
         lang = self.model_cfg.get("language") or {}
         if not lang.get("enabled"):
             return None
-        from .text_teacher import class_text_embeddings
+        from ..models.text_teacher import class_text_embeddings
 
         backend = lang.get("text_encoder", "minilm")
         return text_embeddings_for(self.model_cfg, self.info, lambda names: class_text_embeddings(names, backend))
@@ -711,7 +711,7 @@ class Trainer:
         return out
 
     def _save(self, name: str, extra: dict | None = None, with_state: bool = False) -> None:
-        from ..checkpoint import save_checkpoint
+        from ..models.checkpoint import save_checkpoint
 
         if not self.dist.is_main:
             return
@@ -732,7 +732,7 @@ class Trainer:
     def _resume(self) -> None:
         from safetensors.torch import load_file
 
-        from ..checkpoint import MODEL_FILE, trained_state_dict
+        from ..models.checkpoint import MODEL_FILE, trained_state_dict
 
         last = find_last(self.out)
         if last is None:
@@ -826,8 +826,8 @@ class Trainer:
         """mIoU on the validation set through the Segmenter (what the node does), sharded under DDP."""
         if self.val_set is None:
             return None
-        from ..segmenter import Segmenter
-        from .evaluation import SegmentationEvaluator, predict_item
+        from ..evaluation.evaluator import SegmentationEvaluator, predict_item
+        from ..pipeline.segmenter import Segmenter
 
         n = len(self.val_set)
         if self.cfg["val_max_items"]:

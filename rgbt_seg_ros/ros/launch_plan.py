@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .params import BAG_PARAMS, INPUT_NAMES
+from ..pipeline.params import BAG_PARAMS, INPUT_NAMES
 
 NODE_NAME = "rgbt_seg"
 TRUE = ("true", "1", "yes", "on")

@@ -1,7 +1,7 @@
 """Bag in -> the node's pipeline -> bag out + metrics + pictures.
 
 ``replay_bag`` reads a ROS 2 (sqlite3, mcap) or ROS 1 bag in bag (receive) order and runs
-exactly the objects the live node runs (:mod:`rgbt_seg_ros.frame_flow`): ``FrameFlow`` (the
+exactly the objects the live node runs (:mod:`rgbt_seg_ros.pipeline.frame_flow`): ``FrameFlow`` (the
 node's pairer and thermal watch; the bag's receive time is their clock, as in ``rgbt-seg
 pairs``) and the ``StagedWorker`` with the ``FramePipeline`` stages, configured from the node's
 parameter file. Unlike the live node, replay processes *every* pair (nothing is superseded:
@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .bags import (
+from ..data.bags import (
     TYPESTORE,
     BagError,
     BagWriter,
@@ -48,10 +48,18 @@ from .bags import (
     read_messages,
     stamp_to_ns,
 )
-from .frame_flow import FrameFlow, FramePipeline, Job, LatestSlot, StagedWorker, labels_encoding, latency_summary
-from .imaging import ImageEncodingError, image_to_numpy, rgb_from_msg, thermal_from_msg
-from .params import INPUT_NAMES
-from .render import contact_sheet
+from ..pipeline.frame_flow import (
+    FrameFlow,
+    FramePipeline,
+    Job,
+    LatestSlot,
+    StagedWorker,
+    labels_encoding,
+    latency_summary,
+)
+from ..pipeline.imaging import ImageEncodingError, image_to_numpy, rgb_from_msg, thermal_from_msg
+from ..pipeline.params import INPUT_NAMES
+from ..pipeline.render import contact_sheet
 
 DEFAULT_RGB_TOPIC = "/" + INPUT_NAMES["rgb"]
 DEFAULT_THERMAL_TOPIC = "/" + INPUT_NAMES["thermal"]
@@ -156,7 +164,7 @@ def replay_bag(
     """
     out_dir = Path(out_dir)
     with _no_empty_output_on_failure(out_dir):
-        from .training.metrics import ConfusionMatrix, json_safe
+        from .metrics import ConfusionMatrix, json_safe
 
         bag = Path(bag)
         out_dir = Path(out_dir)
@@ -397,7 +405,7 @@ def write_report(
     out_dir: Path, metrics: dict, total_ms: list[float], overlays: list[np.ndarray], info, sheet_frames: int = 12
 ) -> Path:
     """report.md with a latency histogram, a per-class IoU chart and a contact sheet of overlays."""
-    from .training.plots import latency_histogram, plot_per_class_iou
+    from .plots import latency_histogram, plot_per_class_iou
 
     lines = [f"# Replay of `{metrics['bag']}`", ""]
     if metrics.get("error"):

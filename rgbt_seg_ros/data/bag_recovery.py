@@ -14,7 +14,7 @@ with a record cut in half), or a sqlite3 file shorter than its header says, and 
   ``topics`` table), so a missing or wrong ``metadata.yaml`` does not matter; :func:`reindex`
   writes a new one.
 
-Nothing here imports ROS; :mod:`rgbt_seg_ros.bags` uses it when a bag cannot be opened normally.
+Nothing here imports ROS; :mod:`rgbt_seg_ros.data.bags` uses it when a bag cannot be opened normally.
 """
 
 from __future__ import annotations

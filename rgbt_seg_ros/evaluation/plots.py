@@ -1,7 +1,7 @@
 """Report figures: confusion matrix, per-class IoU, overlay grids and latency histograms (PNG files).
 
 matplotlib runs on its Agg backend (no display). Palette colouring, overlays and tiling come
-from :mod:`rgbt_seg_ros.render`, so report pictures look like the node's overlay topic.
+from :mod:`rgbt_seg_ros.pipeline.render`, so report pictures look like the node's overlay topic.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..render import blend_overlay, colorize, contact_sheet, thermal_to_rgb  # noqa: E402
+from ..pipeline.render import blend_overlay, colorize, contact_sheet, thermal_to_rgb  # noqa: E402
 
 
 def _prepare(path: str | Path) -> Path:
@@ -34,7 +34,7 @@ def _save(fig, path: Path, dpi: int = 110) -> Path:
 def plot_confusion_matrix(cm, class_names, path: str | Path, title: str = "Confusion matrix (row-normalised)") -> Path:
     """Row-normalised confusion matrix (rows: ground truth), each cell annotated in percent.
 
-    ``cm`` is a :class:`~rgbt_seg_ros.training.metrics.ConfusionMatrix` or a (C, C) count array.
+    ``cm`` is a :class:`~rgbt_seg_ros.evaluation.metrics.ConfusionMatrix` or a (C, C) count array.
     Rows of classes absent from the labels are left blank.
     """
     counts = np.asarray(getattr(cm, "matrix", cm), dtype=np.float64)

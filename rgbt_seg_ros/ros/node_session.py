@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .resources import package_executable
+from ..resources import package_executable
 
 
 class NodeSessionError(RuntimeError):

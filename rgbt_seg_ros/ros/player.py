@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .bags import TYPESTORE, BagError
+from ..data.bags import TYPESTORE, BagError
 
 
 def _message_class(msgtype: str):

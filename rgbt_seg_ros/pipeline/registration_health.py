@@ -21,7 +21,7 @@ from the images themselves, with no ROS import (docs/sensor_health.md):
 
 Convention: an offset ``(dx, dy)`` means the registered thermal image shows at RGB pixel ``x`` what the
 RGB image shows at ``x - (dx, dy)``; the correction samples the calibrated warp at ``x + (dx, dy)``
-(:meth:`~rgbt_seg_ros.registration.ThermalRegistrar.shifted`).
+(:meth:`~rgbt_seg_ros.pipeline.registration.ThermalRegistrar.shifted`).
 """
 
 from __future__ import annotations

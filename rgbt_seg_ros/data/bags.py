@@ -17,8 +17,8 @@ from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
+from ..pipeline.imaging import fill_image_msg
 from .bag_recovery import RecoveredBag, check_storage, storage_files
-from .imaging import fill_image_msg
 
 TYPESTORE = get_typestore(Stores.ROS2_KILTED)
 STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
@@ -41,7 +41,7 @@ class BagMessage:
 
 
 def damage_of(path: str | Path) -> str | None:
-    """Why a ROS 2 bag must be read by :mod:`~rgbt_seg_ros.bag_recovery` (None: the normal reader will do)."""
+    """Why a ROS 2 bag must be read by :mod:`~rgbt_seg_ros.data.bag_recovery` (None: the normal reader will do)."""
     path = Path(path)
     if not path.exists():
         return None
@@ -136,7 +136,7 @@ def read_messages(path: str | Path, topics: list[str] | None = None) -> Iterator
     bag, and naming the topic and message position when the bag is truncated or a
     message cannot be decoded. Messages yielded before the error stay valid. A ROS 2 bag
     cut off mid-file (power loss) or without metadata.yaml is read by
-    :mod:`~rgbt_seg_ros.bag_recovery`: every complete message, then a BagError naming the damage.
+    :mod:`~rgbt_seg_ros.data.bag_recovery`: every complete message, then a BagError naming the damage.
     """
     path = Path(path)
     if damage_of(path):

@@ -23,18 +23,18 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .frame_flow import latency_summary
-from .imaging import fill_image_msg
+from ..pipeline.frame_flow import latency_summary
+from ..pipeline.imaging import fill_image_msg
+from ..pipeline.params import write_param_file
 from .node_session import NodeSession, NodeSessionError
-from .params import write_param_file
 
 
 def make_random_checkpoint(config: str, out_dir: Path, input_size=None, dataset=None) -> Path:
     """A random-weight checkpoint of ``config`` with nothing frozen (same compute as trained weights)."""
-    from .checkpoint import save_checkpoint
-    from .class_sets import random_text_embeddings
-    from .models import build_model, dataset_info_for, resolve_model_config
-    from .resources import resolve_data_file
+    from ..models import build_model, dataset_info_for, resolve_model_config
+    from ..models.checkpoint import save_checkpoint
+    from ..models.class_sets import random_text_embeddings
+    from ..resources import resolve_data_file
 
     cfg = resolve_model_config(resolve_data_file(config))
     if input_size is not None:
@@ -51,7 +51,7 @@ def synthetic_rig(work: Path, checkpoint: Path, size=(480, 640), device: str = "
     """A parameter file for the synthetic rig (homography, Kelvin*100 thermal) and one rclpy RGB + thermal pair."""
     from sensor_msgs.msg import Image
 
-    from .data.synthetic import SceneGenerator
+    from ..data.synthetic import SceneGenerator
 
     gen = SceneGenerator(seed=0, rgb_size=tuple(size), thermal_size=(size[0] * 512 // 480, size[1]))
     (work / "calibration.yaml").write_text(yaml.safe_dump(gen.calibration_dict()))

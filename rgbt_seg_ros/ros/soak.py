@@ -1,6 +1,6 @@
 """``rgbt-seg bench soak`` and ``rgbt-seg bench oversize``: the live node under field faults, over DDS.
 
-Both start the real ``segment_node`` (:class:`~rgbt_seg_ros.node_session.NodeSession`) on the synthetic
+Both start the real ``segment_node`` (:class:`~rgbt_seg_ros.ros.node_session.NodeSession`) on the synthetic
 rig and publish camera pairs from this process.
 
 **soak** runs for ``seconds`` at ``rate`` Hz and injects, on a fixed schedule:
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .frame_flow import latency_summary
+from ..memory import rss_mb
+from ..pipeline.frame_flow import latency_summary
 from .live_benchmark import synthetic_rig
-from .memory import rss_mb
 from .node_session import NodeSession, NodeSessionError
 
 SWITCH_LINE = "thermal lost: segmenting RGB only"
@@ -117,7 +117,7 @@ def bench_soak(checkpoint: Path, plan: SoakPlan, size=(480, 640), device: str = 
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from .imaging import fill_image_msg
+    from ..pipeline.imaging import fill_image_msg
 
     work = Path(tempfile.mkdtemp(prefix="rgbt_soak_"))
     params, rgb_msg, th_msg = synthetic_rig(
@@ -231,7 +231,7 @@ def bench_oversize(
     from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from .imaging import fill_image_msg
+    from ..pipeline.imaging import fill_image_msg
 
     work = Path(tempfile.mkdtemp(prefix="rgbt_oversize_"))
     params, rgb_msg, th_msg = synthetic_rig(work, checkpoint, (480, 640), device, **{"qos.reliability": reliability})

@@ -62,7 +62,7 @@ class RssSampler:
     """Peak resident set size of this process, sampled by a thread while the block runs."""
 
     def __init__(self, interval_s: float = 0.002) -> None:
-        from .memory import rss_mb
+        from ..memory import rss_mb
 
         self._rss = rss_mb
         self.interval = interval_s
@@ -104,10 +104,10 @@ def bench_train(
     import torch
     import torch.nn.functional as F
 
-    from .models import resolve_model_config
-    from .resources import resolve_data_file
-    from .segmenter import resolve_device
-    from .training.trainer import Trainer
+    from ..models import resolve_model_config
+    from ..models.preprocessing import resolve_device
+    from ..resources import resolve_data_file
+    from .trainer import Trainer
 
     if batch < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"batch and steps must be >= 1 and warmup >= 0, got {batch}, {steps}, {warmup}")
@@ -146,7 +146,7 @@ def bench_train(
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rgbt_bench_train_") as out:
         torch.manual_seed(seed)
-        from .training.trainer import dataset_info_for_training, resolve_train_config
+        from .trainer import dataset_info_for_training, resolve_train_config
 
         n_classes = dataset_info_for_training(resolve_train_config(train_cfg)).num_classes
         text = F.normalize(torch.randn(n_classes, text_dim), dim=-1)
@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    from .tools.bench import write_result_json
+    from ..evaluation.reports import write_result_json
 
     print(markdown(result))
     write_result_json(args.json, result)

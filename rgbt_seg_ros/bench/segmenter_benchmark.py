@@ -2,10 +2,10 @@
 
 ::
 
-    python -m rgbt_seg_ros.segmenter_benchmark --config models/sartm_tiny.yaml --device cuda \\
+    python -m rgbt_seg_ros.bench.segmenter_benchmark --config models/sartm_tiny.yaml --device cuda \\
         --variants fp32 bf16 fp16 fp32+compile --json segmenter.json
 
-The model has random weights of the config (``pipeline_benchmark.load_segmenter``; the compute
+The model has random weights of the config (``bench.models.load_segmenter``; the compute
 is that of trained weights). The fp32 eager ``Segmenter`` is built first and is the reference
 (variant ``fp32``); every other variant is a new ``Segmenter`` around the same model with
 ``precision=`` and ``compile=`` (mode ``--compile-mode``, backend ``--compile-backend``), as the
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .frame_flow import latency_summary
+from ..pipeline.frame_flow import latency_summary
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -51,7 +51,7 @@ def parse_variant(text: str) -> tuple[str, bool]:
 
 def synthetic_pair(size: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic street scene at ``size`` (H, W): RGB uint8 and thermal float32 in [0, 1]."""
-    from .data.synthetic import SceneGenerator
+    from ..data.synthetic import SceneGenerator
 
     sample = SceneGenerator(seed=seed, rgb_size=tuple(size), thermal_size=tuple(size)).sample(0, "day")
     t = sample.thermal.astype(np.float32)
@@ -94,8 +94,8 @@ def bench_segmenter(
     """Time each variant (see module docstring); ``on_update(result)`` is called after each one."""
     import torch
 
-    from .pipeline_benchmark import load_segmenter
-    from .segmenter import Segmenter
+    from ..pipeline.segmenter import Segmenter
+    from .models import load_segmenter
 
     parsed = [parse_variant(v) for v in variants]
     t0 = time.perf_counter()
@@ -193,7 +193,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rgbt_seg_ros.segmenter_benchmark", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m rgbt_seg_ros.bench.segmenter_benchmark", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--config", default="models/sartm_tiny.yaml", help="model config (default models/sartm_tiny.yaml)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
     p.add_argument(

@@ -41,7 +41,6 @@ Deployment options for CUDA (usable, but not worth it, on CPU):
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -51,9 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .classes import DatasetInfo
+from ..models.classes import DatasetInfo
+from ..models.preprocessing import PRECISIONS, fit_size, normalize_batch, resize_image, resize_valid, resolve_device
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
@@ -110,83 +109,6 @@ class ModelInput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> cuda when available else cpu; ``cuda`` without CUDA is an error."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device '{name}' was requested but CUDA is not available; use device='cpu' or 'auto'")
-        try:
-            dev = torch.device(name)
-        except RuntimeError as exc:
-            raise ValueError(f"invalid device '{name}'; expected auto, cpu, cuda or cuda:N") from exc
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device '{name}' does not exist; {torch.cuda.device_count()} CUDA device(s) found")
-        return dev
-    raise ValueError(f"unknown device '{name}'; expected auto, cpu, cuda or cuda:N")
-
-
-@functools.lru_cache(maxsize=16)
-def _normalization_constants(rgb_mean, rgb_std, th_mean, th_std, rgb_range, device, inference):
-    """Mean/std tensors built once per device (not per frame: on CUDA each would be a host-to-device copy)."""
-    mean = torch.tensor(rgb_mean, device=device).view(1, 3, 1, 1) * rgb_range
-    std = torch.tensor(rgb_std, device=device).view(1, 3, 1, 1) * rgb_range
-    return mean, std, th_mean, th_std
-
-
-def normalize_batch(
-    normalization: dict, rgb: torch.Tensor, thermal: torch.Tensor, rgb_range: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model-side normalisation of a batch, shared by the Segmenter and the trainer.
-
-    ``normalization`` is a model config's ``normalization`` section (or a whole config that has
-    one): ``rgb: {mean: [3], std: [3]}`` for RGB in [0, 1] and ``thermal: {mean: [1], std: [1]}``
-    for thermal in [0, 1]. ``rgb`` (B, 3, H, W) is given in [0, ``rgb_range``] (255 for uint8
-    pixels converted to float), ``thermal`` (B, 1, H, W) in [0, 1]. Returns ``(rgb, thermal)``
-    normalised; masking thermal with ``valid`` is left to the caller (after any padding).
-    """
-    norm = normalization.get("normalization", normalization)
-    rgb_mean, rgb_std, th_mean, th_std = _normalization_constants(
-        tuple(norm["rgb"]["mean"]),
-        tuple(norm["rgb"]["std"]),
-        float(norm["thermal"]["mean"][0]),
-        float(norm["thermal"]["std"][0]),
-        float(rgb_range),
-        rgb.device,
-        torch.is_inference_mode_enabled(),
-    )
-    return (rgb - rgb_mean) / rgb_std, (thermal - th_mean) / th_std
-
-
-def fit_size(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> tuple[int, int]:
-    """Largest (h, w) with the source aspect ratio that fits into ``dst_hw``."""
-    scale = min(dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1])
-    return max(1, min(dst_hw[0], round(src_hw[0] * scale))), max(1, min(dst_hw[1], round(src_hw[1] * scale)))
-
-
-def resize_image(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """How the Segmenter brings an RGB or thermal image (B, C, H, W) to its grid: bilinear, antialiased
-    when shrinking. uint8 RGB stays uint8 on CPU (torch's uint8 kernel); anything else is resized as float.
-    The trainer fits its items with this function too, so training sees the pixels deployment sees."""
-    h = t.shape[-2]
-    if tuple(size) == tuple(t.shape[-2:]):
-        return t
-    if t.dtype != torch.uint8 or t.device.type != "cpu":
-        t = t.float()
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=size[0] < h)
-
-
-def resize_valid(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The validity mask (B, 1, H, W) at ``size``: nearest, so it stays 0/1."""
-    if tuple(size) == tuple(t.shape[-2:]):
-        return t
-    return F.interpolate(t.float(), size=size, mode="nearest")
-
-
 class Segmenter:
     """Runs an RGB-T segmentation backend on numpy image pairs."""
 
@@ -204,7 +126,7 @@ class Segmenter:
     ):
         """``class_set``: which of the model's class sets to segment with (docs/class_sets.md); None = the set of
         ``dataset_info`` (a loaded checkpoint's primary). An unknown name raises ``ClassSetError`` naming the sets."""
-        from .class_sets import class_set_names, select_class_set
+        from ..models.class_sets import class_set_names, select_class_set
 
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; expected one of {', '.join(PRECISIONS)}")
@@ -253,7 +175,7 @@ class Segmenter:
     ) -> Segmenter:
         """Load a trained checkpoint directory (see ``checkpoint.py``); ``class_set``: one of its class sets
         (None: its primary). An unknown set is refused before the model is loaded, naming the sets there are."""
-        from .checkpoint import check_checkpoint_class_set, load_checkpoint
+        from ..models.checkpoint import check_checkpoint_class_set, load_checkpoint
 
         if class_set:
             check_checkpoint_class_set(ckpt_dir, class_set)
@@ -282,8 +204,8 @@ class Segmenter:
         class-name text embeddings come from the text teacher unless ``text_embeddings`` is given (a dict
         ``{set: (K, D)}`` for a config with ``class_sets``). ``class_set``: the set to segment with.
         """
-        from .class_sets import text_embeddings_for
-        from .models import build_model, dataset_info_for, resolve_model_config
+        from ..models import build_model, dataset_info_for, resolve_model_config
+        from ..models.class_sets import text_embeddings_for
 
         cfg = resolve_model_config(config)
         if sam2_checkpoint is not None:
@@ -291,7 +213,7 @@ class Segmenter:
         info = dataset_info_for(cfg, dataset)
         lang = cfg.get("language") or {}
         if text_embeddings is None and lang.get("enabled"):
-            from .training.text_teacher import class_text_embeddings
+            from ..models.text_teacher import class_text_embeddings
 
             backend = lang.get("text_encoder", "minilm")
             text_embeddings = text_embeddings_for(cfg, info, lambda names: class_text_embeddings(names, backend))
@@ -366,7 +288,7 @@ class Segmenter:
             got = f"{thermal.dtype} {thermal.shape}" if isinstance(thermal, np.ndarray) else type(thermal).__name__
             raise ValueError(
                 f"thermal must be an HxW float32 array in [0, 1] registered to the RGB grid, got {got} "
-                "(normalise raw counts with rgbt_seg_ros.imaging first)"
+                "(normalise raw counts with rgbt_seg_ros.pipeline.imaging first)"
             )
         if thermal.shape != rgb.shape[:2]:
             raise ValueError(f"thermal {thermal.shape} and rgb {rgb.shape[:2]} sizes differ; register thermal first")

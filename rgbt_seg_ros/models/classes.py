@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .resources import share_path
+from ..resources import share_path
 
 
 @dataclass(frozen=True)

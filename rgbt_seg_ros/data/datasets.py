@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..classes import DatasetInfo
-from ..data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
-from ..data.synthetic import CONDITIONS, COUNTS_PER_KELVIN, THERMAL_RANGE_K, SceneGenerator
-from ..imaging import ThermalNormalizer
+from ..models.classes import DatasetInfo
+from ..pipeline.imaging import ThermalNormalizer
+from .synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
+from .synthetic import CONDITIONS, COUNTS_PER_KELVIN, THERMAL_RANGE_K, SceneGenerator
 
 DATASET_KINDS = ("pst900", "mfnet", "fmb", "folder", "synthetic")
 SPLITS = ("train", "val", "test")

@@ -1,6 +1,6 @@
 """Evaluation of a segmenter on a dataset, the way the node segments: ``rgbt-seg evaluate``.
 
-Each item goes through :class:`rgbt_seg_ros.segmenter.Segmenter` as a numpy pair (RGB uint8,
+Each item goes through :class:`rgbt_seg_ros.pipeline.segmenter.Segmenter` as a numpy pair (RGB uint8,
 thermal float in [0, 1], validity mask), which resizes to the model's input size, normalises,
 runs the model and resizes the logits back, so predictions are scored at the label's own
 resolution, exactly as the node's output would be. Metrics come from a
@@ -32,10 +32,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..classes import DatasetInfo
-from ..frame_flow import latency_summary
+from ..data.transforms import rgb_bytes
+from ..models.classes import DatasetInfo
+from ..pipeline.frame_flow import latency_summary
 from .metrics import ConfusionMatrix, json_safe
-from .transforms import rgb_bytes
 
 OVERLAY_MAX_WIDTH = 320
 

@@ -88,7 +88,7 @@ def example_inputs(size: tuple[int, int], batch: int = 1, seed: int = 0) -> tupl
 
 
 def check_size(backend: str, size: tuple[int, int]) -> tuple[int, int]:
-    from .models.registry import backend_spec
+    from .registry import backend_spec
 
     multiple = backend_spec(backend).size_multiple
     h, w = (int(v) for v in size)

@@ -2,12 +2,12 @@
 
 Three subcommands, which the shell script runs in this order (all write under ``--out``)::
 
-    python -m rgbt_seg_ros.gpu_check check   --device cuda --out OUT     # (a) python, torch, CUDA -> env.json
-    python -m rgbt_seg_ros.gpu_check install --wheels DIR --out OUT      # (b) missing packages -> install.json
-    python -m rgbt_seg_ros.gpu_check run     --device cuda --out OUT --budget-s 480   # (c)-(f) -> summary.json
+    python -m rgbt_seg_ros.bench.gpu_check check   --device cuda --out OUT     # (a) python, torch, CUDA -> env.json
+    python -m rgbt_seg_ros.bench.gpu_check install --wheels DIR --out OUT      # (b) missing packages -> install.json
+    python -m rgbt_seg_ros.bench.gpu_check run     --device cuda --out OUT --budget-s 480   # (c)-(f) -> summary.json
 
 ``run`` starts each measurement as its own process, with the package's own commands (``rgbt-seg
-bench model|pipeline|train``, ``python -m rgbt_seg_ros.segmenter_benchmark``, ``pytest -m cuda``),
+bench model|pipeline|train``, ``python -m rgbt_seg_ros.bench.segmenter_benchmark``, ``pytest -m cuda``),
 each writing JSON under OUT, each under a timeout taken from the budget: a step may use what is
 left of the budget minus the nominal time of the steps after it. A step that fails or times out
 (its process group is killed) is recorded in ``OUT/summary.json`` with the end of its log, and
@@ -393,8 +393,8 @@ def plan(device: str, out: Path, repo: Path = REPO, python: str = sys.executable
              "--compile-backend", prof["compile_backend"],
              "--json", str(out / f"segmenter_{config_name(cfg)}.json")],
             f"segmenter_{config_name(cfg)}.json",
-            [python, "-m", "rgbt_seg_ros.segmenter_benchmark"],
-            "python -m rgbt_seg_ros.segmenter_benchmark",
+            [python, "-m", "rgbt_seg_ros.bench.segmenter_benchmark"],
+            "python -m rgbt_seg_ros.bench.segmenter_benchmark",
         )  # fmt: skip
     return steps
 
@@ -722,7 +722,7 @@ def run(device: str, out: Path, budget_s: float, repo: Path = REPO) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rgbt_seg_ros.gpu_check", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rgbt_seg_ros.bench.gpu_check", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="(a) python, torch and CUDA; writes env.json")
     i = sub.add_parser("install", help="(b) install what is missing from the wheel folder; writes install.json")

@@ -4,7 +4,7 @@
 2. starts the real ``segment_node`` process with the demo checkpoint and the sample rig's
    registration;
 3. plays the bag's camera topics over DDS with their original timing (the project's
-   :class:`~rgbt_seg_ros.player.BagPlayer`; on a robot: ``ros2 bag play`` + ``ros2 launch``);
+   :class:`~rgbt_seg_ros.ros.player.BagPlayer`; on a robot: ``ros2 bag play`` + ``ros2 launch``);
 4. records the node's outputs and writes ``overlay.gif``, ``contact_sheet.png`` (one row per
    condition first, so a night frame is on it) and ``metrics.json`` (live latency p50/p95, drops,
    mIoU against the bag's ground truth, per condition, and night person and car IoU: where thermal
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bags import read_messages, stamp_to_ns
-from .data.sample_bag import (
+from ..data.bags import read_messages, stamp_to_ns
+from ..data.sample_bag import (
     CONDITIONS_FILE,
     GT_TOPIC,
     RGB_INFO_TOPIC,
@@ -33,12 +33,12 @@ from .data.sample_bag import (
     THERMAL_TOPIC,
     write_sample_bag,
 )
-from .frame_flow import latency_summary
-from .imaging import image_to_numpy
+from ..pipeline.frame_flow import latency_summary
+from ..pipeline.imaging import image_to_numpy
+from ..pipeline.params import BAG_PARAMS, load_param_file, write_param_file
+from ..pipeline.render import colorize, contact_sheet, thermal_to_rgb
+from ..resources import share_path
 from .node_session import NodeSession, NodeSessionError
-from .params import BAG_PARAMS, load_param_file, write_param_file
-from .render import colorize, contact_sheet, thermal_to_rgb
-from .resources import share_path
 
 
 class DemoError(RuntimeError):
@@ -56,10 +56,10 @@ def run_demo(
 ) -> dict:
     from sensor_msgs.msg import Image
 
-    from .checkpoint import read_checkpoint_config
-    from .classes import DatasetInfo
+    from ..evaluation.metrics import ConfusionMatrix, json_safe
+    from ..models.checkpoint import read_checkpoint_config
+    from ..models.classes import DatasetInfo
     from .player import BagPlayer
-    from .training.metrics import ConfusionMatrix, json_safe
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Joint RGB-thermal transforms on dataset items (see :mod:`rgbt_seg_ros.training.datasets`).
+"""Joint RGB-thermal transforms on dataset items (see :mod:`rgbt_seg_ros.data.datasets`).
 
 An item is a dict with ``rgb`` (3, H, W) float32 [0, 1], ``thermal`` (1, H, W) float32 [0, 1],
 ``valid`` (1, H, W) float32 {0, 1} and ``labels`` (H, W) int64 (255 = ignore); other keys
@@ -59,10 +59,11 @@ def rgb_bytes(rgb: np.ndarray) -> np.ndarray:
 
 
 def fit_item(item: dict, size: tuple[int, int]) -> dict:
-    """An item at ``size`` exactly as the Segmenter resizes a camera frame (:func:`..segmenter.resize_image`:
-    RGB as uint8, bilinear, antialiased when shrinking; thermal as float; ``valid`` nearest); labels
-    nearest. Training fits its items with this, so the model is trained on the pixels it will be given."""
-    from ..segmenter import resize_image, resize_valid
+    """An item at ``size`` exactly as the Segmenter resizes a camera frame
+    (:func:`~rgbt_seg_ros.models.preprocessing.resize_image`: RGB as uint8, bilinear, antialiased when
+    shrinking; thermal as float; ``valid`` nearest); labels nearest. Training fits its items with this,
+    so the model is trained on the pixels it will be given."""
+    from ..models.preprocessing import resize_image, resize_valid
 
     if _size(item) == tuple(size):
         return item

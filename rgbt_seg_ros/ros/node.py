@@ -1,10 +1,10 @@
 """``segment_node``: synchronized RGB-thermal segmentation as a ROS 2 node.
 
 Data flow (docs/architecture.md): subscription callbacks only convert (``imaging``) and
-hand the images to the shared :class:`~rgbt_seg_ros.frame_flow.FrameFlow` (pairing, thermal
+hand the images to the shared :class:`~rgbt_seg_ros.pipeline.frame_flow.FrameFlow` (pairing, thermal
 loss), whose frames go to a single-slot mailbox; a
-:class:`~rgbt_seg_ros.frame_flow.StagedWorker` runs the shared
-:class:`~rgbt_seg_ros.frame_flow.FramePipeline` stages on three threads (prepare | forward |
+:class:`~rgbt_seg_ros.pipeline.frame_flow.StagedWorker` runs the shared
+:class:`~rgbt_seg_ros.pipeline.frame_flow.FramePipeline` stages on three threads (prepare | forward |
 finish + publish). When the model is slower than the cameras, older pairs are replaced in the
 mailbox and counted as dropped, never queued, so latency stays bounded. Replay runs the same
 objects on a bag.
@@ -54,7 +54,8 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
-from .frame_flow import (
+from ..memory import release_free_heap
+from ..pipeline.frame_flow import (
     FrameFlow,
     FramePipeline,
     Job,
@@ -67,12 +68,11 @@ from .frame_flow import (
     registrar_from_camera_info,
     thermal_display_u8,
 )
-from .imaging import ImageEncodingError, fill_image_msg, rgb_from_msg, thermal_from_msg
-from .memory import release_free_heap
-from .params import INPUT_NAMES, SPEC_BY_NAME, SPECS, check_value, is_ros_owned, validate
-from .registration_health import HealthSettings
-from .render import parse_palette
-from .resources import share_path
+from ..pipeline.imaging import ImageEncodingError, fill_image_msg, rgb_from_msg, thermal_from_msg
+from ..pipeline.params import INPUT_NAMES, SPEC_BY_NAME, SPECS, check_value, is_ros_owned, validate
+from ..pipeline.registration_health import HealthSettings
+from ..pipeline.render import parse_palette
+from ..resources import share_path
 
 NODE_NAME = "rgbt_seg"
 OUTPUT_TOPICS = {
@@ -445,7 +445,7 @@ class SegmentBehaviour:
     def _declare_parameters(self) -> dict:
         """Declare every parameter; a refused value from the file is reported and replaced by its default.
 
-        The policy is :func:`~rgbt_seg_ros.params.check_value`, the one ``rgbt-seg replay`` applies to the
+        The policy is :func:`~rgbt_seg_ros.pipeline.params.check_value`, the one ``rgbt-seg replay`` applies to the
         same file. Types are checked by the project (dynamic typing in the descriptor), so a wrong type is
         refused with the type's name, at start-up and at run time alike.
         """

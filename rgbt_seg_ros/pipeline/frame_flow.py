@@ -1,9 +1,9 @@
 """The frame flow: what the live node, bag replay and the benchmarks share, once.
 
 From camera arrivals to finished frames, on any clock (the node's monotonic clock, a bag's
-receive time), with no ROS import (messages are read by :mod:`rgbt_seg_ros.imaging`):
+receive time), with no ROS import (messages are read by :mod:`rgbt_seg_ros.pipeline.imaging`):
 
-``FrameFlow``          arrivals -> frames to segment: the :class:`~rgbt_seg_ros.sync.ApproximateTimePairer`
+``FrameFlow``          arrivals -> frames to segment: the :class:`~rgbt_seg_ros.pipeline.sync.ApproximateTimePairer`
                        built from the node's parameters (:func:`pairer_from_params`) and two
                        :class:`PartnerWatch` es that switch to RGB-only frames when thermal is lost
                        and to thermal-only frames when RGB is lost.
@@ -36,11 +36,11 @@ import cv2
 import numpy as np
 import yaml
 
+from ..resources import resolve_data_file
 from .imaging import ThermalNormalizer
 from .registration import ThermalRegistrar
 from .registration_health import HealthSettings, RegistrationMonitor
 from .render import blend, colorize, parse_palette, upscale_nearest
-from .resources import resolve_data_file
 from .sync import ApproximateTimePairer, Pair
 
 OUTPUTS = ("labels", "overlay", "confidence", "colored_labels", "thermal_registered")
@@ -178,10 +178,10 @@ def registrar_from_params(params: dict[str, Any]) -> ThermalRegistrar | None:
 def class_sets_from_params(params: dict[str, Any]) -> tuple[str, ...]:
     """The class sets of the model the parameters name, primary first, read from its files (no model is built):
     the checkpoint's ``config.yaml``, or ``model.config`` with ``model.dataset`` as its primary set."""
-    from .checkpoint import checkpoint_class_sets
-    from .class_sets import config_class_sets
-    from .classes import load_dataset_info
-    from .models.registry import load_model_config
+    from ..models.checkpoint import checkpoint_class_sets
+    from ..models.class_sets import config_class_sets
+    from ..models.classes import load_dataset_info
+    from ..models.registry import load_model_config
 
     if params["model.checkpoint"]:
         return checkpoint_class_sets(resolve_data_file(params["model.checkpoint"]))
@@ -195,9 +195,9 @@ def checked_class_set(params: dict[str, Any], on_problem=None) -> str | None:
 
     An unknown set is the node's bad-parameter case: with ``on_problem`` it is reported there (a sentence
     naming the sets there are) and the primary set is used, as any refused parameter falls back to its
-    default; without, :class:`~rgbt_seg_ros.class_sets.ClassSetError` is raised.
+    default; without, :class:`~rgbt_seg_ros.models.class_sets.ClassSetError` is raised.
     """
-    from .class_sets import ClassSetError, unknown_set_message
+    from ..models.class_sets import ClassSetError, unknown_set_message
 
     wanted = params.get("model.class_set") or None
     if wanted is None:
@@ -546,7 +546,7 @@ class FrameFlow:
 
     Payloads are ``(meta, array)``: ``meta`` is whatever the caller needs back with the frame
     (the node keeps the header, replay the bag message), ``array`` the converted image.
-    Each call returns the frames it completed as :class:`~rgbt_seg_ros.sync.Pair`; an RGB-only
+    Each call returns the frames it completed as :class:`~rgbt_seg_ros.pipeline.sync.Pair`; an RGB-only
     frame (thermal lost, ``on_thermal_loss: rgb_only``) is a Pair whose ``thermal`` is None, a
     thermal-only frame (RGB lost, ``on_rgb_loss: thermal_only``) one whose ``rgb`` is None (its
     ``rgb_stamp_ns`` is -1). ``now_ns`` is the caller's clock: monotonic live, the bag's receive

@@ -1,6 +1,6 @@
 """``rgbt-seg bench pipeline`` and ``rgbt-seg bench memory``: where a frame's time and memory go.
 
-Both drive the objects the live node drives (:mod:`rgbt_seg_ros.frame_flow`), in the node's
+Both drive the objects the live node drives (:mod:`rgbt_seg_ros.pipeline.frame_flow`), in the node's
 order, on ``sensor_msgs/Image`` messages (rclpy's own message class when rclpy is importable,
 else the rosbags dataclass):
 
@@ -26,12 +26,12 @@ else the rosbags dataclass):
     Each stage is timed on its own with ``time.perf_counter`` and reported as median and p95
     over ``repeats`` frames after warm-up. ``overhead`` is everything but the model forward.
 
-    The registration-health estimate (:class:`~rgbt_seg_ros.registration_health.OffsetEstimator`
+    The registration-health estimate (:class:`~rgbt_seg_ros.pipeline.registration_health.OffsetEstimator`
     on the same pair and calibration) is timed the same way and reported apart, with its cost
     amortised over the node's default ``registration.check_every`` pairs: live it runs on its own
     thread every N-th pair, outside the frame path, so it is in neither the total nor the overhead.
 
-    2. the sustained frame rate of the :class:`~rgbt_seg_ros.frame_flow.StagedWorker` (three
+    2. the sustained frame rate of the :class:`~rgbt_seg_ros.pipeline.frame_flow.StagedWorker` (three
     threads: prepare | forward | finish + message build) fed like the node is fed: camera
     messages converted and paired at ``feed_hz`` for ``seconds``, the newest frame kept in each
     mailbox; frames delivered per second, latency from pair to built messages, frames
@@ -59,7 +59,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .frame_flow import (
+from ..bench.models import StandInModel, load_segmenter
+from ..memory import release_free_heap, rss_mb
+from ..pipeline.frame_flow import (
     FrameFlow,
     FramePipeline,
     Job,
@@ -69,9 +71,8 @@ from .frame_flow import (
     latency_summary,
     normalizer_from_params,
 )
-from .imaging import fill_image_msg, rgb_from_msg, thermal_from_msg
-from .memory import release_free_heap, rss_mb
-from .registration import ThermalRegistrar
+from ..pipeline.imaging import fill_image_msg, rgb_from_msg, thermal_from_msg
+from ..pipeline.registration import ThermalRegistrar
 
 STAGES = (
     "conversion",
@@ -90,88 +91,6 @@ DEFAULT_SIZES = ((480, 640), (720, 1280))
 # --------------------------------------------------------------------------- model and inputs
 
 
-class StandInModel:
-    """A timed stand-in for a forward on a GPU (``--model-ms``): NOT a model.
-
-    It sleeps until ``model_ms`` have passed (the host idle and the GIL free, as while a GPU
-    computes) and returns logits of the right shape from a fixed random 1x1 projection of the
-    input, so everything around the forward runs on real data."""
-
-    def __init__(self, model_ms: float, num_classes: int, seed: int = 0) -> None:
-        import torch
-
-        self.model_ms = float(model_ms)
-        self.weight = torch.randn(num_classes, 4, 1, 1, generator=torch.Generator().manual_seed(seed))
-
-    def to(self, device):
-        self.weight = self.weight.to(device)
-        return self
-
-    def eval(self):
-        return self
-
-    def __call__(self, rgb, thermal, valid=None) -> dict:
-        import torch
-        import torch.nn.functional as F
-
-        end = time.perf_counter() + self.model_ms / 1e3
-        logits = F.conv2d(torch.cat([rgb, thermal], dim=1), self.weight.to(rgb.dtype))
-        if rgb.device.type == "cuda":
-            torch.cuda.synchronize(rgb.device)
-        left = end - time.perf_counter()
-        if left > 0:
-            time.sleep(left)
-        return {"logits": logits}
-
-
-def load_segmenter(
-    checkpoint: str | Path | None = None,
-    config: str | Path = "models/sartm_tiny.yaml",
-    model_size: tuple[int, int] | None = None,
-    device: str = "cpu",
-    precision: str = "fp32",
-    seed: int = 0,
-    model_ms: float | None = None,
-    class_set: str | None = None,
-):
-    """A ``Segmenter`` from a checkpoint directory, else with random weights of ``config``.
-
-    Random weights: nothing frozen (a frozen random encoder is refused by the backends), random
-    unit-norm class-name embeddings (no text encoder is loaded). Warm-up forward included.
-    ``model_ms``: the config's classes and input size around a :class:`StandInModel` instead.
-    ``class_set``: the model's class set to segment with (None: its primary).
-    """
-    import torch
-
-    from .class_sets import random_text_embeddings
-    from .models import build_model, dataset_info_for, resolve_model_config
-    from .resources import resolve_data_file
-    from .segmenter import Segmenter
-
-    if model_ms is not None:
-        cfg = resolve_model_config(resolve_data_file(str(config)))
-        if model_size is not None:
-            cfg["input_size"] = [int(model_size[0]), int(model_size[1])]
-        info = dataset_info_for(cfg, None)
-        stand_in = StandInModel(model_ms, info.num_classes, seed)
-        return Segmenter(stand_in, cfg, info, device=device, precision=precision, class_set=class_set)
-    if checkpoint is not None:
-        return Segmenter.from_checkpoint(
-            resolve_data_file(str(checkpoint)), device=device, precision=precision, class_set=class_set
-        )
-    torch.manual_seed(seed)
-    cfg = resolve_model_config(resolve_data_file(str(config)))
-    if model_size is not None:
-        cfg["input_size"] = [int(model_size[0]), int(model_size[1])]
-        cfg = resolve_model_config(cfg)  # size checked against the backend's multiple
-    for section, key in (("encoder", "freeze"), ("decoder", "freeze_transformer")):
-        if section in cfg and key in cfg[section] and not cfg[section].get("checkpoint"):
-            cfg[section][key] = False
-    info = dataset_info_for(cfg, None)
-    model = build_model(cfg, info, random_text_embeddings(cfg, info))
-    return Segmenter(model, cfg, info, device=device, precision=precision, class_set=class_set)
-
-
 def image_message_class():
     """rclpy's ``sensor_msgs.msg.Image`` when importable (what the node receives), else rosbags' dataclass."""
     try:
@@ -179,7 +98,7 @@ def image_message_class():
 
         return Image, "rclpy"
     except ImportError:
-        from .bags import IMAGE_TYPE, TYPESTORE
+        from ..data.bags import IMAGE_TYPE, TYPESTORE
 
         return TYPESTORE.types[IMAGE_TYPE], "rosbags"
 
@@ -196,7 +115,7 @@ class CameraFrames:
 
     @classmethod
     def synthetic(cls, rgb_size: tuple[int, int], seed: int = 0) -> CameraFrames:
-        from .data.synthetic import SceneGenerator
+        from ..data.synthetic import SceneGenerator
 
         thermal_size = (max(16, rgb_size[0] * 512 // 480), rgb_size[1])
         gen = SceneGenerator(seed=seed, rgb_size=tuple(rgb_size), thermal_size=thermal_size)
@@ -228,7 +147,7 @@ class CameraFrames:
 def _new_message(image_cls, as_numpy: bool):
     if not as_numpy:
         return image_cls()
-    from .bags import make_header
+    from ..data.bags import make_header
 
     return image_cls(
         header=make_header(0, ""), height=0, width=0, encoding="", is_bigendian=0, step=0, data=np.zeros(0, np.uint8)
@@ -241,7 +160,7 @@ def _set_header(msg, stamp_ns: int, frame_id: str) -> None:
         msg.header.stamp.sec, msg.header.stamp.nanosec = sec, nsec
         msg.header.frame_id = frame_id
     else:  # rosbags dataclasses are plain dataclasses too, but build a new header to be safe
-        from .bags import make_header
+        from ..data.bags import make_header
 
         msg.header = make_header(stamp_ns, frame_id)
 
@@ -253,7 +172,7 @@ def _is_frozen(obj) -> bool:
 
 def pipeline_params(frames: CameraFrames, calibration_file: Path) -> dict:
     """The node's parameters for the synthetic rig (homography registration, FLIR-like linear thermal)."""
-    from .params import defaults
+    from ..pipeline.params import defaults
 
     p = defaults()
     p.update(
@@ -341,8 +260,8 @@ def bench_registration_health(
 ) -> dict:
     """``OffsetEstimator().estimate`` on the benchmark's pair (ms, median / p95 of ``repeats`` after ``warmup``)
     and that amortised over the node's default ``registration.check_every`` pairs (median / N)."""
-    from .params import SPEC_BY_NAME
-    from .registration_health import OffsetEstimator
+    from ..pipeline.params import SPEC_BY_NAME
+    from ..pipeline.registration_health import OffsetEstimator
 
     image_cls, kind = image_message_class()
     rgb_msg, th_msg = frames.messages(image_cls, 1_700_000_000_000_000_000, kind == "rosbags")
@@ -362,7 +281,7 @@ def bench_registration_health(
 
 def bench_pipeline_size(segmenter, size: tuple[int, int], repeats: int = 10, warmup: int = 2, seed: int = 0) -> dict:
     """Per-stage medians / p95 of ``repeats`` frames at camera size ``size`` (H, W)."""
-    from .params import defaults
+    from ..pipeline.params import defaults
 
     frames = CameraFrames.synthetic(size, seed=seed)
     pipeline = make_pipeline(segmenter, frames)
@@ -404,7 +323,7 @@ def bench_sustained(segmenter, size: tuple[int, int], seconds: float = 4.0, feed
     The feeder (this thread) builds, converts and pairs camera messages as the node's callbacks
     do; the worker's three threads prepare, infer, finish and build the output messages. The
     first 0.5 s are not counted (threads starting, caches filling)."""
-    from .params import defaults
+    from ..pipeline.params import defaults
 
     frames = CameraFrames.synthetic(size)
     pipeline = make_pipeline(segmenter, frames)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,3 +295,11 @@ def update_readme(readme: Path, results: Path, check: bool = False) -> bool:
     if not check:
         Path(readme).write_text(new)
     return False
+
+
+def write_result_json(path: Path | None, result: dict) -> None:
+    """A benchmark's figures as JSON (``--json``), dated: ``rgbt-seg bench table`` reads them back."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **result}, indent=2))
+        print(f"wrote {path}")

@@ -35,8 +35,8 @@ import yaml
 from torch import nn
 
 from .classes import DatasetInfo
-from .models.registry import backend_spec, build_model, resolve_model_config
-from .models.sam2_checkpoint import file_sha256
+from .registry import backend_spec, build_model, resolve_model_config
+from .sam2_checkpoint import file_sha256
 
 CHECKPOINT_FORMAT = "rgbt_seg_ros.checkpoint/2"
 FORMAT_1 = "rgbt_seg_ros.checkpoint/1"
