@@ -46,8 +46,10 @@ def test_zero_init_streams_equal_the_plain_frozen_trunk(info):
         plain_th = model.trunk(th.expand(-1, 3, -1, -1))
     assert len(streams) == 4
     for (s_rgb, s_th), p_rgb, p_th in zip(streams, plain_rgb, plain_th):
-        assert torch.equal(s_rgb, p_rgb)
-        assert torch.equal(s_th, p_th)
+        # equal up to float summation order: the streams run both modalities as one batch, and a CPU's
+        # kernels (AVX-512 oneDNN here) may sum in another order at another batch size
+        torch.testing.assert_close(s_rgb, p_rgb, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s_th, p_th, rtol=1e-5, atol=1e-5)
 
 
 def test_every_block_has_an_mcp_with_the_right_shapes(info):
