@@ -34,11 +34,10 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.clock import Clock, ClockType
 
@@ -63,16 +62,17 @@ from ..pipeline.frame_flow import (
     StagedWorker,
     demo_model_note,
     labels_encoding,
-    latency_summary,
     normalizer_from_params,
     registrar_from_camera_info,
     thermal_display_u8,
 )
 from ..pipeline.imaging import ImageEncodingError, fill_image_msg, rgb_from_msg, thermal_from_msg
+from ..pipeline.monitoring import CameraMonitor, PipelineStats
 from ..pipeline.params import INPUT_NAMES, SPEC_BY_NAME, SPECS, check_value, is_ros_owned, validate
 from ..pipeline.registration_health import HealthSettings
 from ..pipeline.render import parse_palette
 from ..resources import share_path
+from . import diagnostics
 
 NODE_NAME = "rgbt_seg"
 OUTPUT_TOPICS = {
@@ -87,154 +87,6 @@ RESTART_REASON = "changing {name} needs a restart of the node (model, registrati
 
 def stamp_ns(header) -> int:
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
-
-
-def _summary(values) -> tuple[float, float]:
-    """(p50, p95) of recent timings; NaN when there are none yet."""
-    s = latency_summary(values)
-    return (float("nan"), float("nan")) if s["n"] == 0 else (s["p50"], s["p95"])
-
-
-class CameraMonitor:
-    """Arrival rate, staleness and rejections of one camera topic (thread-safe)."""
-
-    def __init__(self, window: int = 60) -> None:
-        self._arrivals: deque[float] = deque(maxlen=window)
-        self._lock = threading.Lock()
-        self.received = 0
-        self.rejected: dict[str, int] = {}
-        self.lost = 0  # samples the middleware reports as lost before delivery (message_lost events)
-        self.last_lost: float | None = None
-        self.last_error = ""
-        self.last_arrival: float | None = None
-
-    def arrived(self, now: float) -> None:
-        with self._lock:
-            self.received += 1
-            self._arrivals.append(now)
-            self.last_arrival = now
-
-    def reject(self, reason: str, text: str) -> None:
-        with self._lock:
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
-            self.last_error = text
-
-    def transport_lost(self, n: int, now: float) -> None:
-        with self._lock:
-            self.lost += int(n)
-            self.last_lost = now
-
-    def rate_hz(self, now: float, stale_after: float) -> float:
-        with self._lock:
-            if len(self._arrivals) < 2 or now - self._arrivals[-1] > stale_after:
-                return 0.0
-            span = self._arrivals[-1] - self._arrivals[0]
-            return (len(self._arrivals) - 1) / span if span > 0 else 0.0
-
-    def silent_for(self, now: float) -> float | None:
-        with self._lock:
-            return None if self.last_arrival is None else now - self.last_arrival
-
-    def reset(self) -> None:
-        with self._lock:
-            self._arrivals.clear()
-            self.received = 0
-            self.rejected = {}
-            self.lost = 0
-            self.last_lost = None
-            self.last_error = ""
-
-
-class PipelineStats:
-    """What the worker did: counts, drops by reason, latencies (thread-safe, bounded memory)."""
-
-    def __init__(self, window: int = 300) -> None:
-        self._lock = threading.Lock()
-        self.window = window
-        self.reset()
-
-    def reset(self) -> None:
-        with getattr(self, "_lock", threading.Lock()):
-            self.paired = 0
-            self.processed = 0
-            self.rgb_only_frames = 0
-            self.thermal_only_frames = 0
-            self.drops: dict[str, int] = {"superseded": 0, "model_error": 0}
-            self.latency_ms: deque[float] = deque(maxlen=self.window)  # pair formed -> published
-            self.stamp_age_ms: deque[float] = deque(maxlen=self.window)  # header stamp -> published
-            self.model_ms: deque[float] = deque(maxlen=self.window)
-            self.overhead_ms: deque[float] = deque(maxlen=self.window)  # everything but the model forward
-            self.processed_times: deque[float] = deque(maxlen=self.window)
-            self.paired_times: deque[float] = deque(maxlen=self.window)
-            self.last_error = ""
-            self.consecutive_model_errors = 0
-
-    def count_pair(self, now: float) -> None:
-        with self._lock:
-            self.paired += 1
-            self.paired_times.append(now)
-
-    def drop(self, reason: str, n: int = 1) -> None:
-        with self._lock:
-            self.drops[reason] = self.drops.get(reason, 0) + n
-
-    def model_failed(self, text: str) -> None:
-        with self._lock:
-            self.drops["model_error"] += 1
-            self.last_error = text
-            self.consecutive_model_errors += 1
-
-    def frame_done(
-        self,
-        now: float,
-        latency_ms: float,
-        age_ms: float,
-        model_ms: float,
-        overhead_ms: float,
-        rgb_only: bool,
-        thermal_only: bool = False,
-    ) -> None:
-        with self._lock:
-            self.processed += 1
-            self.rgb_only_frames += int(rgb_only)
-            self.thermal_only_frames += int(thermal_only)
-            self.processed_times.append(now)
-            self.latency_ms.append(latency_ms)
-            self.stamp_age_ms.append(age_ms)
-            self.model_ms.append(model_ms)
-            self.overhead_ms.append(overhead_ms)
-            self.consecutive_model_errors = 0
-
-    @staticmethod
-    def _rate(times: deque[float], now: float) -> float:
-        recent = [t for t in times if now - t <= 5.0]
-        if len(recent) < 2:
-            return 0.0
-        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-9)
-
-    def snapshot(self, now: float) -> dict:
-        with self._lock:
-            model_p50 = _summary(self.model_ms)[0]
-            overhead_p50 = _summary(self.overhead_ms)[0]
-            latency, age = _summary(self.latency_ms), _summary(self.stamp_age_ms)
-            return {
-                "paired": self.paired,
-                "processed": self.processed,
-                "rgb_only_frames": self.rgb_only_frames,
-                "thermal_only_frames": self.thermal_only_frames,
-                "drops": dict(self.drops),
-                "paired_hz": self._rate(self.paired_times, now),
-                "processed_hz": self._rate(self.processed_times, now),
-                "latency_p50_ms": latency[0],
-                "latency_p95_ms": latency[1],
-                "stamp_age_p50_ms": age[0],
-                "stamp_age_p95_ms": age[1],
-                "model_p50_ms": model_p50,
-                "overhead_p50_ms": overhead_p50,
-                "overhead_fraction": overhead_p50 / model_p50 if model_p50 and model_p50 == model_p50 else float("nan"),
-                "last_error": self.last_error,
-                "consecutive_model_errors": self.consecutive_model_errors,
-            }
 
 
 def _descriptor(spec) -> ParameterDescriptor:
@@ -709,111 +561,7 @@ class SegmentBehaviour:
             self._trim_pending = False
             self._last_trim = now
             release_free_heap()
-        stale_after = float(self.p["stale_timeout"])
-        active = self.lifecycle_state == "active"
-        statuses = []
-        for name, cam in self.cameras.items():
-            silent = cam.silent_for(now)
-            stale = silent is None or silent > stale_after
-            if not active:
-                level, message = 0, f"not subscribed (node {self.lifecycle_state})"
-            elif cam.last_lost is not None and now - cam.last_lost < stale_after:
-                level, message = 1, f"{cam.lost} message(s) lost before delivery (oversize or saturated link)"
-            elif stale:
-                level = 1
-                message = (
-                    f"no message for {stale_after:g} s" if silent is None else f"stale: last message {silent:.1f} s ago"
-                )
-            else:
-                level, message = 0, "ok"
-            values = {
-                "topic": self.input_topics[name],
-                "frame_id": self.frame_ids[name],
-                "rate (Hz)": f"{cam.rate_hz(now, stale_after):.2f}",
-                "received": str(cam.received),
-                "rejected": str(sum(cam.rejected.values())),
-                "rejected by reason": ", ".join(f"{k}={v}" for k, v in sorted(cam.rejected.items())) or "none",
-                "lost in transport": str(cam.lost),
-                "last error": cam.last_error,
-            }
-            statuses.append(self._status(f"{name} camera", level, message, values, self.frame_ids[name]))
-
-        snap = self.stats.snapshot(now)
-        pst = self.flow.stats
-        drops = dict(snap["drops"])
-        drops["unmatched_rgb"] = pst.dropped_unmatched_rgb
-        drops["unmatched_thermal"] = pst.dropped_unmatched_thermal
-        drops["overflow"] = pst.dropped_overflow_rgb + pst.dropped_overflow_thermal
-        drops["rejected_stamp"] = pst.rejected_rgb + pst.rejected_thermal
-        mismatch = self.pipeline.size_mismatch if self.pipeline is not None else None
-        if (
-            self.pipeline is None
-            and self.lifecycle_state == "unconfigured"
-            and not self.model_status.startswith("failed")
-        ):
-            level, message = 0, "unconfigured: model not loaded (configure the managed node)"
-        elif self.pipeline is None:
-            level, message = 2, f"model not loaded: {self.model_status}"
-        elif not active:
-            level, message = 0, f"{self.lifecycle_state}: model loaded, not processing"
-        elif snap["consecutive_model_errors"] > 0:
-            level, message = 2, snap["last_error"]
-        elif self.param_errors:
-            level, message = 1, self.param_errors[-1]
-        elif mismatch:
-            level, message = 1, mismatch
-        elif self.flow.rgb_only_active:
-            level, message = 1, "thermal lost: segmenting RGB only"
-        elif self.flow.thermal_only_active:
-            level, message = 1, "RGB lost: segmenting thermal only"
-        else:
-            level, message = 0, "ok"
-        values = {
-            "state": self.lifecycle_state,
-            "model": self.model_status,
-            "class set": self.class_set_status,
-            "device": self.device,
-            "registration": self.registration_mode,
-            "inputs": f"{self.input_topics['rgb']}, {self.input_topics['thermal']}",
-            "outputs": self.resolve_topic_name("~/labels").rsplit("/", 1)[0] + "/{labels,overlay,...}",
-            "mode": self.flow.mode,
-            "paired rate (Hz)": f"{snap['paired_hz']:.2f}",
-            "processed rate (Hz)": f"{snap['processed_hz']:.2f}",
-            "paired": str(snap["paired"]),
-            "processed": str(snap["processed"]),
-            "rgb-only frames": str(snap["rgb_only_frames"]),
-            "thermal-only frames": str(snap["thermal_only_frames"]),
-            "drops": ", ".join(f"{k}={v}" for k, v in sorted(drops.items())),
-            "latency p50 (ms)": f"{snap['latency_p50_ms']:.1f}",
-            "latency p95 (ms)": f"{snap['latency_p95_ms']:.1f}",
-            "stamp age p50 (ms)": f"{snap['stamp_age_p50_ms']:.1f}",
-            "stamp age p95 (ms)": f"{snap['stamp_age_p95_ms']:.1f}",
-            "model time p50 (ms)": f"{snap['model_p50_ms']:.1f}",
-            "overhead p50 (ms)": f"{snap['overhead_p50_ms']:.2f}",
-            "overhead / model": f"{snap['overhead_fraction']:.4f}",
-            "pair |dt| p95 (ms)": f"{pst.dt_abs_percentile_ms(95):.2f}" if pst.paired else "nan",
-            "warnings": "; ".join(self.param_errors + ([mismatch] if mismatch else [])) or "none",
-            "last error": snap["last_error"],
-        }
-        pair_hw = "+".join(f for f in (self.frame_ids["rgb"], self.frame_ids["thermal"]) if f)
-        statuses.append(self._status("pipeline", level, message, values, pair_hw))
-        health = self.pipeline.health if self.pipeline is not None else None
-        if health is not None:
-            level, message, values = health.status(now)
-            statuses.append(self._status("registration", level, message, values, pair_hw))
-        arr = DiagnosticArray(status=statuses)
-        arr.header.stamp = self.get_clock().now().to_msg()
-        self.diag_pub.publish(arr)
-
-    def _status(self, what: str, level: int, message: str, values: dict, hardware_id: str) -> DiagnosticStatus:
-        # diagnostic_updater's convention: "<fully qualified node name>: <task>", so two instances never collide.
-        return DiagnosticStatus(
-            level=bytes([level]),
-            name=f"{self.get_fully_qualified_name()}: {what}",
-            hardware_id=hardware_id or "unknown (no camera message yet)",
-            message=message,
-            values=[KeyValue(key=k, value=str(v)) for k, v in values.items()],
-        )
+        self.diag_pub.publish(diagnostics.array(self, now))
 
 
 def _plain(value):
