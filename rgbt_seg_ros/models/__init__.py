@@ -1,4 +1,6 @@
-"""Model backends (nn.Modules only) and the registry that builds them by name.
+"""Everything inference needs, standing on its own: the backends (nn.Modules) and the registry that
+builds them by name, the checkpoint format, class lists and class sets, the text teacher and the
+preprocessing the Segmenter and the trainer share (docs/architecture.md).
 
 ``build_model(cfg, dataset_info, text_embeddings=None)`` dispatches on ``cfg["backend"]``;
 importing this package registers the built-in backends.
