@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation.reports import load_numbered, replace_between, spread, write_each
+from ..evaluation.reports import holder, load_numbered, spread, update_blocks, write_each
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "learning"
 
@@ -381,19 +381,16 @@ def demo_table(doc: dict) -> str:
     return "\n".join(lines + ["", f"{t['scenes']} scenes, a quarter per condition; evaluated {doc['date']}."])
 
 
-def update_readme(readme: Path, results: Path = RESULTS, check: bool = False, demo: Path = DEMO_METRICS) -> bool:
-    """Write the tables between their markers; with ``check`` only compare. True when up to date."""
+def update_readme(readme=None, results: Path = RESULTS, check: bool = False, demo: Path = DEMO_METRICS) -> bool:
+    """Write the tables between their markers, each in the file that holds it (``readme``: one file, several,
+    or None for README.md and docs/*.md); with ``check`` only compare. True when up to date."""
     res = load_results(results)
-    text = Path(readme).read_text()
-    new = replace_between(text, BACKENDS_BEGIN, END, backends_table(res), str(readme))
-    new = replace_between(new, ABLATION_BEGIN, END, ablation_table(res), str(readme))
-    table = ablation_table(res, SEGRGBX_ABLATION_ROWS, "SegRGB-X")
-    new = replace_between(new, SEGRGBX_ABLATION_BEGIN, END, table, str(readme))
-    new = replace_between(new, THERMAL_ONLY_BEGIN, END, thermal_only_table(res), str(readme))
-    if DEMO_BEGIN in new:
-        new = replace_between(new, DEMO_BEGIN, END, demo_table(json.loads(Path(demo).read_text())), str(readme))
-    if new == text:
-        return True
-    if not check:
-        Path(readme).write_text(new)
-    return False
+    blocks = [
+        (BACKENDS_BEGIN, END, backends_table(res)),
+        (ABLATION_BEGIN, END, ablation_table(res)),
+        (SEGRGBX_ABLATION_BEGIN, END, ablation_table(res, SEGRGBX_ABLATION_ROWS, "SegRGB-X")),
+        (THERMAL_ONLY_BEGIN, END, thermal_only_table(res)),
+    ]
+    if holder(readme, DEMO_BEGIN):
+        blocks.append((DEMO_BEGIN, END, demo_table(json.loads(Path(demo).read_text()))))
+    return update_blocks(readme, blocks, check)
