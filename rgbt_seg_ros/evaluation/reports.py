@@ -1,10 +1,10 @@
-"""``rgbt-seg bench table``: README's benchmark table, generated from committed result files.
+"""``rgbt-seg bench table``: the benchmark table (docs/benchmarks.md), generated from committed result files.
 
 Every benchmark command writes its figures as JSON (``--json``; replay writes metrics.json).
 ``scripts/measure_benchmarks.sh`` runs each command several times into ``docs/results/bench/``
-as ``<name>_run<k>.json``; this module reads them and writes the table between the markers
-in README.md, each figure as the median over the runs with its range, so no figure is typed by
-hand and one run is never shown as if it were the rule. ``--check`` fails when README's table
+as ``<name>_run<k>.json``; this module reads them and writes the table between the markers in the
+file that holds them (README.md or docs/*.md), each figure as the median over the runs with its range,
+so no figure is typed by hand and one run is never shown as if it were the rule. ``--check`` fails when the table
 differs from what the files give (a test runs it).
 """
 

@@ -4,7 +4,7 @@
 ``node`` (``live_benchmark.py``): the live node over DDS; ``pipeline`` and ``memory``
 (``pipeline_benchmark.py``): per-stage time of a frame and RSS over N pairs; ``soak`` and
 ``oversize`` (``soak.py``): the live node under field faults; ``train`` (``train_benchmark.py``):
-one training step; ``table`` (``bench_report.py``): README's benchmark table from the JSON files.
+one training step; ``table`` (``bench_report.py``): the benchmark table (docs/benchmarks.md) from the JSON files.
 
 ``bench model``: parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s.
 
@@ -125,7 +125,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..training.benchmark import add_arguments as add_train_arguments  # bench train: train_benchmark.py
 
     add_train_arguments(sub.add_parser("train", help="one training step (the trainer's own): median time, peak memory"))
-    table = sub.add_parser("table", help="README's benchmark table from docs/results/bench/*.json (bench_report.py)")
+    table = sub.add_parser(
+        "table", help="the benchmark table (docs/benchmarks.md) from docs/results/bench/*.json (bench_report.py)"
+    )
     table.add_argument("--results", type=Path, default=Path("docs/results/bench"), help="result files' folder")
     table.add_argument(
         "--files",

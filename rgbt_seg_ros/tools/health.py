@@ -1,7 +1,7 @@
-"""``rgbt-seg health drift|table``: the registration-drift study behind README's shift table.
+"""``rgbt-seg health drift|table``: the registration-drift study behind the shift table in docs/sensor_health.md.
 
     rgbt-seg health drift --out runs/drift --seeds 0 1 2      # bags, replays, docs/results/health/*.json
-    rgbt-seg health table [--check]                          # README's table from those files
+    rgbt-seg health table [--check]                          # docs/sensor_health.md's table from those files
 
 ``drift`` records, per seed and shift, a synthetic bag from a rig whose thermal camera moved after
 calibration (``make-sample-bag --thermal-shift``; the bag's calibration stays the original), replays
@@ -15,7 +15,7 @@ keeps every finished one):
 * when the correction settled within 1 px of the truth,
 * and the confidence of structureless frames (flat, noisy images; the same for every shift).
 
-``table`` writes README's table between its markers: median and range over the seeds, never typed.
+``table`` writes the table (docs/sensor_health.md) between its markers: median and range over the seeds, never typed.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     d.add_argument("--rerun", action="store_true", help="run again what has a result file")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t = sub.add_parser("table", help="README's drift table from the result files")
+    t = sub.add_parser("table", help="the drift table (docs/sensor_health.md) from the result files")
     t.add_argument("--results", type=Path, default=RESULTS)
     t.add_argument(
         "--files",
@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         help="files holding the table (README.md, docs/*.md)",
     )
-    t.add_argument("--check", action="store_true", help="fail when README differs from the result files")
+    t.add_argument("--check", action="store_true", help="fail when the table differs from the result files")
 
 
 def run(args: argparse.Namespace) -> int:

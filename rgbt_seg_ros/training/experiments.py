@@ -88,7 +88,7 @@ REALDATA_RUNS = {
     # not augmented: training and validation see the same 17 inputs. Plain OHEM without class weights: ENet
     # weights (up to 33x background) made the rare classes move first but flooded the background (74 % pixel
     # accuracy at 400 steps) and the training mIoU oscillated; without them the rare classes come last but
-    # the fit is steady. Measured with sartm_demo: see the README ("Real formats").
+    # the fit is steady. Measured with sartm_demo: see docs/training.md ("Real formats").
     "mfnet_tiles": {
         "kind": "folder",
         "classes": "mfnet",
