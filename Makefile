@@ -3,7 +3,7 @@
 #   make demo   same setup, then the demo on the built-in synthetic sample data
 #   make compat a second venv (.venv-compat) with the oldest supported dependency versions (numpy 1.26, ...)
 #               and the unit tests there
-#   make bench-results  re-measure the benchmark table (docs/benchmarks.md) (docs/results/bench/*.json, then `rgbt-seg bench table`)
+#   make bench-results  re-measure the benchmark table of docs/benchmarks.md (docs/results/bench/*.json, then `rgbt-seg bench table`)
 #   make gpu-wheels  wheels of every runtime dependency but torch (CPython 3.10-3.12), sam2 and this package
 #               in gpu_wheels/, for scripts/gpu_check.sh on a GPU machine without network (docs/gpu_check.md)
 # Re-running is fast: dependency and package installs are redone only when their inputs change.
