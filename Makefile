@@ -3,7 +3,7 @@
 #   make demo   same setup, then the demo on the built-in synthetic sample data
 #   make compat a second venv (.venv-compat) with the oldest supported dependency versions (numpy 1.26, ...)
 #               and the unit tests there
-#   make bench-results  re-measure README's benchmark table (docs/results/bench/*.json, then `rgbt-seg bench table`)
+#   make bench-results  re-measure the benchmark table of docs/benchmarks.md (docs/results/bench/*.json, then `rgbt-seg bench table`)
 #   make gpu-wheels  wheels of every runtime dependency but torch (CPython 3.10-3.12), sam2 and this package
 #               in gpu_wheels/, for scripts/gpu_check.sh on a GPU machine without network (docs/gpu_check.md)
 # Re-running is fast: dependency and package installs are redone only when their inputs change.
@@ -43,7 +43,7 @@ help:
 	@echo "make demo   set up .venv and run the demo on the built-in sample data (writes $(DEMO_OUT)/)"
 	@echo "make compat set up $(COMPAT_VENV) with the oldest supported versions and run the unit tests there"
 	@echo "make gpu-wheels  fill $(GPU_WHEELS)/ with wheels for scripts/gpu_check.sh on an offline GPU machine (docs/gpu_check.md)"
-	@echo "make bench-results  re-measure README's benchmark table (3 runs each into docs/results/bench/, ~30 min)"
+	@echo "make bench-results  re-measure the benchmark table (docs/benchmarks.md) (3 runs each into docs/results/bench/, ~30 min)"
 
 # $(call install_deps,BIN,CONSTRAINTS): pip and setuptools, torch, the requirements and sam2 into one venv.
 define install_deps
@@ -117,7 +117,7 @@ gpu-wheels: $(VENV)/.deps-stamp
 	$(BIN)/python scripts/gpu_wheels.py --clean --out $(GPU_WHEELS) --pythons $(GPU_PYTHONS) --constraints constraints.txt && \
 	echo "make gpu-wheels: $$(du -sh $(GPU_WHEELS) | cut -f1) in $(GPU_WHEELS)/ after $$(( $$(date +%s) - start )) s"
 
-# README's benchmark table: every command 3 times into docs/results/bench/, then `rgbt-seg bench table`.
+# the benchmark table (docs/benchmarks.md): every command 3 times into docs/results/bench/, then `rgbt-seg bench table`.
 bench-results: install
 	bash scripts/measure_benchmarks.sh --runs 3
 

@@ -25,7 +25,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export-onnx": ("export_onnx", "export a checkpoint's model forward to ONNX (opset 17); onnxruntime parity check"),
     "reindex": ("reindex", "rebuild a ROS 2 bag's metadata.yaml from its storage files (as ros2 bag reindex)"),
     "recover": ("recover", "copy every complete message of a cut-off MCAP/sqlite3 bag into a new bag"),
-    "health": ("health", "sensor-health studies: registration drift on moved synthetic rigs; README's table"),
+    "health": (
+        "health",
+        "sensor-health studies: registration drift on moved synthetic rigs; its table in docs/sensor_health.md",
+    ),
+    "docs": ("docs", "generated documentation pages: docs/parameters.md from the parameter schema"),
     "bench": ("bench", "benchmarks that print figures: model (forward time, GFLOP, matmul ratio)"),
 }
 

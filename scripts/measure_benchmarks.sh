@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Re-measure README's benchmark table (`make bench-results`).
+# Re-measure the benchmark table (docs/benchmarks.md) (`make bench-results`).
 #
 #   bash scripts/measure_benchmarks.sh [--runs N] [--only NAME ...]
 #
 # Runs every benchmark command of the table N times (default 3), interleaved (run 1 of each, then
 # run 2 of each, ...) so that a change of load on a shared machine hits all of them alike, writes
-# docs/results/bench/<name>_run<k>.json, then regenerates the table in README.md from those files
+# docs/results/bench/<name>_run<k>.json, then regenerates the table in docs/benchmarks.md from those files
 # (`rgbt-seg bench table`). --only re-measures some rows (names: pipeline_micro pipeline_standin10
 # model_sartm_tiny model_segrgbx_tiny replay_demo replay_micro memory_micro onnx_demo). Commit the JSON files with the
-# README. About 3.5 minutes per run on a 2-core CPU; keep the machine otherwise idle meanwhile.
+# page. About 3.5 minutes per run on a 2-core CPU; keep the machine otherwise idle meanwhile.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

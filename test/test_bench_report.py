@@ -1,4 +1,4 @@
-"""README's benchmark table is generated from the committed result files, never typed by hand."""
+"""The benchmark table (README.md or a docs/ page) is generated from the committed result files, never typed by hand."""
 
 import json
 
@@ -10,8 +10,8 @@ from rgbt_seg_ros.evaluation import reports as bench_report
 
 def test_readme_table_is_what_the_committed_results_give():
     results = REPO / "docs" / "results" / "bench"
-    assert bench_report.update_readme(REPO / "README.md", results, check=True), (
-        "README.md's benchmark table differs from docs/results/bench: run `rgbt-seg bench table`"
+    assert bench_report.update_readme(bench_report.doc_files(REPO), results, check=True), (
+        "the benchmark table differs from docs/results/bench: run `rgbt-seg bench table`"
     )
     runs = bench_report.load_runs(results)
     for row in bench_report.ROWS:  # every row of the table rests on at least 3 runs
@@ -76,7 +76,7 @@ def test_a_broken_result_file_is_named(tmp_path):
         bench_report.table(tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("no markers")
-    with pytest.raises(ValueError, match="has no table markers"):
+    with pytest.raises(ValueError, match="no file holds the table markers"):
         bench_report.update_readme(readme, tmp_path / "empty")
 
 
@@ -100,3 +100,25 @@ def test_write_each_writes_every_missing_result_at_once_and_skips_the_rest(tmp_p
     assert made == [("a", 1)] and json.loads((tmp_path / "a_run1.json").read_text()) == {"name": "a", "k": 1}
     assert json.loads((tmp_path / "b_run1.json").read_text()) == {"old": True}
     assert "did a_run1.json" in capsys.readouterr().out and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_table_is_written_in_the_file_that_holds_its_markers_and_missing_markers_are_named(tmp_path):
+    results = tmp_path / "bench"
+    results.mkdir()
+    sizes = [
+        {"camera_size": list(hw), "sustained": {"fps": 80.0, "latency_ms": {"p95": 20.0}}}
+        for hw in ((480, 640), (720, 1280))
+    ]
+    run = {"model_stand_in_ms": 10, "sizes": sizes, "date": "2026-12-01"}
+    (results / "pipeline_standin10_run1.json").write_text(json.dumps(run))
+    readme, page = tmp_path / "README.md", tmp_path / "docs" / "benchmarks.md"
+    page.parent.mkdir()
+    readme.write_text("no table here\n")
+    page.write_text(f"a\n{bench_report.BEGIN}\nold\n{bench_report.END}\nb\n")
+    files = bench_report.doc_files(tmp_path)
+    assert files == [readme, page]
+    assert not bench_report.update_readme(files, results)
+    assert readme.read_text() == "no table here\n" and "old" not in page.read_text()
+    assert bench_report.update_readme(files, results, check=True)
+    with pytest.raises(ValueError, match="no file holds the table markers"):
+        bench_report.update_readme([readme], results, check=True)

@@ -1,5 +1,5 @@
-"""README's backend and ablation tables come from the committed result files, and those files back
-the claims the README makes (every backend relies on thermal at night; at least 3 seeds per row)."""
+"""The backend and ablation tables (README.md and docs/ pages) come from the committed result files, and those
+files back the claims the docs make (every backend relies on thermal at night; at least 3 seeds per row)."""
 
 import json
 
@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from rgbt_seg_ros.evaluation.reports import doc_files
 from rgbt_seg_ros.training import evidence
 
 RESULTS = REPO / "docs" / "results" / "learning"
 
 
 def test_readme_tables_are_what_the_committed_results_give():
-    assert evidence.update_readme(REPO / "README.md", RESULTS, check=True), (
-        "README.md's learning tables differ from docs/results/learning: run `rgbt-seg experiments table`"
+    assert evidence.update_readme(doc_files(REPO), RESULTS, check=True), (
+        "the learning tables in README.md / docs differ from docs/results/learning: run `rgbt-seg experiments table`"
     )
 
 

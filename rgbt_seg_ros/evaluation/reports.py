@@ -1,10 +1,10 @@
-"""``rgbt-seg bench table``: README's benchmark table, generated from committed result files.
+"""``rgbt-seg bench table``: the benchmark table (docs/benchmarks.md), generated from committed result files.
 
 Every benchmark command writes its figures as JSON (``--json``; replay writes metrics.json).
 ``scripts/measure_benchmarks.sh`` runs each command several times into ``docs/results/bench/``
-as ``<name>_run<k>.json``; this module reads them and writes the table between the markers
-in README.md, each figure as the median over the runs with its range, so no figure is typed by
-hand and one run is never shown as if it were the rule. ``--check`` fails when README's table
+as ``<name>_run<k>.json``; this module reads them and writes the table between the markers in the
+file that holds them (README.md or docs/*.md), each figure as the median over the runs with its range,
+so no figure is typed by hand and one run is never shown as if it were the rule. ``--check`` fails when the table
 differs from what the files give (a test runs it).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,15 +286,61 @@ def replace_between(text: str, begin: str, end: str, body: str, where: str = "RE
     return f"{head}{begin}\n{body}\n{end}{tail}"
 
 
-def update_readme(readme: Path, results: Path, check: bool = False) -> bool:
-    """Write the table between the markers; with ``check`` only compare. True when README is up to date."""
-    text = Path(readme).read_text()
-    new = replace_between(text, BEGIN, END, table(results), str(readme))
-    if new == text:
-        return True
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def doc_files(root: Path | None = None) -> list[Path]:
+    """The files that may hold generated tables: README.md and docs/*.md of ``root`` (default: this repository)."""
+    root = Path(root) if root is not None else REPO_ROOT
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def as_files(files: Path | str | Sequence[Path | str] | None) -> list[Path]:
+    """One path, several, or None (``doc_files()``) as a list of paths."""
+    if files is None:
+        return doc_files()
+    if isinstance(files, (str, Path)):
+        return [Path(files)]
+    return [Path(f) for f in files]
+
+
+def holder(files: Path | str | Sequence[Path | str] | None, begin: str) -> Path | None:
+    """The file among ``files`` that holds the marker line ``begin``, or None."""
+    for f in as_files(files):
+        if f.is_file() and begin in f.read_text():
+            return f
+    return None
+
+
+def update_blocks(
+    files: Path | str | Sequence[Path | str] | None, blocks: Sequence[tuple[str, str, str]], check: bool = False
+) -> bool:
+    """Replace each ``(begin, end, body)`` marker block in whichever of ``files`` holds it.
+
+    A block whose begin marker is in no file, or in more than one, is an error naming the files looked at.
+    Without ``check`` the changed files are written. True when every block was already up to date.
+    """
+    paths = [f for f in as_files(files) if f.is_file()]
+    texts = {f: f.read_text() for f in paths}
+    new = dict(texts)
+    for begin, end, body in blocks:
+        found = [f for f in paths if begin in new[f]]
+        if len(found) != 1:
+            where = ", ".join(str(f) for f in paths) or "no file"
+            what = "no file holds" if not found else f"{len(found)} files hold"
+            raise ValueError(f"{what} the table markers {begin} (looked in {where})")
+        new[found[0]] = replace_between(new[found[0]], begin, end, body, str(found[0]))
+    changed = [f for f in paths if new[f] != texts[f]]
     if not check:
-        Path(readme).write_text(new)
-    return False
+        for f in changed:
+            f.write_text(new[f])
+    return not changed
+
+
+def update_readme(readme: Path | Sequence[Path] | None, results: Path, check: bool = False) -> bool:
+    """Write the table between the markers in the file that holds them (``readme``: one file, several, or None
+    for README.md and docs/*.md); with ``check`` only compare. True when the table is up to date."""
+    return update_blocks(readme, [(BEGIN, END, table(results))], check)
 
 
 def write_result_json(path: Path | None, result: dict) -> None:

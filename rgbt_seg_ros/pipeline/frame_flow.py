@@ -110,7 +110,7 @@ def demo_model_note(segmenter) -> str | None:
     return (
         f"the model ({segmenter.backend}, {segmenter.dataset_info.num_classes} synthetic classes) was trained on "
         "the project's synthetic RGB-thermal scenes only: it is a demo and has never seen a real camera; set "
-        "model.checkpoint to a checkpoint trained on your data (README: Training)"
+        "model.checkpoint to a checkpoint trained on your data (docs/training.md)"
     )
 
 

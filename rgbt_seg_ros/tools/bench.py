@@ -4,7 +4,7 @@
 ``node`` (``live_benchmark.py``): the live node over DDS; ``pipeline`` and ``memory``
 (``pipeline_benchmark.py``): per-stage time of a frame and RSS over N pairs; ``soak`` and
 ``oversize`` (``soak.py``): the live node under field faults; ``train`` (``train_benchmark.py``):
-one training step; ``table`` (``bench_report.py``): README's benchmark table from the JSON files.
+one training step; ``table`` (``bench_report.py``): the benchmark table (docs/benchmarks.md) from the JSON files.
 
 ``bench model``: parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s.
 
@@ -125,10 +125,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..training.benchmark import add_arguments as add_train_arguments  # bench train: train_benchmark.py
 
     add_train_arguments(sub.add_parser("train", help="one training step (the trainer's own): median time, peak memory"))
-    table = sub.add_parser("table", help="README's benchmark table from docs/results/bench/*.json (bench_report.py)")
+    table = sub.add_parser(
+        "table", help="the benchmark table (docs/benchmarks.md) from docs/results/bench/*.json (bench_report.py)"
+    )
     table.add_argument("--results", type=Path, default=Path("docs/results/bench"), help="result files' folder")
-    table.add_argument("--readme", type=Path, default=Path("README.md"), help="the README to update")
-    table.add_argument("--check", action="store_true", help="only compare; exit 1 when the README's table differs")
+    table.add_argument(
+        "--files",
+        "--readme",
+        dest="readme",
+        type=Path,
+        nargs="+",
+        help="files holding the table (README.md, docs/*.md)",
+    )
+    table.add_argument("--check", action="store_true", help="only compare; exit 1 when the table differs")
 
 
 def _model_source_arguments(p: argparse.ArgumentParser, default_config: str) -> None:
@@ -416,7 +425,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_table(args: argparse.Namespace) -> int:
-    from ..evaluation.reports import table, update_readme
+    from ..evaluation.reports import as_files, table, update_readme
+
+    where = ", ".join(str(f) for f in as_files(args.readme))
 
     try:
         current = update_readme(args.readme, args.results, check=args.check)
@@ -424,10 +435,10 @@ def run_table(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.check:
-        print(f"{args.readme}: benchmark table {'up to date' if current else 'differs from ' + str(args.results)}")
+        print(f"{where}: benchmark table {'up to date' if current else 'differs from ' + str(args.results)}")
         return 0 if current else 1
     print(table(args.results))
-    print(f"{args.readme}: {'unchanged' if current else 'table rewritten'}")
+    print(f"{where}: {'unchanged' if current else 'table rewritten'}")
     return 0
 
 

@@ -19,8 +19,6 @@ from pathlib import Path
 
 from ..training import evidence, experiments
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", required=True, metavar="EXPERIMENT")
@@ -40,7 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-progress", action="store_true")
     t = sub.add_parser("table", help="the learning tables in README and docs/ from docs/results/learning")
     t.add_argument("--results", default=str(evidence.RESULTS))
-    t.add_argument("--readme", default=str(README))
+    t.add_argument(
+        "--files",
+        "--readme",
+        dest="readme",
+        type=Path,
+        nargs="+",
+        help="files holding the tables (README.md, docs/*.md)",
+    )
     t.add_argument("--check", action="store_true", help="only compare; exit 1 when a table differs")
     d = sub.add_parser("demo-card", help="evaluate the demo checkpoint at camera size, write its metrics.json")
     d.add_argument("--checkpoint", default=str(evidence.DEMO_METRICS.parent))

@@ -1,7 +1,7 @@
-"""``rgbt-seg health drift|table``: the registration-drift study behind README's shift table.
+"""``rgbt-seg health drift|table``: the registration-drift study behind the shift table in docs/sensor_health.md.
 
     rgbt-seg health drift --out runs/drift --seeds 0 1 2      # bags, replays, docs/results/health/*.json
-    rgbt-seg health table [--check]                          # README's table from those files
+    rgbt-seg health table [--check]                          # docs/sensor_health.md's table from those files
 
 ``drift`` records, per seed and shift, a synthetic bag from a rig whose thermal camera moved after
 calibration (``make-sample-bag --thermal-shift``; the bag's calibration stays the original), replays
@@ -15,7 +15,7 @@ keeps every finished one):
 * when the correction settled within 1 px of the truth,
 * and the confidence of structureless frames (flat, noisy images; the same for every shift).
 
-``table`` writes README's table between its markers: median and range over the seeds, never typed.
+``table`` writes the table (docs/sensor_health.md) between its markers: median and range over the seeds, never typed.
 """
 
 from __future__ import annotations
@@ -56,10 +56,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     d.add_argument("--rerun", action="store_true", help="run again what has a result file")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t = sub.add_parser("table", help="README's drift table from the result files")
+    t = sub.add_parser("table", help="the drift table (docs/sensor_health.md) from the result files")
     t.add_argument("--results", type=Path, default=RESULTS)
-    t.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[2] / "README.md")
-    t.add_argument("--check", action="store_true", help="fail when README differs from the result files")
+    t.add_argument(
+        "--files",
+        "--readme",
+        dest="readme",
+        type=Path,
+        nargs="+",
+        help="files holding the table (README.md, docs/*.md)",
+    )
+    t.add_argument("--check", action="store_true", help="fail when the table differs from the result files")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -310,17 +317,20 @@ def drift_table(results: Path = RESULTS) -> str:
 
 
 def run_table(args) -> int:
-    from ..evaluation.reports import replace_between
+    from ..evaluation.reports import as_files, update_blocks
 
-    readme = Path(args.readme)
-    text = readme.read_text()
-    new = replace_between(text, BEGIN, END, drift_table(args.results), str(readme))
-    if new == text:
-        print(f"{readme}: the drift table is up to date")
+    files = as_files(args.readme)
+    names = ", ".join(str(f) for f in files)
+    try:
+        current = update_blocks(files, [(BEGIN, END, drift_table(args.results))], check=args.check)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if current:
+        print(f"{names}: the drift table is up to date")
         return 0
     if args.check:
-        print(f"{readme}: the drift table differs from {args.results} (run `rgbt-seg health table`)", file=sys.stderr)
+        print(f"{names}: the drift table differs from {args.results} (run `rgbt-seg health table`)", file=sys.stderr)
         return 1
-    readme.write_text(new)
-    print(f"{readme}: drift table written from {args.results}")
+    print(f"{names}: drift table written from {args.results}")
     return 0

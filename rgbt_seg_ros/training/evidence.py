@@ -1,4 +1,4 @@
-"""The training evidence behind README's backend and ablation tables: runs, result files, tables.
+"""The training evidence behind the backend and ablation tables (README, docs/training.md): runs, results, tables.
 
     rgbt-seg experiments evidence --out runs/evidence --seeds 0 1 2
     rgbt-seg experiments table [--check]
@@ -18,10 +18,10 @@ false: what the node does without a thermal camera) and with RGB blanked (test m
 ``thermal_only``: RGB black, labels unseen by the thermal camera are misses: what the node publishes
 with ``on_rgb_loss: thermal_only``). Its figures are written at once to
 ``RESULTS/<variant>_seed<k>.json`` (committed under ``docs/results/learning/``), so a stopped
-experiment keeps every finished run. ``table`` writes README's tables between their markers from
-those files (median and range over the seeds, never typed by hand); ``--check`` fails when README
+experiment keeps every finished run. ``table`` writes the tables between their markers (in README.md or docs/) from
+those files (median and range over the seeds, never typed by hand); ``--check`` fails when a table
 differs from the files (a test runs it). ``demo-card`` evaluates the demo checkpoint the same way and
-writes ``models/demo/metrics.json``, from which README's demo table is generated too.
+writes ``models/demo/metrics.json``, from which the demo table (docs/training.md) is generated too.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation.reports import load_numbered, replace_between, spread, write_each
+from ..evaluation.reports import holder, load_numbered, spread, update_blocks, write_each
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "learning"
 
@@ -54,7 +54,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "segrgbx_no_ma_clip": ("models/segrgbx_micro.yaml", {"model": {"ma_clip": {"enabled": False}}}),
     "segrgbx_no_aligned_prompts": ("models/segrgbx_micro.yaml", {"model": {"prompts": {"aligned_tokens": 0}}}),
     "segrgbx_no_dsrm": ("models/segrgbx_micro.yaml", {"model": {"dsrm": {"enabled": False}}}),
-    # trained for a lost camera: one modality blanked in 40 % of the training items (README's thermal-only table)
+    # trained for a lost camera: one modality blanked in 40 % of the training items (docs/training.md, thermal-only)
     **{
         f"{name}_modality_dropout": (
             f"models/{name}_micro.yaml",
@@ -381,19 +381,16 @@ def demo_table(doc: dict) -> str:
     return "\n".join(lines + ["", f"{t['scenes']} scenes, a quarter per condition; evaluated {doc['date']}."])
 
 
-def update_readme(readme: Path, results: Path = RESULTS, check: bool = False, demo: Path = DEMO_METRICS) -> bool:
-    """Write the tables between their markers; with ``check`` only compare. True when up to date."""
+def update_readme(readme=None, results: Path = RESULTS, check: bool = False, demo: Path = DEMO_METRICS) -> bool:
+    """Write the tables between their markers, each in the file that holds it (``readme``: one file, several,
+    or None for README.md and docs/*.md); with ``check`` only compare. True when up to date."""
     res = load_results(results)
-    text = Path(readme).read_text()
-    new = replace_between(text, BACKENDS_BEGIN, END, backends_table(res), str(readme))
-    new = replace_between(new, ABLATION_BEGIN, END, ablation_table(res), str(readme))
-    table = ablation_table(res, SEGRGBX_ABLATION_ROWS, "SegRGB-X")
-    new = replace_between(new, SEGRGBX_ABLATION_BEGIN, END, table, str(readme))
-    new = replace_between(new, THERMAL_ONLY_BEGIN, END, thermal_only_table(res), str(readme))
-    if DEMO_BEGIN in new:
-        new = replace_between(new, DEMO_BEGIN, END, demo_table(json.loads(Path(demo).read_text())), str(readme))
-    if new == text:
-        return True
-    if not check:
-        Path(readme).write_text(new)
-    return False
+    blocks = [
+        (BACKENDS_BEGIN, END, backends_table(res)),
+        (ABLATION_BEGIN, END, ablation_table(res)),
+        (SEGRGBX_ABLATION_BEGIN, END, ablation_table(res, SEGRGBX_ABLATION_ROWS, "SegRGB-X")),
+        (THERMAL_ONLY_BEGIN, END, thermal_only_table(res)),
+    ]
+    if holder(readme, DEMO_BEGIN):
+        blocks.append((DEMO_BEGIN, END, demo_table(json.loads(Path(demo).read_text()))))
+    return update_blocks(readme, blocks, check)

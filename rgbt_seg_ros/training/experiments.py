@@ -88,7 +88,7 @@ REALDATA_RUNS = {
     # not augmented: training and validation see the same 17 inputs. Plain OHEM without class weights: ENet
     # weights (up to 33x background) made the rare classes move first but flooded the background (74 % pixel
     # accuracy at 400 steps) and the training mIoU oscillated; without them the rare classes come last but
-    # the fit is steady. Measured with sartm_demo: see the README ("Real formats").
+    # the fit is steady. Measured with sartm_demo: see docs/training.md ("Real formats").
     "mfnet_tiles": {
         "kind": "folder",
         "classes": "mfnet",
@@ -235,11 +235,19 @@ def run_step_bench(args) -> int:
 
 
 def run_table(args) -> int:
-    ok = evidence.update_readme(Path(args.readme), Path(args.results), check=args.check)
-    if args.check and not ok:
-        print(f"{args.readme}: the learning tables differ from {args.results}; run without --check", file=sys.stderr)
+    from ..evaluation.reports import as_files
+
+    files = as_files(args.readme)
+    names = ", ".join(str(f) for f in files)
+    try:
+        ok = evidence.update_readme(files, Path(args.results), check=args.check)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.readme}: learning tables {'up to date' if ok else 'written'}")
+    if args.check and not ok:
+        print(f"{names}: the learning tables differ from {args.results}; run without --check", file=sys.stderr)
+        return 1
+    print(f"{names}: learning tables {'up to date' if ok else 'written'}")
     return 0
 
 

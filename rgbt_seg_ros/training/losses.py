@@ -57,7 +57,7 @@ micro SARTM, relative to CE(S0)'s, on one synthetic batch (``test_losses.py`` as
 w1 CE(S1) 0.008 (32-channel neck) / 0.012 (256); w2 L_cr 0.25 / 0.11 (the plain mean gave 14x at 32
 channels); w3 L_se 5.8 / 1.9. L_se is the largest term at initialisation because CE reaches the
 encoder only through a random decoder; with official SAM2 decoder weights CE's path is the trained
-one. The ablation (``experiments.py ablation``, results in README) measures what the language terms do
+one. The ablation (``experiments.py ablation``, results in docs/training.md) measures what the language terms do
 to accuracy.
 
 Unlike the authors' code, the memory is updated after the loss is computed (their update came
