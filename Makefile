@@ -43,7 +43,7 @@ help:
 	@echo "make demo   set up .venv and run the demo on the built-in sample data (writes $(DEMO_OUT)/)"
 	@echo "make compat set up $(COMPAT_VENV) with the oldest supported versions and run the unit tests there"
 	@echo "make gpu-wheels  fill $(GPU_WHEELS)/ with wheels for scripts/gpu_check.sh on an offline GPU machine (docs/gpu_check.md)"
-	@echo "make bench-results  re-measure the benchmark table (docs/benchmarks.md) (3 runs each into docs/results/bench/, ~30 min)"
+	@echo "make bench-results  re-measure the benchmark table of docs/benchmarks.md (3 runs each into docs/results/bench/, ~30 min)"
 
 # $(call install_deps,BIN,CONSTRAINTS): pip and setuptools, torch, the requirements and sam2 into one venv.
 define install_deps

@@ -1,2 +1,1 @@
-"""The `rgbt-seg` subcommands, one module each with `add_arguments(parser)` and `run(args)` (see cli.py).
-"""
+"""The `rgbt-seg` subcommands, one module each with `add_arguments(parser)` and `run(args)` (see cli.py)."""
