@@ -125,3 +125,18 @@ def test_the_rules_catch_a_wrong_import_also_inside_a_function(module, source, r
     path = module.split(".")
     graph[module] = graph[module] | imports_of(source, ".".join([PACKAGE, *path]))
     assert any(rule in v for v in violations(graph)), violations(graph)
+
+
+TRAINER_MODULES = ("trainer", "run_setup", "train_data", "loop", "validation")
+
+
+@pytest.mark.parametrize("name", TRAINER_MODULES)
+def test_the_trainer_is_split_into_functions_a_reader_can_hold(name):
+    """The trainer's modules (setup, data, loop, validation and checkpoints) keep every function under 80 lines."""
+    tree = ast.parse((REPO / PACKAGE / "training" / f"{name}.py").read_text())
+    long = [
+        (node.name, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80
+    ]
+    assert long == []
