@@ -33,7 +33,7 @@ SYSTEM_ROS := $(shell [ -n "$$ROS_DISTRO" ] && $(PYTHON) -c "import rclpy" >/dev
 # The exact versions (constraints.txt), or with a system ROS 2 the ranges of requirements.txt kept at numpy < 2.
 CONSTRAINTS := $(if $(SYSTEM_ROS),constraints-ros.txt,constraints.txt)
 
-PACKAGE_SOURCES := $(shell find rgbt_seg_ros launch config models resource -type f 2>/dev/null | grep -v __pycache__) \
+PACKAGE_SOURCES := $(shell find rgbt_seg_ros launch config models resource -type f 2>/dev/null | grep -v __pycache__) $(wildcard docs/*.md) \
 	setup.py setup.cfg package.xml README.md LICENSE
 
 .PHONY: test demo venv install lint compat clean help gpu-wheels bench-results

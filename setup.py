@@ -18,6 +18,7 @@ setup(
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml", "README.md", "LICENSE"]),
+        (f"share/{PACKAGE}/docs", files("docs/*.md")),  # README's links, also in an installed copy
         (f"share/{PACKAGE}/launch", files("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", files("config/*.yaml") + files("config/*.rviz") + files("config/*.xml")),
         (f"share/{PACKAGE}/config/datasets", files("config/datasets/*.yaml")),

@@ -1,6 +1,7 @@
-"""README's drift table comes from the committed result files of `rgbt-seg health drift`, and those files back
-what README and docs/sensor_health.md claim: within 1 px on structured frames, no confidence without structure,
-and auto-correction brings the mIoU of a moved rig back to within 2 points of the aligned one."""
+"""The drift table (docs/sensor_health.md) comes from the committed result files of `rgbt-seg health drift`,
+and those files back what README and docs/sensor_health.md claim: within 1 px on structured frames, no
+confidence without structure, and auto-correction brings the mIoU of a moved rig back to within 2 points
+of the aligned one."""
 
 import argparse
 import json

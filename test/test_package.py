@@ -87,6 +87,7 @@ def test_installed_data_files_and_ament_index():
         "config/datasets/pst900.yaml",
         "config/datasets/fmb.yaml",
         "config/datasets/synthetic.yaml",
+        "docs/architecture.md",  # README's links resolve in the installed share/ too
     ):
         assert (share / rel).is_file(), rel
     for name in ("segment_node", "rgbt-seg"):

@@ -226,7 +226,7 @@ def build_model(cfg: dict, dataset_info: DatasetInfo, text_embeddings: torch.Ten
 
     ``cfg`` may be raw or already resolved; it is resolved (defaults merged, validated) here.
     ``text_embeddings`` (num_classes, D) are the class-name embeddings of the text teacher
-    (see ``training/text_teacher.py``), for backends that use language guidance.
+    (see ``models/text_teacher.py``), for backends that use language guidance.
     """
     resolved = resolve_model_config(cfg)
     return backend_spec(resolved["backend"]).factory(resolved, dataset_info, text_embeddings)

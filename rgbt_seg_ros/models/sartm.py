@@ -76,7 +76,7 @@ class SARTM(nn.Module):
 
     ``text_embeddings`` (num_classes, language.text_dim) become the ``text_embeddings`` buffer;
     None gives a zero buffer, which ``load_checkpoint`` overwrites with the saved one (the
-    trainer and ``Segmenter.from_config`` compute real ones with ``training/text_teacher.py``).
+    trainer and ``Segmenter.from_config`` compute real ones with ``models/text_teacher.py``).
     """
 
     def __init__(self, cfg: dict, dataset_info: DatasetInfo, text_embeddings: torch.Tensor | None = None):

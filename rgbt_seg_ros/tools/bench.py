@@ -1,10 +1,11 @@
 """``rgbt-seg bench``: benchmarks that print figures (markdown) and write them as JSON (``--json``).
 
 ``model`` (this module): parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s;
-``node`` (``live_benchmark.py``): the live node over DDS; ``pipeline`` and ``memory``
-(``pipeline_benchmark.py``): per-stage time of a frame and RSS over N pairs; ``soak`` and
-``oversize`` (``soak.py``): the live node under field faults; ``train`` (``train_benchmark.py``):
-one training step; ``table`` (``bench_report.py``): the benchmark table (docs/benchmarks.md) from the JSON files.
+``node`` (``ros/live_benchmark.py``): the live node over DDS; ``pipeline`` and ``memory``
+(``ros/pipeline_benchmark.py``): per-stage time of a frame and RSS over N pairs; ``soak`` and
+``oversize`` (``ros/soak.py``): the live node under field faults; ``train`` (``training/benchmark.py``):
+one training step; ``table`` (``evaluation/reports.py``): the benchmark table (docs/benchmarks.md) from the JSON
+files.
 
 ``bench model``: parameters, GFLOP per RGB-T pair, forward time and achieved GFLOP/s.
 
@@ -122,11 +123,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     over.add_argument("--reliability", choices=("best_effort", "reliable"), default="best_effort")
     over.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     over.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
-    from ..training.benchmark import add_arguments as add_train_arguments  # bench train: train_benchmark.py
+    from ..training.benchmark import add_arguments as add_train_arguments  # bench train: training/benchmark.py
 
     add_train_arguments(sub.add_parser("train", help="one training step (the trainer's own): median time, peak memory"))
     table = sub.add_parser(
-        "table", help="the benchmark table (docs/benchmarks.md) from docs/results/bench/*.json (bench_report.py)"
+        "table", help="the benchmark table (docs/benchmarks.md) from docs/results/bench/*.json (evaluation/reports.py)"
     )
     table.add_argument("--results", type=Path, default=Path("docs/results/bench"), help="result files' folder")
     table.add_argument(

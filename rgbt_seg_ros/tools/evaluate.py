@@ -3,7 +3,7 @@
     rgbt-seg evaluate --checkpoint runs/mfnet/best --dataset mfnet --data ~/data/MFNet --split test --out eval/
 
 Writes ``OUT/metrics.json``, ``OUT/metrics.md``, ``OUT/confusion_matrix.png``,
-``OUT/per_class_iou.png`` and ``OUT/overlays.png`` (see ``training/evaluation.py``) and prints the
+``OUT/per_class_iou.png`` and ``OUT/overlays.png`` (see ``evaluation/evaluator.py``) and prints the
 markdown summary. Labels are read with the checkpoint's classes; a dataset whose class file
 differs from them is refused.
 """
