@@ -349,3 +349,17 @@ def write_result_json(path: Path | None, result: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **result}, indent=2))
         print(f"wrote {path}")
+
+
+def add_table_arguments(parser, results: Path | str, what: str = "table") -> None:
+    """The options every generated-table command takes: ``--results``, ``--files`` (alias ``--readme``), ``--check``."""
+    parser.add_argument("--results", type=Path, default=Path(results), help="result files' folder")
+    parser.add_argument(
+        "--files",
+        "--readme",
+        dest="readme",
+        type=Path,
+        nargs="+",
+        help=f"files holding the {what} (default README.md and docs/*.md)",
+    )
+    parser.add_argument("--check", action="store_true", help=f"only compare; exit 1 when the {what} differs")

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..evaluation.reports import write_result_json
+from ..evaluation.reports import add_table_arguments, write_result_json
 
 CLASS_SET_HELP = "class set to run with, of a model with several (segrgbx; default: its primary)"
 
@@ -129,16 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     table = sub.add_parser(
         "table", help="the benchmark table (docs/benchmarks.md) from docs/results/bench/*.json (evaluation/reports.py)"
     )
-    table.add_argument("--results", type=Path, default=Path("docs/results/bench"), help="result files' folder")
-    table.add_argument(
-        "--files",
-        "--readme",
-        dest="readme",
-        type=Path,
-        nargs="+",
-        help="files holding the table (README.md, docs/*.md)",
-    )
-    table.add_argument("--check", action="store_true", help="only compare; exit 1 when the table differs")
+    add_table_arguments(table, Path("docs/results/bench"), "table")
 
 
 def _model_source_arguments(p: argparse.ArgumentParser, default_config: str) -> None:

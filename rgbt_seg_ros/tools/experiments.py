@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
+from ..evaluation.reports import add_table_arguments
 from ..training import evidence, experiments
 
 
@@ -37,16 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--rerun", action="store_true", help="train runs whose result file exists again")
     e.add_argument("--no-progress", action="store_true")
     t = sub.add_parser("table", help="the learning tables in README and docs/ from docs/results/learning")
-    t.add_argument("--results", default=str(evidence.RESULTS))
-    t.add_argument(
-        "--files",
-        "--readme",
-        dest="readme",
-        type=Path,
-        nargs="+",
-        help="files holding the tables (README.md, docs/*.md)",
-    )
-    t.add_argument("--check", action="store_true", help="only compare; exit 1 when a table differs")
+    add_table_arguments(t, evidence.RESULTS, "tables")
     d = sub.add_parser("demo-card", help="evaluate the demo checkpoint at camera size, write its metrics.json")
     d.add_argument("--checkpoint", default=str(evidence.DEMO_METRICS.parent))
     d.add_argument("--run", help="the training run directory (its summary.json goes into the card)")

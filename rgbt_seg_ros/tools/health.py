@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..evaluation.reports import add_table_arguments
+
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "health"
 SHIFTS = (0.0, 3.0, 8.0, 20.0)
 PSR_BINS = (
@@ -57,16 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--rerun", action="store_true", help="run again what has a result file")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     t = sub.add_parser("table", help="the drift table (docs/sensor_health.md) from the result files")
-    t.add_argument("--results", type=Path, default=RESULTS)
-    t.add_argument(
-        "--files",
-        "--readme",
-        dest="readme",
-        type=Path,
-        nargs="+",
-        help="files holding the table (README.md, docs/*.md)",
-    )
-    t.add_argument("--check", action="store_true", help="fail when the table differs from the result files")
+    add_table_arguments(t, RESULTS, "table")
 
 
 def run(args: argparse.Namespace) -> int:
