@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -363,3 +364,24 @@ def add_table_arguments(parser, results: Path | str, what: str = "table") -> Non
         help=f"files holding the {what} (default README.md and docs/*.md)",
     )
     parser.add_argument("--check", action="store_true", help=f"only compare; exit 1 when the {what} differs")
+
+
+def run_table_command(args, blocks: Sequence[tuple[str, str, str]], what: str, command: str) -> int:
+    """What every ``... table [--check]`` command does with ``args.readme`` (its files) and ``args.check``:
+    write (or only compare) ``blocks`` and say so; 1 when a table differs under ``--check`` or its markers are
+    missing, with a sentence naming the files."""
+    files = as_files(args.readme)
+    names = ", ".join(str(f) for f in files)
+    try:
+        current = update_blocks(files, blocks, check=args.check)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if current:
+        print(f"{names}: {what} up to date")
+        return 0
+    if args.check:
+        print(f"{names}: {what} not what {args.results} gives (run `{command}`)", file=sys.stderr)
+        return 1
+    print(f"{names}: {what} written from {args.results}")
+    return 0

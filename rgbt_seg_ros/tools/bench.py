@@ -417,21 +417,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_table(args: argparse.Namespace) -> int:
-    from ..evaluation.reports import as_files, table, update_readme
-
-    where = ", ".join(str(f) for f in as_files(args.readme))
+    from ..evaluation.reports import BEGIN, END, run_table_command, table
 
     try:
-        current = update_readme(args.readme, args.results, check=args.check)
-    except (ValueError, FileNotFoundError) as exc:
+        body = table(args.results)
+    except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.check:
-        print(f"{where}: benchmark table {'up to date' if current else 'differs from ' + str(args.results)}")
-        return 0 if current else 1
-    print(table(args.results))
-    print(f"{where}: {'unchanged' if current else 'table rewritten'}")
-    return 0
+    if not args.check:
+        print(body)  # the table itself, as before the files held it
+    return run_table_command(args, [(BEGIN, END, body)], "benchmark table", "rgbt-seg bench table")
 
 
 def run_node(args: argparse.Namespace) -> int:

@@ -310,20 +310,6 @@ def drift_table(results: Path = RESULTS) -> str:
 
 
 def run_table(args) -> int:
-    from ..evaluation.reports import as_files, update_blocks
+    from ..evaluation.reports import run_table_command
 
-    files = as_files(args.readme)
-    names = ", ".join(str(f) for f in files)
-    try:
-        current = update_blocks(files, [(BEGIN, END, drift_table(args.results))], check=args.check)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if current:
-        print(f"{names}: the drift table is up to date")
-        return 0
-    if args.check:
-        print(f"{names}: the drift table differs from {args.results} (run `rgbt-seg health table`)", file=sys.stderr)
-        return 1
-    print(f"{names}: drift table written from {args.results}")
-    return 0
+    return run_table_command(args, [(BEGIN, END, drift_table(args.results))], "drift table", "rgbt-seg health table")

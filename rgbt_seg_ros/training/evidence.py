@@ -381,9 +381,9 @@ def demo_table(doc: dict) -> str:
     return "\n".join(lines + ["", f"{t['scenes']} scenes, a quarter per condition; evaluated {doc['date']}."])
 
 
-def update_readme(readme=None, results: Path = RESULTS, check: bool = False, demo: Path = DEMO_METRICS) -> bool:
-    """Write the tables between their markers, each in the file that holds it (``readme``: one file, several,
-    or None for README.md and docs/*.md); with ``check`` only compare. True when up to date."""
+def table_blocks(results: Path = RESULTS, readme=None, demo: Path = DEMO_METRICS) -> list[tuple[str, str, str]]:
+    """Each learning table as ``(begin, end, body)``; the demo table only where a file of ``readme`` (one file,
+    several, or None for README.md and docs/*.md) holds its markers."""
     res = load_results(results)
     blocks = [
         (BACKENDS_BEGIN, END, backends_table(res)),
@@ -393,4 +393,10 @@ def update_readme(readme=None, results: Path = RESULTS, check: bool = False, dem
     ]
     if holder(readme, DEMO_BEGIN):
         blocks.append((DEMO_BEGIN, END, demo_table(json.loads(Path(demo).read_text()))))
-    return update_blocks(readme, blocks, check)
+    return blocks
+
+
+def update_readme(readme=None, results: Path = RESULTS, check: bool = False, demo: Path = DEMO_METRICS) -> bool:
+    """Write the tables between their markers, each in the file that holds it (``readme``: one file, several,
+    or None for README.md and docs/*.md); with ``check`` only compare. True when up to date."""
+    return update_blocks(readme, table_blocks(results, readme, demo), check)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -235,20 +234,10 @@ def run_step_bench(args) -> int:
 
 
 def run_table(args) -> int:
-    from ..evaluation.reports import as_files
+    from ..evaluation.reports import run_table_command
 
-    files = as_files(args.readme)
-    names = ", ".join(str(f) for f in files)
-    try:
-        ok = evidence.update_readme(files, Path(args.results), check=args.check)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if args.check and not ok:
-        print(f"{names}: the learning tables differ from {args.results}; run without --check", file=sys.stderr)
-        return 1
-    print(f"{names}: learning tables {'up to date' if ok else 'written'}")
-    return 0
+    blocks = evidence.table_blocks(Path(args.results), args.readme)
+    return run_table_command(args, blocks, "learning tables", "rgbt-seg experiments table")
 
 
 def run_demo_card(args) -> int:
