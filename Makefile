@@ -53,11 +53,13 @@ define install_deps
 	SAM2_BUILD_CUDA=0 $(1)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation sam2==1.1.0
 endef
 
-# $(call install_package,BIN): this package (not editable: data files go to share/).
+# $(call install_package,BIN): this package (not editable: data files go to share/), and its console
+# scripts linked into lib/rgbt_seg_ros/, where `ros2 run` and `ros2 launch` look (as colcon installs them).
 define install_package
 	rm -rf build *.egg-info
 	$(1)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation --force-reinstall .
 	rm -rf build *.egg-info
+	$(1)/python scripts/ros_executables.py
 endef
 
 $(BIN)/python:
@@ -98,7 +100,7 @@ $(COMPAT_VENV)/.deps-stamp: $(COMPAT_BIN)/python requirements.txt requirements-d
 	$(COMPAT_BIN)/pip install $(PIP_FLAGS) -c constraints-compat.txt -r requirements-ros.txt
 	touch $@
 
-$(COMPAT_VENV)/.install-stamp: $(COMPAT_VENV)/.deps-stamp $(PACKAGE_SOURCES)
+$(COMPAT_VENV)/.install-stamp: $(COMPAT_VENV)/.deps-stamp $(PACKAGE_SOURCES) scripts/ros_executables.py
 	$(call install_package,$(COMPAT_BIN))
 	touch $@
 
