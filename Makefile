@@ -1,6 +1,8 @@
 # rgbt_seg_ros: one-command setup, tests and demo.
 #   make test   create .venv if missing, install pinned dependencies and the package, run ruff + pytest
 #   make demo   same setup, then the demo on the built-in synthetic sample data
+#   make ros2-tools  the real ROS 2 launch system and `ros2` CLI in .venv, built from ../shared/ros2 (make test
+#               runs it; with a sourced ROS 2 its own tools are used; without either the launch tests skip)
 #   make compat a second venv (.venv-compat) with the oldest supported dependency versions (numpy 1.26, ...)
 #               and the unit tests there
 #   make bench-results  re-measure the benchmark table of docs/benchmarks.md (docs/results/bench/*.json, then `rgbt-seg bench table`)
@@ -36,11 +38,17 @@ CONSTRAINTS := $(if $(SYSTEM_ROS),constraints-ros.txt,constraints.txt)
 PACKAGE_SOURCES := $(shell find rgbt_seg_ros launch config models resource -type f 2>/dev/null | grep -v __pycache__) $(wildcard docs/*.md) \
 	setup.py setup.cfg package.xml README.md LICENSE
 
-.PHONY: test demo venv install lint compat clean help gpu-wheels bench-results
+# The real ROS 2 launch and CLI tools for the launch tests: a sourced ROS 2's own, else built into the venv
+# from ROS2_SRC (sources of launch, launch_ros, ros2cli, rcl_interfaces, rosidl_runtime_py) when it exists.
+ROS2_SRC ?= ../shared/ros2
+ROS2_TOOLS_STAMP := $(if $(SYSTEM_ROS),,$(if $(wildcard $(ROS2_SRC)/launch_ros),$(VENV)/.ros2-tools-stamp))
+
+.PHONY: test demo venv install lint compat clean help gpu-wheels bench-results ros2-tools
 
 help:
 	@echo "make test   set up .venv and run ruff + the test suite"
 	@echo "make demo   set up .venv and run the demo on the built-in sample data (writes $(DEMO_OUT)/)"
+	@echo "make ros2-tools  the real ROS 2 launch system and ros2 CLI in .venv from $(ROS2_SRC) (make test does this)"
 	@echo "make compat set up $(COMPAT_VENV) with the oldest supported versions and run the unit tests there"
 	@echo "make gpu-wheels  fill $(GPU_WHEELS)/ with wheels for scripts/gpu_check.sh on an offline GPU machine (docs/gpu_check.md)"
 	@echo "make bench-results  re-measure the benchmark table of docs/benchmarks.md (3 runs each into docs/results/bench/, ~30 min)"
@@ -74,17 +82,30 @@ else
 endif
 	touch $@
 
-$(VENV)/.install-stamp: $(VENV)/.deps-stamp $(PACKAGE_SOURCES)
+$(VENV)/.install-stamp: $(VENV)/.deps-stamp $(PACKAGE_SOURCES) scripts/ros_executables.py
 	$(call install_package,$(BIN))
 	touch $@
 
 venv: $(VENV)/.deps-stamp
 install: $(VENV)/.install-stamp
 
+# The stamp holds the seconds the build took; a second run costs nothing.
+$(VENV)/.ros2-tools-stamp: $(VENV)/.deps-stamp scripts/ros2_tools.sh requirements-ros-tools.txt
+	@start=$$(date +%s); bash scripts/ros2_tools.sh $(ROS2_SRC) $(VENV) && echo $$(( $$(date +%s) - start )) > $@
+
+ros2-tools: install $(ROS2_TOOLS_STAMP)
+ifeq ($(SYSTEM_ROS),1)
+	@echo "ROS 2 tools: the sourced ROS 2 $$ROS_DISTRO's launch and ros2 CLI"
+else ifneq ($(ROS2_TOOLS_STAMP),)
+	@echo "ROS 2 tools: real launch / launch_ros / launch_pytest / ros2 CLI in $(VENV) (tool-chain build took $$(cat $(ROS2_TOOLS_STAMP)) s; cached)"
+else
+	@echo "ROS 2 tools: $(ROS2_SRC) not found and no ROS 2 sourced: the tests that need ros2 launch are skipped"
+endif
+
 lint: install
 	$(BIN)/ruff check rgbt_seg_ros test launch
 
-test: lint
+test: lint ros2-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install
