@@ -230,6 +230,9 @@ class SlowPipeline:
         self.infer_s, self.fail_on = infer_s, fail_on
         self.prepared = 0
 
+    def observe_pair(self, rgb, thermal, t):  # no registration health here
+        pass
+
     def prepare(self, rgb, thermal, side_stream=False, t=None):
         self.prepared += 1
         if rgb == self.fail_on:

@@ -3,13 +3,14 @@ true warp is known, the bounded correction, the warning, and both through the sh
 
 import math
 import re
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from rgbt_seg_ros.data.synthetic import SceneGenerator
-from rgbt_seg_ros.pipeline.frame_flow import FramePipeline
+from rgbt_seg_ros.pipeline.frame_flow import FramePipeline, Job, LatestSlot, StagedWorker
 from rgbt_seg_ros.pipeline.params import defaults
 from rgbt_seg_ros.pipeline.registration import ThermalRegistrar
 from rgbt_seg_ros.pipeline.registration_health import (
@@ -20,6 +21,7 @@ from rgbt_seg_ros.pipeline.registration_health import (
     RegistrationMonitor,
     estimate_offset,
 )
+from rgbt_seg_ros.pipeline.sync import Pair
 
 CALIBRATION = SceneGenerator().calibration_dict()  # the default rig: what the user calibrated
 
@@ -168,6 +170,7 @@ def test_auto_correction_through_the_pipeline_aligns_a_moved_rig(micro_checkpoin
     rig, aligned = moved_rig(-6.0, 3.0), moved_rig(0.0, 0.0)
     for k in range(30):  # 10 Hz for 3 s
         sample = rig.sample(k // 10, "day")
+        pipe.observe_pair(sample.rgb, sample.thermal, 0.1 * k)  # where a pair is formed
         prepared = pipe.prepare(sample.rgb, sample.thermal, t=0.1 * k)
     applied = pipe.health.correction(None)
     assert math.hypot(applied[0] + 6.0, applied[1] - 3.0) < 1.0
@@ -185,6 +188,31 @@ def test_auto_correction_through_the_pipeline_aligns_a_moved_rig(micro_checkpoin
     pipe.health.configure(HealthSettings.from_params({**params, "registration.auto_correct": False}))
     assert pipe.health.correction(3.1) == (0.0, 0.0)
     assert prepared.registrar is not pipe.registrar and prepared.registrar.offset != (0.0, 0.0)
+
+
+def test_estimates_follow_the_paired_frames_even_those_a_busy_model_drops(micro_checkpoint):
+    """Every N-th *paired* frame is estimated, as documented: while the model is busy the live worker drops
+    pairs as superseded, and those count too (they were counted only when prepared, so with a model slower than
+    the cameras the drift WARN came later than `registration.check_every` says)."""
+    params = {**defaults(), "model.checkpoint": str(micro_checkpoint), "registration.check_every": 5}
+    pipe = FramePipeline.from_params(params, synchronous_health=True)
+    pipe.registrar = ThermalRegistrar.from_dict(CALIBRATION)
+    sample = moved_rig(0.0, 0.0).sample(0, "day")
+    busy, superseded, delivered = threading.Lock(), 0, []
+    worker = StagedWorker(LatestSlot(), lambda: pipe, deliver=lambda job, result: delivered.append(job), lock=busy)
+    worker.start()
+    try:
+        with busy:  # the model is busy: the worker cannot prepare while the pairs come in
+            for k in range(20):
+                pair = Pair(k, k, (None, sample.rgb), (None, sample.thermal), 0)
+                superseded += bool(worker.submit(Job(pair, time.monotonic(), clock_s=0.1 * k)))
+        deadline = time.monotonic() + 60
+        while not delivered and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert superseded >= 18 and len(delivered) <= 2  # nearly every pair was dropped
+    assert pipe.health.frames == 20 and pipe.health.estimates == 4  # pairs 1, 6, 11, 16
 
 
 @pytest.mark.parametrize("name", ["homography", "calibrated"])

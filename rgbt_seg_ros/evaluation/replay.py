@@ -265,7 +265,7 @@ def replay_bag(
                 for frame in frames:
                     if max_pairs is not None and submitted >= max_pairs:
                         return
-                    source.put(Job(frame, time.monotonic(), meta=log_ns, clock_s=log_ns / 1e9))
+                    worker.submit(Job(frame, time.monotonic(), meta=log_ns, clock_s=log_ns / 1e9))
                     submitted += 1
 
             try:

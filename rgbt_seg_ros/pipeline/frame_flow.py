@@ -357,6 +357,16 @@ class FramePipeline:
             valid = valid & finite
         return norm, valid
 
+    def observe_pair(self, rgb: np.ndarray | None, thermal_raw: np.ndarray | None, t: float | None) -> None:
+        """A frame was formed: a pair (both images, a clock) goes to the registration health, which counts it
+        and estimates the drift on every N-th (``registration.check_every``) against the calibration.
+        :meth:`StagedWorker.submit` calls this before the worker may drop the pair, so estimates come every N
+        paired frames whatever the model's speed; :meth:`process` calls it for callers without a worker."""
+        if rgb is None or thermal_raw is None or t is None:
+            return
+        if self.health is not None and self.registrar is not None:
+            self.health.offer(rgb, thermal_raw, self.registrar, t)
+
     def prepare(
         self, rgb: np.ndarray | None, thermal_raw: np.ndarray | None, side_stream: bool = False, t: float | None = None
     ) -> PreparedFrame:
@@ -364,8 +374,8 @@ class FramePipeline:
 
         ``rgb`` None is a thermal-only frame (RGB lost): the model sees a black RGB image (what
         ``modality_dropout.p_rgb`` trains) and the outputs are made in the last RGB grid seen.
-        ``t`` (the caller's clock, s) drives the registration health: the drift correction advances
-        to it and a pair may be handed to the drift estimate."""
+        ``t`` (the caller's clock, s): the drift correction advances to it (the drift estimate is fed by
+        :meth:`observe_pair`, where the frame is formed)."""
         if rgb is None and thermal_raw is None:
             raise ValueError("a frame needs RGB, thermal or both")
         t0 = time.perf_counter()
@@ -374,8 +384,6 @@ class FramePipeline:
             rgb_hw = rgb.shape[:2] if rgb is not None else self._thermal_only_hw(thermal_raw)
             base = self._registrar(thermal_raw, rgb_hw)
             registrar = self._corrected(base, t)
-            if rgb is not None and t is not None and self.health is not None:
-                self.health.offer(rgb, thermal_raw, base, t)
         else:
             rgb_hw = rgb.shape[:2]
         if rgb is not None:
@@ -481,6 +489,7 @@ class FramePipeline:
     ) -> FrameResult:
         """Segment one frame. ``thermal_raw`` None means RGB only (thermal blank and invalid everywhere),
         ``rgb`` None thermal only (RGB black; outputs in the last RGB grid seen, see :meth:`prepare`)."""
+        self.observe_pair(rgb, thermal_raw, t)
         prepared = self.prepare(rgb, thermal_raw, t=t)
         return self.finish(prepared, self.infer(prepared), outputs)
 
@@ -797,6 +806,25 @@ class StagedWorker:
             self.ended += n
             self._count.notify_all()
 
+    def submit(self, job: Job) -> bool | None:
+        """Hand a formed pair to the worker: what ``source.put`` returns (True: it replaced an older pair).
+
+        Every pair goes to the pipeline's registration health (:meth:`FramePipeline.observe_pair`) once, so
+        drift estimates follow the paired frames, not the frames the model found time for: live here, before
+        the pair may be superseded; in replay (``keep_all``) in the prepare stage, where every pair arrives
+        in order, so estimates and the correction interleave the same way in every run."""
+        if not self.source.keep_all:
+            pipeline = self._pipeline()
+            if pipeline is not None:
+                self._observe(pipeline, job)
+        return self.source.put(job)
+
+    @staticmethod
+    def _observe(pipeline: FramePipeline, job: Job) -> None:
+        rgb, thermal = job.pair.rgb, job.pair.thermal
+        t = job.formed_at if job.clock_s is None else job.clock_s
+        pipeline.observe_pair(None if rgb is None else rgb[1], None if thermal is None else thermal[1], t)
+
     def _drop(self, reason: str) -> None:
         if self._on_drop is not None:
             self._on_drop(reason)
@@ -837,6 +865,8 @@ class StagedWorker:
                     rgb, thermal = job.pair.rgb, job.pair.thermal
                     t = job.formed_at if job.clock_s is None else job.clock_s
                     with self._lock:
+                        if self.source.keep_all:  # live: observed at submit
+                            self._observe(job.pipeline, job)
                         job.prepared = job.pipeline.prepare(
                             None if rgb is None else rgb[1], None if thermal is None else thermal[1], True, t=t
                         )

@@ -411,10 +411,13 @@ class SegmentBehaviour:
 
     def _hand_over(self, frames, now: float) -> None:
         """Frames formed by the flow go to the worker's mailbox; the newest wins."""
+        worker = self.worker
         for frame in frames:
             if frame.thermal is not None and frame.rgb is not None:
                 self.stats.count_pair(now)
-            if self.slot.put(Job(frame, now)):
+            if worker is None:  # deactivating: the subscriptions go next
+                self.stats.drop("stopped")
+            elif worker.submit(Job(frame, now)):
                 self.stats.drop("superseded")
 
     def _reject(self, camera: str, reason: str, text: str) -> None:

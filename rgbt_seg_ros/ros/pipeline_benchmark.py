@@ -360,7 +360,7 @@ def bench_sustained(segmenter, size: tuple[int, int], seconds: float = 4.0, feed
         while time.monotonic() < end:
             stamp = stamp0 + fed * int(period * 1e9)
             for pair in camera_arrival(frames, flow, image_cls, as_numpy, stamp, max_pixels):
-                if slot.put(Job(pair, time.monotonic())):
+                if worker.submit(Job(pair, time.monotonic())):
                     drop("superseded")
             fed += 1
             delay = start + fed * period - time.monotonic()
