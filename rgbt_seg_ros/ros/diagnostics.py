@@ -62,7 +62,11 @@ def pipeline_statuses(node, now: float) -> list[DiagnosticStatus]:
     drops["overflow"] = pst.dropped_overflow_rgb + pst.dropped_overflow_thermal
     drops["rejected_stamp"] = pst.rejected_rgb + pst.rejected_thermal
     mismatch = node.pipeline.size_mismatch if node.pipeline is not None else None
-    if node.pipeline is None and node.lifecycle_state == "unconfigured" and not node.model_status.startswith("failed"):
+    if node.lifecycle_state == "finalized":
+        level, message = 0, "finalized: shut down through the lifecycle, model unloaded (restart the node)"
+    elif (
+        node.pipeline is None and node.lifecycle_state == "unconfigured" and not node.model_status.startswith("failed")
+    ):
         level, message = 0, "unconfigured: model not loaded (configure the managed node)"
     elif node.pipeline is None:
         level, message = 2, f"model not loaded: {node.model_status}"

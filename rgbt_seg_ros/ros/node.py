@@ -620,6 +620,8 @@ class ManagedSegmentNode(SegmentBehaviour, LifecycleNode):
         if self.lifecycle_state == "active":
             self._deactivate()
         self._cleanup()
+        self.lifecycle_state = "finalized"  # no transition leads out of it: the process must be restarted
+        self.get_logger().info("finalized: model unloaded; restart the node to segment again")
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state) -> TransitionCallbackReturn:
