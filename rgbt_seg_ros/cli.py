@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "experiments": ("experiments", "the training experiments behind the evidence tables; the tables themselves"),
     "evaluate": ("evaluate", "score a checkpoint on a dataset split; JSON, markdown, plots"),
     "replay": ("replay", "run the node's pipeline over a bag: output bag, metrics.json, report.md"),
+    "play": ("play", "play a ROS 2 bag over DDS with its timing (--loop, --clock): ros2 bag play's stand-in"),
     "demo": ("demo", "the live demo: segment_node + demo checkpoint over the sample bag; GIF, contact sheet"),
     "export-onnx": ("export_onnx", "export a checkpoint's model forward to ONNX (opset 17); onnxruntime parity check"),
     "reindex": ("reindex", "rebuild a ROS 2 bag's metadata.yaml from its storage files (as ros2 bag reindex)"),
