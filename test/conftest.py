@@ -1,5 +1,6 @@
 """Shared test fixtures: paths of the installed console scripts and a ROS environment for subprocesses."""
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -37,11 +38,17 @@ def script(name: str) -> str:
     return str(path)
 
 
+_DOMAINS = itertools.count()
+
+
 @pytest.fixture
 def ros_env(tmp_path):
-    """Environment for node processes: an isolated ROS domain per test, large-data DDS transport."""
+    """Environment for node processes: a ROS domain of its own per test, large-data DDS transport.
+
+    No two tests of a session share a domain (up to 200 of them; a hash of the test's name did collide), so a
+    node that an earlier test left behind, or its DDS state, cannot reach a later test."""
     env = dict(os.environ)
-    env["ROS_DOMAIN_ID"] = str(50 + (os.getpid() + hash(tmp_path.name)) % 100)
+    env["ROS_DOMAIN_ID"] = str(20 + (os.getpid() + next(_DOMAINS)) % 200)
     env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("AMENT_PREFIX_PATH", sys.prefix)
@@ -87,6 +94,19 @@ def write_params(path: Path, **overrides) -> Path:
         node[leaf] = value
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def micro_params_file(path: Path, checkpoint: Path, **extra) -> Path:
+    """A parameter file for a node process on the micro checkpoint: CPU, fixed thermal scaling, short pairing wait."""
+    settings = {
+        "model.checkpoint": str(checkpoint),
+        "model.device": "cpu",
+        "thermal.mode": "fixed",
+        "thermal.min": 25000.0,
+        "thermal.max": 33000.0,
+        "sync.max_wait": 0.05,
+    }
+    return write_params(path, **{**settings, **extra})
 
 
 @pytest.fixture(scope="module")

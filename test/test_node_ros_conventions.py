@@ -10,7 +10,7 @@ import time
 import pytest
 from dds_client import DdsClient, now_ns, random_pair, stop_node
 
-from conftest import script, write_params
+from conftest import micro_params_file, script
 
 pytestmark = pytest.mark.integration
 
@@ -45,18 +45,6 @@ def publish_until(client, procs, done, timeout=90.0, thermal_shape=(H, W), start
         if done():
             return sent
     raise AssertionError("condition not reached while publishing")
-
-
-def micro_params_file(path, checkpoint, **extra):
-    settings = {
-        "model.checkpoint": str(checkpoint),
-        "model.device": "cpu",
-        "thermal.mode": "fixed",
-        "thermal.min": 25000.0,
-        "thermal.max": 33000.0,
-        "sync.max_wait": 0.05,
-    }
-    return write_params(path, **settings, **extra)
 
 
 @pytest.fixture

@@ -1,53 +1,115 @@
-"""What ``launch/segment.launch.py`` starts, as plain data (no ``launch`` import, testable anywhere).
+"""What ``launch/segment.launch.py`` decides, as plain functions (no ``launch`` import, testable anywhere).
 
-The launch file reads its arguments and hands them to :func:`launch_plan`; the result says which
-node to start (plain or managed), with which parameter files and overrides, remappings and ROS
-arguments, whether rviz2 and ``ros2 bag play`` run, and with which clock. The precedence rules a
-ROS user expects:
+:mod:`rgbt_seg_ros.ros.launch_description` builds the launch description from these: the arguments with
+their defaults and allowed values, which launch argument overrides which node parameter or remaps which
+input, the parameter file the node starts from, the clock, the rviz2 config for the node's final name, and
+the checks made before anything starts. The rules a ROS user expects:
 
 * the package's ``config/segment.yaml`` (the node's declared defaults) unless ``params_file`` is
   given; with ``bag:=`` and no ``params_file``, the bag's own ``rgbt_seg_params.yaml`` when it has one;
 * a launch argument given on the command line wins over the file; one left at its default ("")
   adds nothing, so a user's parameter file is never overridden by a launch default;
 * camera topics are remappings of the node's relative inputs, never parameters;
+* ``namespace`` is relative unless it starts with ``/``: under a parent launch file's
+  ``PushRosNamespace('robot1')``, ``namespace:=front`` gives ``/robot1/front/rgbt_seg``;
 * ``use_sim_time`` follows ``bag:=`` (true when a bag plays, and the player publishes ``/clock``)
-  unless given explicitly.
+  unless given explicitly;
+* an argument with a fixed set of values refuses any other before anything starts, and so do a
+  missing parameter file, bag or rviz config, and ``use_rviz:=true`` or ``bag_player:=ros2``
+  without rviz2 or ros2bag installed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..pipeline.params import BAG_PARAMS, INPUT_NAMES
+from ..pipeline.params import BAG_PARAMS, INPUT_NAMES, SPEC_BY_NAME
 
 NODE_NAME = "rgbt_seg"
-TRUE = ("true", "1", "yes", "on")
-FALSE = ("false", "0", "no", "off")
+BOOLEAN = ("true", "false", "True", "False")
+LOG_LEVELS = ("debug", "info", "warn", "error", "fatal", "DEBUG", "INFO", "WARN", "ERROR", "FATAL")
+# bag_player -> the package that must be installed for it
+BAG_PLAYERS = {"ros2": "ros2bag", "rgbt_seg": "rgbt_seg_ros"}
 
-# name: (default, description). "" means "not given": nothing is passed to the node.
-ARGUMENTS: dict[str, tuple[str, str]] = {
-    "params_file": ("", "parameter file for segment_node (default: the package's config/segment.yaml)"),
-    "namespace": ("", "namespace of the node: outputs are <namespace>/rgbt_seg/labels, ..."),
-    "rgb_topic": ("", "remap the RGB input rgb/image to this topic (e.g. /camera/color/image_raw)"),
-    "thermal_topic": ("", "remap the thermal input thermal/image to this topic"),
-    "rgb_info_topic": ("", "remap rgb/camera_info (registration.mode calibrated)"),
-    "thermal_info_topic": ("", "remap thermal/camera_info (registration.mode calibrated)"),
-    "rgb_transport": ("", "raw or compressed (reads <rgb topic>/compressed); overrides input.rgb.transport"),
-    "thermal_transport": ("", "raw or compressed; overrides input.thermal.transport"),
-    "checkpoint": ("", "checkpoint directory (model.safetensors + config.yaml); overrides model.checkpoint"),
-    "model_config": ("", "model config used when model.checkpoint is empty; overrides model.config"),
-    "device": ("", "auto, cpu or cuda; overrides model.device"),
-    "class_set": ("", "class set of a multi-dataset checkpoint (segrgbx); overrides model.class_set"),
-    "registration_file": ("", "calibration YAML; overrides registration.file (set registration.mode to match)"),
-    "on_rgb_loss": ("", "wait or thermal_only (segment thermal alone while RGB is lost); overrides on_rgb_loss"),
-    "use_sim_time": ("", "true/false; default: true when bag:= is given, else the parameter file's value"),
-    "managed": ("false", "true: start segment_node as a lifecycle (managed) node"),
-    "autostart": ("true", "managed only: configure and activate the node once it is up"),
-    "log_level": ("info", "ROS log level of the node (debug, info, warn, error, fatal)"),
-    "use_rviz": ("false", "start rviz2 with the overlay and label displays of this node"),
-    "rviz_config": ("", "rviz2 config (default: the package's config/rgbt_seg.rviz, for the node's namespace)"),
-    "bag": ("", "play this bag with `ros2 bag play --clock --loop`"),
+
+@dataclass(frozen=True)
+class LaunchArgument:
+    name: str
+    default: str  # "" means "not given": nothing is passed to the node
+    description: str
+    choices: tuple[str, ...] | None = None  # None: any value
+
+
+def _optional(param: str) -> tuple[str, ...]:
+    """A parameter's allowed values, or "" for "leave the parameter file's value"."""
+    return ("", *SPEC_BY_NAME[param].choices)
+
+
+ARGUMENTS: dict[str, LaunchArgument] = {
+    a.name: a
+    for a in (
+        LaunchArgument(
+            "params_file", "", "parameter file for segment_node (default: the package's config/segment.yaml)"
+        ),
+        LaunchArgument(
+            "namespace",
+            "",
+            "namespace of the node, relative to the launch's own: outputs are <ns>/rgbt_seg/labels, ...",
+        ),
+        LaunchArgument("rgb_topic", "", "remap the RGB input rgb/image to this topic (e.g. /camera/color/image_raw)"),
+        LaunchArgument("thermal_topic", "", "remap the thermal input thermal/image to this topic"),
+        LaunchArgument("rgb_info_topic", "", "remap rgb/camera_info (registration.mode calibrated)"),
+        LaunchArgument("thermal_info_topic", "", "remap thermal/camera_info (registration.mode calibrated)"),
+        LaunchArgument(
+            "rgb_transport",
+            "",
+            "raw or compressed (reads <rgb topic>/compressed); overrides input.rgb.transport",
+            _optional("input.rgb.transport"),
+        ),
+        LaunchArgument(
+            "thermal_transport",
+            "",
+            "raw or compressed; overrides input.thermal.transport",
+            _optional("input.thermal.transport"),
+        ),
+        LaunchArgument(
+            "checkpoint", "", "checkpoint directory (model.safetensors + config.yaml); overrides model.checkpoint"
+        ),
+        LaunchArgument("model_config", "", "model config used when model.checkpoint is empty; overrides model.config"),
+        LaunchArgument("device", "", "auto, cpu or cuda; overrides model.device", _optional("model.device")),
+        LaunchArgument("class_set", "", "class set of a multi-dataset checkpoint (segrgbx); overrides model.class_set"),
+        LaunchArgument(
+            "registration_file", "", "calibration YAML; overrides registration.file (set registration.mode to match)"
+        ),
+        LaunchArgument(
+            "on_rgb_loss",
+            "",
+            "wait or thermal_only (segment thermal alone while RGB is lost); overrides on_rgb_loss",
+            _optional("on_rgb_loss"),
+        ),
+        LaunchArgument(
+            "use_sim_time",
+            "",
+            "true/false; default: true when bag:= is given, else the parameter file's value",
+            ("", *BOOLEAN),
+        ),
+        LaunchArgument("managed", "false", "true: start segment_node as a lifecycle (managed) node", BOOLEAN),
+        LaunchArgument("autostart", "true", "managed only: configure and activate the node once it is up", BOOLEAN),
+        LaunchArgument("log_level", "info", "ROS log level of the node", LOG_LEVELS),
+        LaunchArgument("use_rviz", "false", "start rviz2 with the overlay and label displays of this node", BOOLEAN),
+        LaunchArgument(
+            "rviz_config", "", "rviz2 config (default: the package's config/rgbt_seg.rviz, for the node's namespace)"
+        ),
+        LaunchArgument("bag", "", "play this bag in a loop with /clock (use_sim_time follows)"),
+        LaunchArgument(
+            "bag_player",
+            "ros2",
+            "ros2: `ros2 bag play --loop --clock`; rgbt_seg: `rgbt-seg play` (no ROS 2 install)",
+            tuple(BAG_PLAYERS),
+        ),
+    )
 }
 
 # launch argument -> the node parameter it overrides when given
@@ -71,91 +133,72 @@ REMAP_ARGUMENTS = {
 
 
 class LaunchArgumentError(ValueError):
-    """A launch argument with a value the launch file cannot use; the text names it."""
+    """A launch argument the launch file cannot use; the text names it and what to do."""
 
 
-@dataclass
-class NodePlan:
-    executable: str
-    name: str
-    namespace: str
-    parameters: list  # parameter file paths (str) and override dicts, in increasing precedence
-    remappings: list[tuple[str, str]]
-    ros_arguments: list[str]
-    arguments: list[str]
-    managed: bool
-    autostart: bool
+def argument_values(given: dict[str, str]) -> dict[str, str]:
+    """Every argument's value as a string: the given one, else its default."""
+    return {name: str(given.get(name, arg.default)) for name, arg in ARGUMENTS.items()}
 
 
-@dataclass
-class LaunchPlan:
-    node: NodePlan
-    use_sim_time: bool | None  # None: whatever the parameter file says
-    rviz_config_text: str | None = None  # rviz2 config for the node's namespace, None: no rviz2
-    bag_command: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def _flag(values: dict[str, str], name: str) -> bool | None:
-    value = str(values.get(name, "")).strip().lower()
-    if value == "":
-        return None
-    if value in TRUE:
+def is_true(value: str) -> bool:
+    """A boolean launch argument, read as launch's own conditions read it."""
+    value = str(value).strip().lower()
+    if value in ("true", "1"):
         return True
-    if value in FALSE:
+    if value in ("false", "0", ""):
         return False
-    raise LaunchArgumentError(f"launch argument {name}:={values[name]} must be true or false")
+    raise LaunchArgumentError(f"'{value}' is not a boolean (true or false)")
 
 
-def normalize_namespace(namespace: str) -> str:
-    """'' -> '', 'robot1' and '/robot1/' -> '/robot1'."""
-    namespace = namespace.strip().strip("/")
-    return f"/{namespace}" if namespace else ""
-
-
-def rviz_config_for(template: str, namespace: str, node_name: str = NODE_NAME) -> str:
-    """The shipped rviz2 config with the node's output topics moved into ``namespace``."""
-    return template.replace(f"/{node_name}/", f"{normalize_namespace(namespace)}/{node_name}/")
-
-
-def launch_plan(values: dict[str, str], share: Path, rviz_template: str | None = None) -> LaunchPlan:
-    """Turn the launch arguments (as strings, missing = default) into what to start."""
-    values = {name: str(values.get(name, default)) for name, (default, _) in ARGUMENTS.items()}
-    share = Path(share)
-    notes = []
-    bag = values["bag"].strip()
+def params_file_for(values: dict[str, str], share: Path) -> str:
+    """The parameter file the node starts from: params_file, else the bag's own, else the package's defaults."""
     if values["params_file"]:
-        param_files = [values["params_file"]]
-    elif bag and (Path(bag) / BAG_PARAMS).is_file():
-        param_files = [str(Path(bag) / BAG_PARAMS)]
-        notes.append(f"using the bag's own parameter file {param_files[0]}")
-    else:
-        param_files = [str(share / "config" / "segment.yaml")]
-    overrides = {param: values[arg] for arg, param in PARAMETER_ARGUMENTS.items() if values[arg] != ""}
-    use_sim_time = _flag(values, "use_sim_time")
-    if use_sim_time is None and bag:
-        use_sim_time = True
-    if use_sim_time is not None:
-        overrides["use_sim_time"] = use_sim_time
-    managed = bool(_flag(values, "managed"))
-    autostart = _flag(values, "autostart")
-    node = NodePlan(
-        executable="segment_node",
-        name=NODE_NAME,
-        namespace=normalize_namespace(values["namespace"]),
-        parameters=[*param_files, overrides] if overrides else param_files,
-        remappings=[(REMAP_ARGUMENTS[arg], values[arg]) for arg in REMAP_ARGUMENTS if values[arg] != ""],
-        ros_arguments=["--log-level", values["log_level"]] if values["log_level"] else [],
-        arguments=["--managed"] if managed else [],
-        managed=managed,
-        autostart=managed and autostart is not False,
-    )
-    rviz_text = None
-    if _flag(values, "use_rviz"):
-        if values["rviz_config"]:
-            rviz_text = Path(values["rviz_config"]).read_text()
-        else:
-            template = rviz_template if rviz_template is not None else (share / "config" / "rgbt_seg.rviz").read_text()
-            rviz_text = rviz_config_for(template, node.namespace)
-    bag_command = ["ros2", "bag", "play", bag, "--loop", "--clock"] if bag else None
-    return LaunchPlan(node, use_sim_time, rviz_text, bag_command, notes)
+        return values["params_file"]
+    bag = values["bag"].strip()
+    if bag and (Path(bag) / BAG_PARAMS).is_file():
+        return str(Path(bag) / BAG_PARAMS)
+    return str(Path(share) / "config" / "segment.yaml")
+
+
+def use_sim_time_for(values: dict[str, str]) -> str:
+    """'true' / 'false' for the node's use_sim_time, or '' to leave the parameter file's value."""
+    if values["use_sim_time"]:
+        return str(is_true(values["use_sim_time"])).lower()
+    return "true" if values["bag"].strip() else ""
+
+
+def rviz_config_for(template: str, node_name: str) -> str:
+    """The shipped rviz2 config (topics of the node ``/rgbt_seg``) for the node's fully qualified name."""
+    return template.replace(f"/{NODE_NAME}/", f"{node_name.rstrip('/')}/")
+
+
+def check_arguments(values: dict[str, str], has_package: Callable[[str], bool]) -> list[str]:
+    """What must hold before anything starts; raises :class:`LaunchArgumentError` naming the argument.
+
+    ``has_package(name)`` says whether the ament index finds a package (rviz2, ros2bag).
+    Returns notes to log (which parameter file is used when the bag brings one)."""
+    notes = []
+    if values["params_file"] and not Path(values["params_file"]).is_file():
+        raise LaunchArgumentError(f"params_file:={values['params_file']}: there is no such file")
+    bag = values["bag"].strip()
+    if bag:
+        if not Path(bag).exists():
+            raise LaunchArgumentError(f"bag:={bag}: there is no such bag (a directory with metadata.yaml, or a file)")
+        package = BAG_PLAYERS[values["bag_player"]]
+        if not has_package(package):
+            raise LaunchArgumentError(
+                f"bag:= with bag_player:={values['bag_player']} needs {package}, which is not installed "
+                f"(install ros-$ROS_DISTRO-{package.replace('_', '-')}, or use bag_player:=rgbt_seg)"
+            )
+        if not values["params_file"] and (Path(bag) / BAG_PARAMS).is_file():
+            notes.append(f"using the bag's own parameter file {Path(bag) / BAG_PARAMS}")
+    if is_true(values["use_rviz"]):
+        if values["rviz_config"] and not Path(values["rviz_config"]).is_file():
+            raise LaunchArgumentError(f"rviz_config:={values['rviz_config']}: there is no such file")
+        if not has_package("rviz2"):
+            raise LaunchArgumentError(
+                "use_rviz:=true needs rviz2, which is not installed (install ros-$ROS_DISTRO-rviz2, "
+                "or start rviz2 on another machine of the same ROS domain)"
+            )
+    return notes

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 import threading
 import time
@@ -683,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
         if rclpy.ok():  # a real failure, not a shutdown (SIGTERM) during start-up
             raise
     finally:
+        # Ctrl-C in a terminal reaches the node twice under `ros2 launch` (the terminal's process group and
+        # launch's own SIGINT): a second one must not cut the teardown short (SIGTERM still ends it).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if node is not None:
             node.destroy_node()
         if rclpy.ok():
