@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from backend_contract import BackendCase, BackendContract, randomize_named
 
 from rgbt_seg_ros.models import build_model, resolve_model_config
 from rgbt_seg_ros.models.classes import load_dataset_info
@@ -196,3 +197,25 @@ def test_tiny_config_documents_the_production_setup():
     assert cfg["lora"]["stages"] == [4] and cfg["mcp"]["stages"] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="encoder.checkpoint is not set"):
         build_model(cfg, load_dataset_info("mfnet"))
+
+
+# ---------------------------------------------------------------- the shared backend contract
+
+
+def _encoder_freeze(cfg: dict, path: str) -> None:
+    cfg["encoder"].update(checkpoint=path, freeze=True)
+
+
+CPAL_CASE = BackendCase(
+    name="cpal",
+    config="models/cpal_micro.yaml",
+    trainable_prefixes=("mcp.", "gpm.", "head."),
+    frozen_prefixes=("trunk.patch_embed.", "trunk.blocks.0.", "trunk.blocks.4.attn.q.base_layer."),
+    thermal_param="mcp.0.attn_prompt.from_thermal.down.weight",
+    freeze_with_base=_encoder_freeze,
+    randomize=lambda model: randomize_named(model, (".lora_B.", ".up.")),
+)
+
+
+class TestCpalContract(BackendContract):
+    case = CPAL_CASE

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from backend_contract import BackendCase, BackendContract
 
 from rgbt_seg_ros.models import build_model, resolve_model_config
 from rgbt_seg_ros.models.classes import load_dataset_info
@@ -461,3 +462,31 @@ def test_a_config_written_before_the_shared_codebook_still_builds(info):
     model = build_model(cfg, info).eval()
     with torch.no_grad():
         assert model(*pair())["logits"].shape == (1, info.num_classes, 64, 96)
+
+
+# ---------------------------------------------------------------- the shared backend contract
+
+
+def _encoder_freeze(cfg: dict, path: str) -> None:
+    cfg["encoder"].update(checkpoint=path, freeze=True)
+
+
+FUSIONSAM_CASE = BackendCase(
+    name="fusionsam",
+    config="models/fusionsam_micro.yaml",
+    trainable_prefixes=("lstg.", "fmp.", "prompt_encoder.", "sam_head.mask_decoder."),
+    frozen_prefixes=(
+        "image_encoder.trunk.",
+        "image_encoder.neck.",
+        "sam_head.no_mask_embed.",
+        "sam_head.mask_decoder.iou_prediction_head.",
+    ),
+    thermal_param="lstg.thermal.encoder.0.weight",
+    freeze_with_base=_encoder_freeze,
+    has_aux_losses=True,
+    aux_only_param="lstg.rgb.decoder.0.weight",  # the reconstruction loss is all that reaches the VQ decoder
+)
+
+
+class TestFusionSamContract(BackendContract):
+    case = FUSIONSAM_CASE

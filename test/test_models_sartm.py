@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from backend_contract import BackendCase, BackendContract, randomize_named
 
 from rgbt_seg_ros.models import SARTM, available_backends, build_model, resolve_model_config
 from rgbt_seg_ros.models.classes import DatasetInfo, load_dataset_info
@@ -497,3 +498,36 @@ def test_without_the_language_module_no_loss_term_trains_against_a_missing_text_
     model_on = make_micro(info, text)
     _, parts_on = SartmLoss()(model_on(rgb, th), labels)
     assert parts_on["l_se"] > 0
+
+
+# ---------------------------------------------------------------- the shared backend contract
+
+
+def _sartm_freeze(cfg: dict, path: str) -> None:
+    cfg["encoder"].update(checkpoint=path, freeze=True)
+    cfg["decoder"]["freeze_transformer"] = True
+
+
+SARTM_CASE = BackendCase(
+    name="sartm",
+    config="models/sartm_micro.yaml",
+    trainable_prefixes=(
+        "rectify.",
+        "fuse.",
+        "language.",
+        "aux_head.",
+        "sam_head.mask_decoder.mask_tokens.",
+        "sam_head.mask_decoder.output_hypernetworks_mlps.",
+        "sam_head.mask_decoder.output_upscaling.",
+        "sam_head.mask_decoder.conv_s0.",
+        "sam_head.mask_decoder.conv_s1.",
+    ),
+    frozen_prefixes=("image_encoder.trunk.", "image_encoder.neck.", "sam_head.mask_decoder.transformer."),
+    thermal_param="image_encoder.trunk.blocks.0.attn.q.lora_A.thermal.weight",
+    freeze_with_base=_sartm_freeze,
+    randomize=lambda model: randomize_named(model, (".lora_B.",)),
+)
+
+
+class TestSartmContract(BackendContract):
+    case = SARTM_CASE

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from backend_contract import randomize_named
+from backend_contract import BackendCase, BackendContract, randomize_named
 
 from rgbt_seg_ros.models import build_model, resolve_model_config
 from rgbt_seg_ros.models.checkpoint import load_checkpoint, save_checkpoint
@@ -398,3 +398,25 @@ def test_base_weights_come_from_ma_clips_frozen_trunk_when_the_backbone_is_fine_
     exported = model.sam2_state_dict()
     assert exported.keys() == official.keys()
     assert all(torch.equal(exported[k], official[k]) for k in official)
+
+
+# ---------------------------------------------------------------- the shared backend contract
+
+
+def _encoder_freeze(cfg: dict, path: str) -> None:
+    cfg["encoder"].update(checkpoint=path, freeze=True)
+
+
+SEGRGBX_CASE = BackendCase(
+    name="segrgbx",
+    config="models/segrgbx_micro.yaml",
+    trainable_prefixes=("control.", "aligned_prompts.", "frm.", "ffm.", "dsrm.", "head."),
+    frozen_prefixes=("trunk.", "ma_clip."),  # MA-CLIP trains only in its own stage (test_models_segrgbx.py)
+    thermal_param="aligned_prompts.thermal.0",
+    freeze_with_base=_encoder_freeze,
+    randomize=lambda model: randomize_named(model, ("lora_B", "dsrm.out.")),
+)
+
+
+class TestSegRGBXContract(BackendContract):
+    case = SEGRGBX_CASE
