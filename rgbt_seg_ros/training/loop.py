@@ -26,8 +26,17 @@ from .validation import _json_metrics
 
 METRICS_FILE = "metrics.jsonl"
 
-#: A VQ backend's codebook statistics (``out["codebook"]``) logged as ``codebook_<name>`` per step.
-CODEBOOK_STATS = ("perplexity", "usage", "restarted")
+#: A VQ backend's codebook statistics (``out["codebook"]``) logged as ``codebook_<name>`` per step: over all
+#: tokens, per modality (FusionSAM's shared codebook: is one modality collapsing onto few codes?), restarts.
+CODEBOOK_STATS = (
+    "perplexity",
+    "usage",
+    "perplexity_rgb",
+    "perplexity_thermal",
+    "usage_rgb",
+    "usage_thermal",
+    "restarted",
+)
 
 
 def _peak_rss_mb() -> float:
