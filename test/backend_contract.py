@@ -22,6 +22,13 @@ thermal-only parameter) and inherits these checks:
   warm), blanking thermal costs a clear margin of person and car IoU on held-out night scenes, so a
   backend that computes from thermal but learns to ignore it fails; and blanking RGB instead (the
   node's ``thermal_only``) keeps person and car IoU within a margin of the paired one;
+* identity at init on official SAM2 weights: built from the backend's production config with an
+  official-format checkpoint (sam2's own builder, random non-zero weights, saved as the official file),
+  the features the backend hands SAM2's mask decoder (``identity_kind = "decoder"``: image embedding with
+  ``no_mem_embed``, the stride-8 and stride-4 high-resolution features) or, for a backend without that
+  decoder, the trunk features it fuses (``"trunk"``: the four Hiera stage maps of the RGB stream) equal
+  sam2's own for the RGB image within 1e-5, thermal changes nothing, and once the zero-initialised
+  modules move (the case's ``randomize``) thermal does change them;
 * checkpoint round trip through ``save_checkpoint`` / ``load_checkpoint`` is bit-exact, with
   and without base weights (and through ``export_standalone``);
 * CPU inference through ``Segmenter(model, cfg, info, device="cpu")`` on numpy images.
@@ -71,6 +78,12 @@ class BackendCase:
     has_aux_losses: bool = False
     #: a parameter that only the aux losses reach (None: no aux losses)
     aux_only_param: str | None = None
+    #: production config the official SAM2 checkpoint is loaded into (``encoder.checkpoint``)
+    tiny_config: str = ""
+    #: "decoder": compared with SAM2's image-predictor features; "trunk": with its Hiera trunk's stage maps
+    identity_kind: str = "decoder"
+    #: (model, rgb, thermal) -> the features compared (keys of :func:`sam2_reference`), through the model's own path
+    identity: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
 
 def pair(b=1, h=64, w=96, seed=0):
@@ -89,6 +102,50 @@ def randomize_named(model: torch.nn.Module, patterns: tuple[str, ...], scale: fl
         for name, p in model.named_parameters():
             if any(s in name for s in patterns):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+#: what SAM2's image predictor hands its mask decoder; what its Hiera trunk returns
+REFERENCE_KEYS = {
+    "decoder": ("image_embed", "high_res_1", "high_res_0"),
+    "trunk": tuple(f"stage{i}" for i in range(1, 5)),
+}
+
+
+def sam2_reference(sam, image: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """sam2's own features for ``image`` (already normalised): for ``"decoder"`` the lines of
+    ``SAM2ImagePredictor.set_image`` (which needs torchvision, so they are repeated here on the model
+    from ``build_sam2``): ``forward_image``, ``no_mem_embed`` added to the stride-16 map; for ``"trunk"``
+    the Hiera trunk's four stage maps."""
+    with torch.no_grad():
+        if kind == "trunk":
+            return dict(zip(REFERENCE_KEYS["trunk"], sam.image_encoder.trunk(image)))
+        backbone_out = sam.forward_image(image)
+        _, vision_feats, _, feat_sizes = sam._prepare_backbone_features(backbone_out)
+        if sam.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + sam.no_mem_embed
+        feats = [feat.permute(1, 2, 0).view(image.shape[0], -1, *size) for feat, size in zip(vision_feats, feat_sizes)]
+    return {"image_embed": feats[2], "high_res_1": feats[1], "high_res_0": feats[0]}
+
+
+def decoder_inputs(model: torch.nn.Module, rgb: torch.Tensor, thermal: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What ``model.forward`` hands SAM2's mask decoder (``sam_head.mask_decoder.predict_masks``), recorded
+    on the way through the real forward."""
+    decoder = model.sam_head.mask_decoder
+    seen = {}
+    original = decoder.predict_masks
+
+    def record(**kwargs):
+        seen["image_embed"] = kwargs["image_embeddings"]
+        seen["high_res_0"], seen["high_res_1"] = kwargs["high_res_features"]
+        return original(**kwargs)
+
+    decoder.predict_masks = record
+    try:
+        with torch.no_grad():
+            model(rgb, thermal)
+    finally:
+        del decoder.predict_masks
+    return seen
 
 
 class BackendContract:
@@ -306,11 +363,16 @@ class BackendContract:
         terms = set(tr.loss_terms) & set(LOSS_TERMS)
         bookkeeping = {"type", "step", "epoch", "total", "lr", "step_time_s", "peak_rss_mb", "grad_norm"}
         bookkeeping |= {f"codebook_{k}" for k in CODEBOOK_STATS}  # logged, not part of the loss
+        bookkeeping |= {"language_factor"} | {k for k in row if k.startswith("gradnorm_")}
         aux = set(row) - set(LOSS_TERMS) - bookkeeping
+        # every term of the total, a segmentation term or an aux loss, has its gradient norm in the row
+        assert {f"gradnorm_{t}" for t in (terms & set(row)) | aux} <= set(row)
+        assert all(row[k] >= 0 for k in row if k.startswith("gradnorm_"))
         assert terms and terms <= set(row)
         assert not (set(LOSS_TERMS) - terms) & set(row), "a term the backend does not support was computed"
         assert bool(aux) == self.case.has_aux_losses
-        weight = dict(zip(LOSS_TERMS, tr.loss.weights))
+        factor = row.get("language_factor", 1.0)  # the language warm-up scales w2 and w3
+        weight = {t: w * (factor if t in ("l_cr", "l_se") else 1.0) for t, w in zip(LOSS_TERMS, tr.loss.weights)}
         assert row["total"] == pytest.approx(
             sum(weight[t] * row[t] for t in terms) + sum(row[k] for k in aux), rel=1e-5
         )
@@ -391,6 +453,48 @@ class BackendContract:
         assert iou["paired"] - iou["rgb_only"] >= self.RELIANCE_MARGIN, seen
         assert iou["paired"] - iou["thermal_only"] <= self.THERMAL_ONLY_MARGIN, seen
         assert iou["thermal_only"] - iou["nothing"] >= self.RELIANCE_MARGIN, seen
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def official_sam2(cls, tmp_path_factory):
+        """sam2's own SAM2.1 Hiera-tiny (random init, non-zero no_mem_embed), saved as an official file."""
+        from sam2.build_sam import build_sam2
+
+        torch.manual_seed(0)
+        sam = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu").eval()
+        with torch.no_grad():
+            sam.no_mem_embed.copy_(torch.randn_like(sam.no_mem_embed))
+        path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_tiny.pt"
+        torch.save({"model": sam.state_dict()}, path)
+        return sam, path
+
+    def test_identity_at_init_on_official_sam2_weights(self, official_sam2):
+        from rgbt_seg_ros.models import dataset_info_for
+
+        case = self.case
+        assert case.identity is not None and case.tiny_config, f"{case.name}: no identity case"
+        sam, path = official_sam2
+        cfg = resolve_model_config(case.tiny_config)
+        cfg["encoder"]["checkpoint"] = str(path)
+        info = dataset_info_for(cfg, None)
+        model = self.build(info, seed=5, cfg=cfg).eval()
+        g = torch.Generator().manual_seed(3)
+        rgb = torch.randn(1, 3, 96, 128, generator=g)
+        thermal, other = torch.rand(1, 1, 96, 128, generator=g), torch.rand(1, 1, 96, 128, generator=g)
+
+        reference = sam2_reference(sam, rgb, case.identity_kind)
+        ours = case.identity(model, rgb, thermal)
+        assert set(ours) == set(REFERENCE_KEYS[case.identity_kind])
+        for key, expected in reference.items():
+            assert ours[key].shape == expected.shape, key
+            torch.testing.assert_close(ours[key], expected, atol=1e-5, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+        for key, value in case.identity(model, rgb, other).items():
+            torch.testing.assert_close(value, ours[key], atol=1e-6, rtol=0, msg=lambda m, k=key: f"thermal: {k}: {m}")
+
+        case.randomize(model)  # what training does to the zero-initialised modules
+        moved = case.identity(model, rgb, thermal)
+        moved_other = case.identity(model, rgb, other)
+        assert max((moved[k] - moved_other[k]).abs().max().item() for k in moved) > 1e-4
 
     def test_checkpoint_round_trip_is_bit_exact(self, info, tmp_path):
         model, cfg = self.trained(info)

@@ -206,6 +206,14 @@ def _encoder_freeze(cfg: dict, path: str) -> None:
     cfg["encoder"].update(checkpoint=path, freeze=True)
 
 
+def _rgb_stream(model, rgb, thermal):
+    """The RGB stream's four stage maps, the trunk features CPAL's GPMs fuse (``CPAL.streams``, which
+    ``forward`` runs)."""
+    with torch.no_grad():
+        stages = model.streams(rgb, thermal.expand(-1, 3, -1, -1))
+    return {f"stage{i}": t_rgb for i, (t_rgb, _) in enumerate(stages, start=1)}
+
+
 CPAL_CASE = BackendCase(
     name="cpal",
     config="models/cpal_micro.yaml",
@@ -214,6 +222,9 @@ CPAL_CASE = BackendCase(
     thermal_param="mcp.0.attn_prompt.from_thermal.down.weight",
     freeze_with_base=_encoder_freeze,
     randomize=lambda model: randomize_named(model, (".lora_B.", ".up.")),
+    tiny_config="models/cpal_tiny.yaml",
+    identity_kind="trunk",
+    identity=_rgb_stream,
 )
 
 

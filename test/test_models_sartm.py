@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from backend_contract import BackendCase, BackendContract, randomize_named
+from backend_contract import BackendCase, BackendContract, decoder_inputs, randomize_named
 
 from rgbt_seg_ros.models import SARTM, available_backends, build_model, resolve_model_config
 from rgbt_seg_ros.models.classes import DatasetInfo, load_dataset_info
@@ -46,11 +46,12 @@ def make_micro(info, text, seed=0, freeze_transformer=False, **encoder):
 
 
 def randomize_lora(model, seed=1):
-    """LoRA B starts at zero; give it values so that adapters change the output."""
+    """LoRA B and the fusion's gates (fusion.identity_init) start at zero; give them values so that adapters
+    change the output and thermal reaches it."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".lora_B." in name:
+            if ".lora_B." in name or ".gate" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
@@ -525,7 +526,11 @@ SARTM_CASE = BackendCase(
     frozen_prefixes=("image_encoder.trunk.", "image_encoder.neck.", "sam_head.mask_decoder.transformer."),
     thermal_param="image_encoder.trunk.blocks.0.attn.q.lora_A.thermal.weight",
     freeze_with_base=_sartm_freeze,
-    randomize=lambda model: randomize_named(model, (".lora_B.",)),
+    # LoRA B and the fusion's zero-init gates (FRM, FFM, language weighting; fusion.identity_init)
+    randomize=lambda model: randomize_named(model, (".lora_B.", ".gate")),
+    tiny_config="models/sartm_tiny.yaml",
+    identity_kind="decoder",
+    identity=decoder_inputs,
 )
 
 

@@ -8,7 +8,9 @@ Data flow for an RGB-T pair (paper section III, "SARTM"):
 2. Per modality, three maps: SFM (stride 16, d channels), IFP (stride 8, d/4) and FFP
    (stride 4, d/8); IFP and FFP come from SAM2's own 1x1 ``conv_s1``/``conv_s0``.
 3. At each level, FRM rectifies and FFM fuses the two modalities (CMX), and a language-guided
-   channel attention weights the fused map with the class-name text embeddings (a buffer).
+   channel attention weights the fused map with the class-name text embeddings (a buffer). With
+   ``fusion.identity_init`` (every config in models/) the three start as the identity on the RGB
+   stream: a fresh model on official weights hands the decoder SAM2's own image embedding.
 4. Path 1 (S0): SAM2's mask decoder on the fused SFM, refined with the fused IFP and FFP
    (eq. 9), one mask token per class. Path 2 (S1): the auxiliary FPN head (eq. 10).
 5. ``logits`` = the configured combination of S0 and S1, upsampled to the input size.
@@ -58,7 +60,10 @@ SARTM_DEFAULTS = {
     # with its own LoRA merged into a fused qkv weight (lora.modality_batch); false: two passes.
     "lora": {"rank": 16, "alpha": 16.0, "dropout": 0.0, "targets": ["q", "v"], "batched_inference": True},
     "decoder": {"depth": 2, "mlp_dim": 2048, "num_heads": 8, "freeze_transformer": True},
-    "fusion": {"heads": [1, 2, 8], "reduction": 1, "lambda_c": 0.5, "lambda_s": 0.5},
+    # identity_init: FRM, FFM and the language weighting start as the identity on the RGB stream (zero-init
+    # gates), so a fresh model hands SAM2's decoder SAM2's own embedding. Every config in models/ sets it;
+    # false (CMX's mixing from step 0) is what checkpoints written before the key existed were trained with.
+    "fusion": {"heads": [1, 2, 8], "reduction": 1, "lambda_c": 0.5, "lambda_s": 0.5, "identity_init": False},
     "language": {"enabled": True, "text_dim": 384, "hidden": 64, "text_encoder": "minilm"},
     "aux_head": {"channels": 64},
     "output": {"combine": "mean", "s1_weight": 0.5},
@@ -111,10 +116,13 @@ class SARTM(nn.Module):
         heads = list(fus["heads"])
         if len(heads) != 3:
             raise ValueError(f"fusion.heads must give 3 head counts (FFP, IFP, SFM), got {heads}")
+        identity = bool(fus["identity_init"])
         self.rectify = nn.ModuleList(
-            FeatureRectifyModule(c, fus["reduction"], fus["lambda_c"], fus["lambda_s"]) for c in self.dims
+            FeatureRectifyModule(c, fus["reduction"], fus["lambda_c"], fus["lambda_s"], identity) for c in self.dims
         )
-        self.fuse = nn.ModuleList(FeatureFusionModule(c, h, fus["reduction"]) for c, h in zip(self.dims, heads))
+        self.fuse = nn.ModuleList(
+            FeatureFusionModule(c, h, fus["reduction"], identity) for c, h in zip(self.dims, heads)
+        )
 
         lang = cfg["language"]
         self.use_language = bool(lang["enabled"])
@@ -129,7 +137,7 @@ class SARTM(nn.Module):
             )
         self.register_buffer("text_embeddings", text_embeddings.clone())
         self.language = (
-            nn.ModuleList(LanguageGuidedChannelAttention(c, text_dim, lang["hidden"]) for c in self.dims)
+            nn.ModuleList(LanguageGuidedChannelAttention(c, text_dim, lang["hidden"], identity) for c in self.dims)
             if self.use_language
             else None
         )
