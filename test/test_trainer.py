@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from rgbt_seg_ros.pipeline.segmenter import Segmenter
 from rgbt_seg_ros.tools import train as train_tool
+from rgbt_seg_ros.training.losses import LOSS_PRESETS
 from rgbt_seg_ros.training.trainer import (
     TrainConfigError,
     Trainer,
@@ -54,11 +55,14 @@ def tiny_config(**over):
 
 def test_loss_decreases_on_a_fixed_batch(tmp_path, text):
     cfg = tiny_config(max_steps=1000, warmup_steps=0, val_split=None, transform={"scale": False, "color_jitter": False})
+    cfg["loss"] = {"language_warmup": 0.0}  # the total is comparable across steps only with fixed weights
     tr = Trainer(MICRO, cfg, tmp_path / "run", text_embeddings=text)
     batch = next(iter(tr.loader))
-    losses = [tr.train_step(batch)["total"] for _ in range(25)]
-    assert all(math.isfinite(v) for v in losses)
-    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+    rows = [tr.train_step(batch) for _ in range(25)]
+    assert all(math.isfinite(r["total"]) for r in rows)
+    for term in ("total", "ce_s0", "ce_s1"):
+        losses = [r[term] for r in rows]
+        assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), (term, losses)
     assert tr.step == 25
 
 
@@ -114,7 +118,8 @@ def test_best_and_last_checkpoints_load_in_the_segmenter(tmp_path, text):
     assert [r["epoch"] for r in vals] == [0, 1] and all(0 <= r["miou"] <= 1 for r in vals)
     assert {"ce_s0", "ce_s1", "l_cr", "l_se", "lr", "step_time_s"} <= set(rows[0])
     saved = yaml.safe_load((out / "train_config.yaml").read_text())
-    assert saved["epochs"] == 2 and saved["loss"]["weights"] == [1.0, 0.008, 10000.0, 100.0]
+    assert saved["epochs"] == 2 and saved["loss"]["preset"] == "calibrated"
+    assert saved["loss"]["weights"] == list(LOSS_PRESETS["calibrated"]["weights"])
     # the loss saw per-modality features: L_cr is the cross-modal term, not the prototype memory
     assert tr.loss.memory.prototypes is None
 

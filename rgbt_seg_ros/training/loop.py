@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from ..models.preprocessing import PRECISIONS, normalize_batch
+from .losses import language_ramp, term_gradient_norms
 from .train_config import TrainConfigError
 from .validation import _json_metrics
 
@@ -114,12 +115,20 @@ class TrainingLoopMixin:
             class_set = self.batch_class_set(batch)
             self.model.select_class_set(class_set)
             loss = self.losses[class_set]
+        warmup = float(self.cfg["loss"]["language_warmup"])
+        loss.language_factor = language_ramp(self.step, self.total_steps, warmup)
         with self._autocast():
             out = self.net(rgb, th, valid)
         out = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
         total, comps = loss(out, labels)
         if not math.isfinite(comps["total"]):
             raise FloatingPointError(f"training loss is {comps['total']} at step {self.step}; lower the lr")
+        if warmup > 0:
+            comps["language_factor"] = loss.language_factor
+        if self.cfg["log_grad_norms"] and self._logs_step(self.step + 1) and self.dist.is_main:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            for name, norm in term_gradient_norms(loss.last_weighted, params).items():
+                comps[f"gradnorm_{name}"] = norm
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.cfg["grad_clip"]:
@@ -137,6 +146,13 @@ class TrainingLoopMixin:
             if key in CODEBOOK_STATS:
                 comps[f"codebook_{key}"] = float(value)
         return comps
+
+    def _logs_step(self, step: int) -> bool:
+        """Whether the row of ``step`` (counted after the optimiser step) goes to metrics.jsonl."""
+        stop_at = self.total_steps
+        if self.cfg["stop_after_steps"] is not None:
+            stop_at = min(stop_at, int(self.cfg["stop_after_steps"]))
+        return step % int(self.cfg["log_every"]) == 0 or step == stop_at
 
     def batch_class_set(self, batch: dict) -> str:
         """The class set of a joint run's batch (every item of a batch comes from one dataset)."""
@@ -228,7 +244,7 @@ class TrainingLoopMixin:
                     t0 = t1
                     bar.update(1)
                     bar.set_postfix(loss=f"{comps['total']:.3f}", lr=f"{comps['lr']:.2e}")
-                    if self.step % int(cfg["log_every"]) == 0 or self.step == stop_at:
+                    if self._logs_step(self.step):
                         row = {"type": "train", "step": self.step, "epoch": epoch, **comps}
                         row["step_time_s"] = float(np.mean(step_times[-int(cfg["log_every"]) :]))
                         row["peak_rss_mb"] = _peak_rss_mb()

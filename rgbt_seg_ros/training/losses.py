@@ -2,8 +2,13 @@
 
     L = w0 * L_CE(S0, L) + w1 * L_CE(S1, L) + w2 * L_cr + w3 * L_se            (15)
 
-with default weights (w0, w1, w2, w3) = (1, 0.008, 10000, 100), the best values of the paper's
-Table VII (MFNet). Everything is configurable.
+with the weights (w0, w1, w2, w3) of a named preset (:data:`LOSS_PRESETS`): ``paper`` = (1, 0.008,
+10000, 100), the best values of the paper's Table VII (MFNet); ``authors_code`` = all 1, what the
+authors' public training script trains with; ``calibrated``, the train config's default, chosen by the
+sweep in docs/training.md ("Loss weights"), with a linear warm-up of the language terms (w2, w3 ramp
+from 0 over the first ``language_warmup`` fraction of the run). Explicit ``loss.weights`` override a
+preset. :func:`term_gradient_norms` measures each weighted term's gradient on the trainable
+parameters; the trainer logs it (``gradnorm_<term>``) so a dominating term shows in the first minutes.
 
 **OHEM cross-entropy (eq. 11).** A pixel is *hard* when the softmax probability of its true
 class is below ``thresh`` (0.7), i.e. its cross-entropy exceeds ``-log(thresh)``. With
@@ -52,13 +57,14 @@ prototypes and up to ~1e-5 between unrelated ones, so ``w2 * L_cr`` stays below 
 cross-entropies of ~1. (In the authors' code the prototypes were divided by
 their pixel count twice, which drove the term to ~0.) Lower ``cr_temperature`` to strengthen it.
 **Balance at initialisation** (the paper states no reductions; these are the authors' code's, with
-L_cr referenced to 256 channels). Gradient norm of each weighted term on the SAM2 encoder of a random
-micro SARTM, relative to CE(S0)'s, on one synthetic batch (``test_losses.py`` asserts the bands):
-w1 CE(S1) 0.008 (32-channel neck) / 0.012 (256); w2 L_cr 0.25 / 0.11 (the plain mean gave 14x at 32
-channels); w3 L_se 5.8 / 1.9. L_se is the largest term at initialisation because CE reaches the
-encoder only through a random decoder; with official SAM2 decoder weights CE's path is the trained
-one. The ablation (``experiments.py ablation``, results in docs/training.md) measures what the language terms do
-to accuracy.
+L_cr referenced to 256 channels). Gradient norm of each term weighted as in the paper on the SAM2
+encoder of a random micro SARTM (``fusion.identity_init``), relative to CE(S0)'s, on one synthetic
+batch (``test_losses.py`` asserts the bands): w1 CE(S1) 0.045 (32-channel neck) / 0.048 (256); w2 L_cr
+3.5 / 2.0 (the plain mean gave 14x at 32 channels before the 256 reference); w3 L_se 8.1 / 3.4. At
+the paper's weights the language terms dominate the encoder's gradient at the start: CE reaches the
+encoder only through a random decoder and the RGB path, while L_cr and L_se act on both modalities'
+features. The ``calibrated`` preset and its warm-up come from the sweep in docs/training.md; the
+trainer logs these norms on every logged row (``gradnorm_<term>``, over all trainable parameters).
 
 Unlike the authors' code, the memory is updated after the loss is computed (their update came
 first, so a batch was partly compared with itself), absent classes are left out instead of
@@ -76,6 +82,34 @@ import torch.nn.functional as F
 from torch import nn
 
 PAPER_WEIGHTS = (1.0, 0.008, 10000.0, 100.0)
+
+#: Named loss presets: the weights (w0, w1, w2, w3) and the language warm-up (fraction of the run over which
+#: w2 and w3 ramp linearly from 0; 0 = none). ``calibrated`` is the one the committed sweep supports
+#: (docs/results/learning/loss_sweep, `rgbt-seg experiments loss-sweep`).
+LOSS_PRESETS: dict[str, dict] = {
+    "paper": {"weights": PAPER_WEIGHTS, "language_warmup": 0.0},
+    "authors_code": {"weights": (1.0, 1.0, 1.0, 1.0), "language_warmup": 0.0},
+    "calibrated": {"weights": (1.0, 1.0, 10000.0, 1.0), "language_warmup": 0.2},
+}
+DEFAULT_LOSS_PRESET = "calibrated"
+
+
+def language_ramp(step: int, total_steps: int, warmup_fraction: float) -> float:
+    """The factor on w2 and w3 at ``step`` (0-based): linear from 0 to 1 over ``warmup_fraction`` of the run."""
+    span = warmup_fraction * total_steps
+    return 1.0 if span <= 0 else min(1.0, step / span)
+
+
+def term_gradient_norms(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, float]:
+    """L2 norm of each (weighted) loss term's gradient on ``params``; the graph is kept for the backward."""
+    norms = {}
+    for name, term in terms.items():
+        if not term.requires_grad:
+            norms[name] = 0.0
+            continue
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        norms[name] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 0.0))
+    return norms
 
 
 def _resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -359,7 +393,9 @@ class SartmLoss(nn.Module):
     A backend's own losses in ``out["aux_losses"]`` (a dict of already weighted scalars, e.g.
     FusionSAM's LSTG reconstruction and commitment) are added to the total as they are.
     Components: ``ce_s0``, ``ce_s1``, ``l_cr``, ``l_se`` (unweighted, those computed), each
-    ``aux_losses`` entry under its own name, and ``total``.
+    ``aux_losses`` entry under its own name, and ``total``. ``language_factor`` (set by the trainer's
+    warm-up, 1 otherwise) scales w2 and w3; ``last_weighted`` holds the last call's weighted terms as
+    tensors (for :func:`term_gradient_norms`).
     """
 
     def __init__(
@@ -389,6 +425,8 @@ class SartmLoss(nn.Module):
         self.cr_temperature = float(cr_temperature)
         self.memory = PrototypeMemory(memory_momentum)
         self.text_embeddings = text_embeddings
+        self.language_factor = 1.0
+        self.last_weighted: dict[str, torch.Tensor] = {}
         self._warned: set[str] = set()
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -401,6 +439,7 @@ class SartmLoss(nn.Module):
         self, out: dict, labels: torch.Tensor, text_embeddings: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         w0, w1, w2, w3 = self.weights
+        w2, w3 = w2 * self.language_factor, w3 * self.language_factor
         labels = labels.long()
         terms: dict[str, torch.Tensor] = {}
         s0 = out.get("s0")
@@ -415,18 +454,19 @@ class SartmLoss(nn.Module):
                 terms["ce_s1"] = self.ohem(out["s1"], labels)
             else:
                 self._warn_once("s1", "model output has no 's1' (auxiliary head): the w1 * L_CE(S1) term is skipped")
-        if w2 > 0 or w3 > 0:
+        if self.weights[2] > 0 or self.weights[3] > 0:  # computed (and logged) during the warm-up too
+            w2_on, w3_on = self.weights[2] > 0, self.weights[3] > 0
             feats = _pick_level(out.get("features"), self.feature_level, "features")
             text = text_embeddings if text_embeddings is not None else out.get("text_embeddings")
             text = text if text is not None else self.text_embeddings
             if feats is None:
                 self._warn_once("features", "model output has no 'features': L_cr and L_se are skipped")
             else:
-                if text is None and w3 > 0:
+                if text is None and w3_on:
                     self._warn_once("text", "no text embeddings (argument, model output or loss): L_se is skipped")
                 f_rgb = _pick_level(out.get("features_rgb"), self.feature_level, "features_rgb")
                 f_th = _pick_level(out.get("features_thermal"), self.feature_level, "features_thermal")
-                if w2 > 0 and (f_rgb is None or f_th is None):
+                if w2_on and (f_rgb is None or f_th is None):
                     self._warn_once(
                         "per_modality",
                         "model output has no 'features_rgb'/'features_thermal': L_cr compares the fused class "
@@ -435,21 +475,22 @@ class SartmLoss(nn.Module):
                 res = prototype_distillation_losses(
                     feats,
                     labels,
-                    text if w3 > 0 else None,
+                    text if w3_on else None,
                     ignore_index=self.ignore_index,
                     temperature=self.temperature,
                     cr_temperature=self.cr_temperature,
-                    features_rgb=f_rgb if w2 > 0 else None,
-                    features_thermal=f_th if w2 > 0 else None,
-                    memory=self.memory if w2 > 0 else None,
+                    features_rgb=f_rgb if w2_on else None,
+                    features_thermal=f_th if w2_on else None,
+                    memory=self.memory if w2_on else None,
                     num_classes=int(s0.shape[1]),
                 )
-                if w2 > 0 and res["l_cr"] is not None:
+                if w2_on and res["l_cr"] is not None:
                     terms["l_cr"] = res["l_cr"]
-                if w3 > 0 and res["l_se"] is not None:
+                if w3_on and res["l_se"] is not None:
                     terms["l_se"] = res["l_se"]
         weight_of = {"ce_s0": w0, "ce_s1": w1, "l_cr": w2, "l_se": w3}
-        total = sum((weight_of[k] * v for k, v in terms.items()), start=s0.sum() * 0.0)
+        weighted = {k: weight_of[k] * v for k, v in terms.items()}
+        total = sum(weighted.values(), start=s0.sum() * 0.0)
         aux = out.get("aux_losses") or {}
         for name, v in aux.items():
             if name in weight_of or name == "total":
@@ -457,6 +498,8 @@ class SartmLoss(nn.Module):
             if not isinstance(v, torch.Tensor) or v.numel() != 1:
                 raise ValueError(f"model aux_losses entry '{name}' must be a scalar tensor, got {type(v).__name__}")
             total = total + v.float().reshape(())
+            weighted[name] = v.float().reshape(())
+        self.last_weighted = weighted
         components = {k: float(v.detach()) for k, v in terms.items()}
         components.update({k: float(v.detach()) for k, v in aux.items()})
         components["total"] = float(total.detach())

@@ -17,7 +17,7 @@ import copy
 from ..data.datasets import DATASET_KINDS
 from ..models.preprocessing import PRECISIONS
 from ..models.registry import RECIPE_LOSSES, RECIPE_OPTIMIZERS
-from .losses import PAPER_WEIGHTS
+from .losses import DEFAULT_LOSS_PRESET, LOSS_PRESETS
 
 #: Every train-config key with its default (``--train-config`` files may set any of them).
 TRAIN_DEFAULTS: dict = {
@@ -55,7 +55,11 @@ TRAIN_DEFAULTS: dict = {
     "modalities": "rgbt",  # rgbt | rgb (thermal blanked: thermal = 0, valid = 0, in training and validation)
     "loss": {
         "kind": None,  # ohem | ce (plain cross-entropy: every labelled pixel); null = the recipe's
-        "weights": list(PAPER_WEIGHTS),  # w0 CE(S0), w1 CE(S1), w2 L_cr, w3 L_se
+        # paper (Table VII: 1, 0.008, 1e4, 100) | authors_code (all 1) | calibrated (the sweep's; docs/training.md)
+        "preset": DEFAULT_LOSS_PRESET,
+        "weights": None,  # w0 CE(S0), w1 CE(S1), w2 L_cr, w3 L_se; null = the preset's
+        # fraction of the run over which w2, w3 ramp linearly from 0; null = the preset's (0 with explicit weights)
+        "language_warmup": None,
         "ohem_thresh": 0.7,
         "min_kept_fraction": 1.0 / 16.0,
         "feature_level": "sfm",
@@ -68,6 +72,7 @@ TRAIN_DEFAULTS: dict = {
     "val_max_items": None,
     "save_every": 1,  # epochs between last/ checkpoints (last/ is also written at the end and at a stop)
     "log_every": 10,  # steps between metrics.jsonl rows
+    "log_grad_norms": True,  # each weighted loss term's gradient norm on the trainable parameters, in logged rows
     "progress": None,  # tqdm bar: null = when stderr is a terminal
     "tensorboard": True,  # also write TensorBoard scalars when the package is installed
     "sam2_checkpoint": None,  # official SAM2 weights (overrides the model config's encoder.checkpoint)
@@ -133,9 +138,30 @@ def resolve_train_config(cfg: dict | None) -> dict:
         raise TrainConfigError(f"train config 'modalities' must be 'rgbt' or 'rgb', got {out['modalities']!r}")
     if out["precision"] not in PRECISIONS:
         raise TrainConfigError(f"train config 'precision' must be one of {', '.join(PRECISIONS)}")
-    weights = out["loss"]["weights"]
+    loss = out["loss"]
+    if loss["preset"] not in LOSS_PRESETS:
+        raise TrainConfigError(
+            f"train config loss.preset must be one of {', '.join(LOSS_PRESETS)}, got {loss['preset']!r}"
+        )
+    preset = LOSS_PRESETS[loss["preset"]]
+    explicit = loss["weights"] is not None  # explicit weights are used as given: no warm-up unless set
+    if not explicit:
+        loss["weights"] = list(preset["weights"])
+    weights = loss["weights"]
     if not isinstance(weights, (list, tuple)) or len(weights) != 4:
         raise TrainConfigError(f"train config loss.weights must list 4 values (w0..w3), got {weights!r}")
+    if loss["language_warmup"] is None:
+        loss["language_warmup"] = 0.0 if explicit else preset["language_warmup"]
+    try:
+        loss["language_warmup"] = float(loss["language_warmup"])
+    except (TypeError, ValueError):
+        raise TrainConfigError(
+            f"train config loss.language_warmup must be a number, got {loss['language_warmup']!r}"
+        ) from None
+    if not 0.0 <= loss["language_warmup"] <= 1.0:
+        raise TrainConfigError(
+            f"train config loss.language_warmup must be a fraction of the run in [0, 1], got {loss['language_warmup']}"
+        )
     return out
 
 
