@@ -1,6 +1,7 @@
 """``rgbt-seg experiments``: the training experiments behind the evidence tables (not part of ``make test``).
 
     rgbt-seg experiments evidence --out runs/evidence --seeds 0 1 2 [--variants ...]
+    rgbt-seg experiments loss-sweep --out runs/loss_sweep --config models/sartm_micro.yaml --seeds 0 1 2
     rgbt-seg experiments table [--check]
     rgbt-seg experiments demo-card --checkpoint models/demo --run runs/demo
     rgbt-seg experiments realdata --out runs/realdata --realdata DIR
@@ -17,7 +18,7 @@ import argparse
 import os
 
 from ..evaluation.reports import add_table_arguments
-from ..training import evidence, experiments
+from ..training import evidence, experiments, loss_sweep
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +37,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--test-count", type=int, default=128)
     e.add_argument("--rerun", action="store_true", help="train runs whose result file exists again")
     e.add_argument("--no-progress", action="store_true")
+    w = sub.add_parser("loss-sweep", help="SARTM's loss weights: w2, w3 and the language warm-up, per seed")
+    w.add_argument("--out", required=True, help="run directories (checkpoints, evaluation reports)")
+    w.add_argument("--results", default=str(loss_sweep.RESULTS), help="result JSON folder")
+    w.add_argument("--config", default="models/sartm_micro.yaml", help="a SARTM model config")
+    w.add_argument("--arms", nargs="*", choices=list(loss_sweep.arms()), help="default: every arm")
+    w.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    w.add_argument("--steps", type=int, default=200)
+    w.add_argument("--batch", type=int, default=4)
+    w.add_argument("--scenes", type=int, default=200, help="training scenes (rendered once per process)")
+    w.add_argument("--size", type=int, nargs=2, default=[96, 128], help="model input size")
+    w.add_argument("--test-count", type=int, default=64)
+    w.add_argument("--rerun", action="store_true", help="train runs whose result file exists again")
+    w.add_argument("--no-progress", action="store_true")
     t = sub.add_parser("table", help="the learning tables in README and docs/ from docs/results/learning")
     add_table_arguments(t, evidence.RESULTS, "tables")
     d = sub.add_parser("demo-card", help="evaluate the demo checkpoint at camera size, write its metrics.json")
@@ -61,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--steps", type=int, default=3)
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--random-init", action="store_true", help="unfreeze encoder and decoder (no SAM2 weights)")
-    for q in (e, r, d):
+    for q in (e, r, d, w):
         q.add_argument("--threads", type=int, default=None)
 
 
@@ -73,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     runs = {
         "evidence": evidence.run_evidence,
+        "loss-sweep": loss_sweep.run_sweep,
         "table": experiments.run_table,
         "demo-card": experiments.run_demo_card,
         "realdata": experiments.run_realdata,

@@ -110,8 +110,8 @@ END = "<!-- learning-table end -->"
 DEMO_METRICS = Path(__file__).resolve().parents[2] / "models" / "demo" / "metrics.json"
 
 
-def train_config(variant: str, steps: int, batch: int, scenes: int, input_size: list[int], seed: int) -> dict:
-    """The train config of one run: the shared budget plus the variant's overrides."""
+def budget_config(steps: int, batch: int, scenes: int, input_size: list[int], seed: int, overrides: dict) -> dict:
+    """The train config of one run: the shared budget plus the run's overrides."""
     from .trainer import _merge
 
     base = {
@@ -125,7 +125,12 @@ def train_config(variant: str, steps: int, batch: int, scenes: int, input_size: 
         "progress": False,
         "model": {"input_size": list(input_size)},
     }
-    return _merge(base, VARIANTS[variant][1])
+    return _merge(base, overrides)
+
+
+def train_config(variant: str, steps: int, batch: int, scenes: int, input_size: list[int], seed: int) -> dict:
+    """The train config of one run of ``variant``."""
+    return budget_config(steps, batch, scenes, input_size, seed, VARIANTS[variant][1])
 
 
 def _scores(doc: dict) -> dict:
@@ -139,17 +144,24 @@ def _scores(doc: dict) -> dict:
 
 
 def run_variant(variant: str, seed: int, args, test_set) -> dict:
-    """Train one run and evaluate it with thermal, with thermal blanked and with RGB blanked; returns the
-    result document."""
+    """Train one run of ``variant`` and evaluate it with thermal, with thermal blanked and with RGB blanked;
+    returns the result document."""
+    config, overrides = VARIANTS[variant]
+    return train_and_test(variant, config, overrides, seed, args, test_set)
+
+
+def train_and_test(name: str, config: str, overrides: dict, seed: int, args, test_set, modes=TEST_MODES) -> dict:
+    """Train ``config`` with the budget of ``args`` (steps, batch, scenes, size; run directories under
+    ``args.out``) and ``overrides``, then evaluate its last checkpoint on ``test_set`` in each test mode of
+    ``modes``; returns the result document."""
     import torch
 
     from ..evaluation.evaluator import evaluate
     from ..pipeline.segmenter import Segmenter
     from .trainer import Trainer
 
-    config = VARIANTS[variant][0]
-    run_dir = Path(args.out) / f"{variant}_seed{seed}"
-    cfg = train_config(variant, args.steps, args.batch, args.scenes, args.size, seed)
+    run_dir = Path(args.out) / f"{name}_seed{seed}"
+    cfg = budget_config(args.steps, args.batch, args.scenes, args.size, seed, overrides)
     t0 = time.perf_counter()
     trainer = Trainer(config, cfg, run_dir)
     recipe = trainer.recipe_line
@@ -159,20 +171,21 @@ def run_variant(variant: str, seed: int, args, test_set) -> dict:
     seg = Segmenter.from_checkpoint(run_dir / "last", device="cpu", warmup=False)
     tests = {}
     titles = {"thermal": "RGB-T", "blank": "thermal blanked", "thermal_only": "RGB blanked (thermal only)"}
-    for mode, (blank_thermal, blank_rgb) in TEST_MODES.items():
+    for mode, (blank_thermal, blank_rgb) in modes.items():
         doc = evaluate(
             seg,
             test_set,
             out_dir=run_dir / f"eval_{mode}",
             blank_thermal=blank_thermal,
             blank_rgb=blank_rgb,
-            title=f"{variant} seed {seed}, {titles[mode]}",
+            title=f"{name} seed {seed}, {titles[mode]}",
+            progress=False,
         )
         tests[mode] = _scores(doc)
     return {
-        "variant": variant,
+        "variant": name,
         "config": config,
-        "overrides": VARIANTS[variant][1],
+        "overrides": overrides,
         "seed": seed,
         "steps": summary["steps"],
         "batch": args.batch,
@@ -393,6 +406,12 @@ def table_blocks(results: Path = RESULTS, readme=None, demo: Path = DEMO_METRICS
     ]
     if holder(readme, DEMO_BEGIN):
         blocks.append((DEMO_BEGIN, END, demo_table(json.loads(Path(demo).read_text()))))
+    from . import loss_sweep  # it builds on this module's runs
+
+    if holder(readme, loss_sweep.SWEEP_BEGIN):
+        blocks.append(
+            (loss_sweep.SWEEP_BEGIN, END, loss_sweep.sweep_table(loss_sweep.load_sweep(results / "loss_sweep")))
+        )
     return blocks
 
 
