@@ -1,12 +1,13 @@
 """FusionSAM backend: the shared EMA codebook (k-means init, dead-code restarts, statistics), FMP
-structure, the fusion reaching the image encoder, the dense and point prompts, optional LSTG terms."""
+structure, the fusion reaching the image encoder, the dense and point prompts, optional LSTG terms, the
+shared backend contract (identity at init: what SAM2's mask decoder receives equals sam2's own features)."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from backend_contract import BackendCase, BackendContract
+from backend_contract import BackendCase, BackendContract, decoder_inputs, randomize_named
 
 from rgbt_seg_ros.models import build_model, resolve_model_config
 from rgbt_seg_ros.models.classes import load_dataset_info
@@ -483,8 +484,14 @@ FUSIONSAM_CASE = BackendCase(
     ),
     thermal_param="lstg.thermal.encoder.0.weight",
     freeze_with_base=_encoder_freeze,
+    # the zero-initialised projections of the fusion map: into the encoder's patch tokens, into the point tokens
+    randomize=lambda model: randomize_named(model, ("prompt_encoder.image.proj.", "prompt_encoder.points.content.")),
     has_aux_losses=True,
     aux_only_param="lstg.rgb.decoder.0.weight",  # the reconstruction loss is all that reaches the VQ decoder
+    tiny_config="models/fusionsam_tiny.yaml",
+    # what SAM2's mask decoder receives: the fusion enters the encoder through a projection that starts at zero
+    identity_kind="decoder",
+    identity=decoder_inputs,
 )
 
 
