@@ -532,6 +532,24 @@ class BackendContract:
             assert torch.equal(loaded(rgb, th)["logits"], expected)
             assert torch.equal(standalone(rgb, th)["logits"], expected)
 
+    def test_the_input_size_is_the_configs(self, info):
+        """``input_size`` is a config value every backend honours: the Segmenter fits camera frames to it and
+        the model runs at it; here 768x1024 (closer to SAM2's 1024 than the tiny configs' 480x640)."""
+        size = (768, 1024)
+        cfg = self.cfg()
+        cfg["input_size"] = list(size)
+        model = self.build(info, cfg=cfg).eval()
+        seen = []
+        hook = model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+        try:
+            seg = Segmenter(model, cfg, info, device="cpu", warmup=False)
+            rng = np.random.default_rng(0)
+            res = seg(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), rng.random((480, 640), dtype=np.float32))
+        finally:
+            hook.remove()
+        assert seg.input_size == size and seen == [size]
+        assert res.labels.shape == (480, 640)
+
     def test_cpu_inference_through_segmenter(self, info):
         model, cfg = self.trained(info, steps=1)
         seg = Segmenter(copy.deepcopy(model), cfg, info, device="cpu")
