@@ -1,6 +1,7 @@
-"""FusionSAM backend: the shared EMA codebook (k-means init, dead-code restarts, statistics), FMP
-structure, the fusion reaching the image encoder, the dense and point prompts, optional LSTG terms, the
-shared backend contract (identity at init: what SAM2's mask decoder receives equals sam2's own features)."""
+"""FusionSAM backend: the shared EMA codebook (k-means init, dead-code restarts, statistics) and its
+balance between the modalities, FMP structure, the fusion reaching the image encoder, the dense and
+point prompts, optional LSTG terms, the shared backend contract (identity at init: what SAM2's mask
+decoder receives equals sam2's own features)."""
 
 import copy
 
@@ -18,7 +19,13 @@ from rgbt_seg_ros.models.fusionsam_blocks import (
     FusionPointPrompts,
     windowed_attention,
 )
-from rgbt_seg_ros.models.vq import LatentAutoencoder, LatentSpaceTokenGenerator, VectorQuantizer, code_statistics
+from rgbt_seg_ros.models.vq import (
+    LatentAutoencoder,
+    LatentSpaceTokenGenerator,
+    RunningStandardizer,
+    VectorQuantizer,
+    code_statistics,
+)
 
 MICRO = "models/fusionsam_micro.yaml"
 
@@ -156,7 +163,11 @@ def test_lstg_has_one_codebook_that_both_modalities_index(info):
         out = model(rgb, th)
         codebook = model.lstg.quantizer.codebook
         for m, image in (("rgb", rgb), ("thermal", th)):
-            z = model.lstg[m].encoder(image).permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+            # the codebook sees the encoder output on the modality's common scale (running statistics)
+            norm = model.lstg.standardizers[m]
+            scale = norm.var.mean().clamp_min(norm.eps).sqrt()
+            z = (model.lstg[m].encoder(image) - norm.mean.reshape(1, -1, 1, 1)) / scale
+            z = z.permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
             assert torch.equal(out["codes"][m].flatten(), torch.cdist(z, codebook).argmin(1)), m
     assert set(out["codes"]["rgb"].unique().tolist()) | set(out["codes"]["thermal"].unique().tolist()) <= set(
         range(model.lstg.quantizer.num_codes)
@@ -172,10 +183,14 @@ def test_micro_model_uses_most_codes_and_reports_perplexity(info):
         out = model(rgb, th)
     k = model.lstg.quantizer.num_codes
     stats = out["codebook"]
-    assert set(stats) == {"perplexity", "usage", "perplexity_rgb", "perplexity_thermal"}
+    assert set(stats) == {"perplexity", "usage", "perplexity_rgb", "perplexity_thermal", "usage_rgb", "usage_thermal"}
     both = torch.cat([out["codes"]["rgb"].flatten(), out["codes"]["thermal"].flatten()])
     assert float(stats["usage"]) == pytest.approx(len(both.unique()) / k)
     assert float(stats["perplexity"]) == pytest.approx(usage(both, k)[1], rel=1e-5)
+    for m in ("rgb", "thermal"):  # the same per modality, from that modality's codes only
+        frac, perplexity = usage(out["codes"][m], k)
+        assert float(stats[f"usage_{m}"]) == pytest.approx(frac)
+        assert float(stats[f"perplexity_{m}"]) == pytest.approx(perplexity, rel=1e-5)
     assert float(stats["usage"]) > 0.75 and float(stats["perplexity"]) > k / 4
     model.train()
     assert float(model(rgb, th)["codebook"]["restarted"]) >= 0  # training mode also counts restarts
@@ -201,6 +216,126 @@ def test_autoencoder_shapes_and_bad_settings():
         LatentAutoencoder(3, 16, 8, downsample=3)
     with pytest.raises(ValueError, match="ema_decay"):
         VectorQuantizer(8, 2, decay=1.0)
+
+
+# --------------------------------------------------------------------------- LSTG: balance between the modalities
+def test_standardizer_centres_and_scales_a_modality_without_reshaping_it():
+    torch.manual_seed(0)
+    norm = RunningStandardizer(3, decay=0.9)
+    z = torch.randn(2, 3, 4, 5) * torch.tensor([0.01, 0.02, 0.04]).reshape(1, 3, 1, 1) + 7.0
+    assert torch.equal(norm.eval()(z), z)  # untrained: the identity
+    out = norm.train()(z)  # the first training batch sets the statistics
+    flat = out.transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(flat.mean(1), torch.zeros(3), atol=1e-4)
+    assert float(flat.var(1, correction=0).mean()) == pytest.approx(1.0, rel=1e-3)  # one common scale ...
+    ratio = flat.std(1) / z.transpose(0, 1).reshape(3, -1).std(1)
+    assert torch.allclose(ratio, ratio[0].expand(3), rtol=1e-4)  # ... the same for every channel: shape kept
+    mean, var = norm.mean.clone(), norm.var.clone()
+    z2 = z * 3.0
+    norm(z2)  # then an EMA with the decay
+    batch_mean = z2.mean(dim=(0, 2, 3))
+    assert torch.allclose(norm.mean, 0.9 * mean + 0.1 * batch_mean, atol=1e-5)
+    assert torch.allclose(norm.var, 0.9 * var + 0.1 * z2.var(dim=(0, 2, 3), correction=0), rtol=1e-4)
+    norm.eval()
+    frozen = norm.mean.clone()
+    expected = (z - norm.mean.reshape(1, 3, 1, 1)) / norm.var.mean().clamp_min(norm.eps).sqrt()
+    assert torch.allclose(norm(z), expected, atol=1e-5) and torch.equal(norm.mean, frozen)  # eval: running values
+
+
+def synthetic_batch(info, cfg, split, count, seed):
+    """Normalised synthetic RGB-T images (count, C, 96, 128), as the trainer feeds them."""
+    from rgbt_seg_ros.data.datasets import build_dataset
+    from rgbt_seg_ros.models.preprocessing import normalize_batch
+
+    data = build_dataset("synthetic", None, split, info, count=count, seed=seed, size=[96, 128])
+    rgb = torch.stack([torch.as_tensor(data[i]["rgb"]) for i in range(count)])
+    thermal = torch.stack([torch.as_tensor(data[i]["thermal"]) for i in range(count)])
+    return normalize_batch(cfg, rgb, thermal)
+
+
+def test_thermal_tokens_keep_many_codes_when_their_latents_are_on_another_scale(info):
+    """The thermal encoder's output scaled by 0.02 (thermal latents ~50x smaller than RGB's, as two
+    independently trained or initialised encoders can give), then 30 steps of LSTG training (its own losses,
+    Adam) on synthetic scenes: thermal tokens must still use many of the 64 codes, comparably to RGB's.
+
+    Measured (micro config): before the per-modality standardisation, thermal perplexity 1.0 after the
+    k-means initialisation (RGB 40) and 2.6 on held-out scenes after training (RGB 9.3): every thermal
+    token on two or three codes. With it 16.7 (RGB 29) and 9.6 (RGB 11.4), thermal usage 18 codes."""
+    cfg = resolve_model_config(MICRO)
+    model = make(info, cfg=cfg)
+    lstg, k = model.lstg, model.lstg.quantizer.num_codes
+    with torch.no_grad():
+        lstg["thermal"].encoder[-1].weight.mul_(0.02)
+        lstg["thermal"].encoder[-1].bias.mul_(0.02)
+    train_rgb, train_th = synthetic_batch(info, cfg, "train", 32, 0)
+    test_rgb, test_th = synthetic_batch(info, cfg, "test", 8, 1)
+    opt = torch.optim.Adam(lstg.parameters(), lr=1e-3)
+    lstg.train()
+    for step in range(30):
+        i = torch.arange(4) + 4 * (step % 8)
+        images = {"rgb": train_rgb[i], "thermal": train_th[i]}
+        latents, codes, commits, _ = lstg(images)
+        if step == 0:  # the k-means initialisation on this batch
+            first = {m: usage(codes[m], k)[1] for m in codes}
+            assert first["thermal"] >= 8.0, f"after k-means: perplexity {first}"
+        rec = sum(F.mse_loss(lstg[m].decode(latents[m]), images[m]) for m in images)
+        opt.zero_grad()
+        (rec + sum(commits.values())).backward()
+        opt.step()
+    lstg.eval()
+    with torch.no_grad():
+        _, codes, _, _ = lstg({"rgb": test_rgb, "thermal": test_th})
+    (rgb_used, rgb_perplexity), (th_used, th_perplexity) = usage(codes["rgb"], k), usage(codes["thermal"], k)
+    seen = f"thermal: {th_used * k:.0f} codes, perplexity {th_perplexity:.2f}"
+    seen += f"; RGB: {rgb_used * k:.0f} codes, perplexity {rgb_perplexity:.2f}"
+    assert th_perplexity >= 5.0 and th_used * k >= 10, seen
+    assert th_perplexity >= 0.5 * rgb_perplexity, seen
+
+
+def test_dead_codes_restart_at_the_under_served_modality():
+    """Codes near RGB's tokens only: thermal's tokens all share one code. The dead codes restart at
+    thermal tokens (the modality with the lower perplexity), not at RGB's; ``restart_from: batch`` draws
+    from both."""
+    torch.manual_seed(0)
+    rgb = torch.randn(2, 2, 8, 8) * 0.5 + 5.0  # RGB tokens around (5, 5), thermal around (-5, -5)
+    thermal = torch.randn(2, 2, 8, 8) * 0.5 - 5.0
+    codes = torch.cat([torch.randn(8, 2) * 0.5 + 5.0, torch.full((1, 2), -5.0), torch.randn(7, 2) + 100.0])
+    for source, only_thermal in (("underserved", True), ("batch", False)):
+        vq = VectorQuantizer(16, 2, decay=0.99, dead_threshold=1.0, kmeans_iters=0, restart_from=source).train()
+        set_codebook(vq, codes, count=1.0)
+        _, idx, restarted = vq.quantize(torch.cat([rgb, thermal]), groups=[2, 2])
+        assert restarted == 7 and usage(idx[2:], 16)[1] == pytest.approx(1.0)  # thermal: one code
+        fresh = vq.codebook[9:]
+        near_thermal = (fresh + 5.0).norm(dim=1) < 3.0
+        assert near_thermal.all() if only_thermal else not near_thermal.all(), (source, fresh)
+    with pytest.raises(ValueError, match="restart_from"):
+        VectorQuantizer(16, 2, restart_from="rgb")
+
+
+def test_per_modality_codebook_statistics_reach_the_trainer_metrics(info, tmp_path):
+    import json
+
+    from rgbt_seg_ros.training.trainer import Trainer
+
+    cfg = {
+        "dataset": "synthetic",
+        "dataset_options": {"count": 4, "size": [64, 96]},
+        "val_split": None,
+        "max_steps": 2,
+        "batch_size": 2,
+        "warmup_steps": 0,
+        "log_every": 1,
+        "progress": False,
+        "tensorboard": False,
+        "model": {"input_size": [64, 96]},
+    }
+    tr = Trainer(MICRO, cfg, tmp_path / "run")
+    tr.fit()
+    tr.close()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    row = [r for r in rows if r["type"] == "train"][-1]
+    for m in ("rgb", "thermal"):
+        assert row[f"codebook_perplexity_{m}"] >= 1.0 and 0.0 < row[f"codebook_usage_{m}"] <= 1.0, row
 
 
 # --------------------------------------------------------------------------- FMP
@@ -430,6 +565,7 @@ def test_config_errors_and_tiny_defaults(info):
         ("lstg", "rec_weight", -1.0, "weights must be >= 0"),
         ("lstg", "ema_decay", 1.5, "ema_decay"),
         ("lstg", "dead_code_threshold", -1.0, "dead_code_threshold"),
+        ("lstg", "restart_from", "rgb", "restart_from"),
         ("prompt", "points", -1, "prompt.points"),
     ):
         bad = copy.deepcopy(cfg)
@@ -441,6 +577,12 @@ def test_config_errors_and_tiny_defaults(info):
     assert tiny["lstg"]["downsample"] == 4 and tiny["lstg"]["perceptual_weight"] == 0.0
     assert tiny["lstg"]["adversarial_weight"] == 0.0 and tiny["decoder"]["freeze_transformer"] is False
     assert tiny["prompt"] == {"encoder_input": True, "points": 8}
+    assert tiny["lstg"]["standardize"] is True and tiny["lstg"]["restart_from"] == "underserved"
+    plain = copy.deepcopy(cfg)
+    plain["lstg"].update(standardize=False, restart_from="batch")
+    model = build_model(plain, info)
+    assert model.lstg.standardizers is None and model.lstg.quantizer.restart_from == "batch"
+    assert not any("standardizers" in k for k in model.state_dict())
     rec = {k: tiny["recipe"][k] for k in ("optimizer", "lr", "weight_decay", "poly_power", "loss")}
     assert rec == {"optimizer": "adam", "lr": 1.0e-4, "weight_decay": 1.0e-3, "poly_power": 0.0, "loss": "ce"}
     with pytest.raises(ValueError, match="encoder.checkpoint is not set"):

@@ -7,9 +7,13 @@ Data flow for an RGB-T pair:
 
 1. **LSTG** (eq. 2-6): one conv encoder per modality compresses its image by ``lstg.downsample``
    (s = 4 in the paper) to a latent grid; both grids are quantised against ONE shared codebook C
-   (eq. 3, straight-through gradient). The codebook follows the encoder outputs by EMA, starts
-   from k-means on the first training batch and restarts codes that fall out of use (see
-   ``vq.py``). Each modality's decoder reconstructs its image for the reconstruction loss.
+   (eq. 3, straight-through gradient). Each modality's latents are first put on a common scale
+   (per-modality running standardisation, ``lstg.standardize``), so neither modality's tokens
+   crowd onto a few codes because its encoder's outputs are smaller or offset. The codebook
+   follows the standardised tokens by EMA, starts from k-means on the first training batch and
+   restarts codes that fall out of use at tokens of the modality with the lower code perplexity
+   (``lstg.restart_from``; see ``vq.py``). Each modality's decoder reconstructs its image for
+   the reconstruction loss.
 2. **FMP** (Algorithm 1, eq. 9-12): windowed self-attention per modality, bidirectional
    cross-attention with LayerNorm residuals, the fusion conv, the complementary cross conv:
    the fusion mask I_f on the latent grid (``fusion_mask``).
@@ -49,7 +53,8 @@ weights are > 0, ``lstg_perceptual`` (eq. 7, features of the frozen SAM2 trunk's
 ``lstg_adv_d`` / ``lstg_adv_g`` (eq. 8, PatchGAN, see ``vq.py``). The trainer adds them to the
 segmentation loss on ``logits``. In eval mode the LSTG decoders do not run and ``aux_losses`` is
 absent. ``codebook`` reports the batch's code ``perplexity`` and ``usage`` (fraction of codes
-used), per-modality perplexities and, in training, the number of ``restarted`` codes.
+used), the same per modality (``perplexity_rgb``, ``usage_thermal``, ...) and, in training, the
+number of ``restarted`` codes; the trainer logs them all.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ FUSIONSAM_DEFAULTS = {
         "ema_decay": 0.99,  # codebook EMA decay
         "dead_code_threshold": 1.0,  # restart a code whose EMA assignment count per batch is below this
         "kmeans_iters": 10,  # k-means initialisation on the first training batch (0 = off)
+        "standardize": True,  # per-modality running standardisation before the shared codebook
+        "restart_from": "underserved",  # dead codes restart at the under-served modality's tokens ("batch": any)
         "rec_weight": 1.0,
         "commit_weight": 1.0,
         "perceptual_weight": 0.0,  # eq. 7, off by default
@@ -150,6 +157,8 @@ class FusionSAM(nn.Module):
             float(lstg["ema_decay"]),
             float(lstg["dead_code_threshold"]),
             int(lstg["kmeans_iters"]),
+            bool(lstg["standardize"]),
+            str(lstg["restart_from"]),
         )
         fmp = cfg["fmp"]
         self.fmp = FusionMaskPrompting(latent, int(fmp["heads"]), int(fmp["window"]), float(fmp["mlp_ratio"]))

@@ -19,6 +19,23 @@ The codebook, its running counts and sums are buffers: no optimiser touches them
 parameter check sees only parameters. Under ``torch.distributed`` the counts and sums are summed
 over ranks and rank 0's restarts are broadcast, so every rank keeps the same codebook.
 
+Balance between the modalities. Two encoders feed one codebook, and nothing ties their output
+scales: when thermal latents are, say, 20x smaller than RGB's (or sit far from them), k-means, the
+EMA and random restarts place the codes where RGB's tokens are, and all thermal tokens fall onto a
+handful of codes (a micro model with the thermal encoder's output scaled by 0.02: thermal perplexity
+1.0 after k-means, 2.6 after 30 training steps, RGB 9-40). So, by default:
+
+* each modality's latents pass a :class:`RunningStandardizer` before the shared codebook: minus the
+  modality's running per-channel mean, divided by its running scale (one number, the RMS over channels
+  of the per-channel standard deviation), so both clouds are centred and equally spread without being
+  reshaped; k-means, the EMA, restarts, the commitment loss and everything after the quantiser work on
+  these standardised tokens (the statistics are set by the first training batch, then follow an EMA
+  with the codebook's decay; eval uses the running values);
+* dead codes restart at tokens of the **under-served** modality, the one whose tokens in the batch
+  have the lower code perplexity (``restart_from="underserved"``; ``"batch"``: any token of the batch).
+
+``code_statistics`` per modality (``perplexity_<m>``, ``usage_<m>``) show whether it works.
+
 Losses (all means over elements, so their size does not depend on the image size):
 
 * reconstruction ``L_rec = mean (I - G(q))^2`` (eq. 5), optionally over valid pixels only;
@@ -64,13 +81,70 @@ def code_statistics(idx: torch.Tensor, num_codes: int) -> dict[str, torch.Tensor
     return {"perplexity": perplexity, "usage": (counts > 0).float().mean()}
 
 
+#: where dead codes restart (see :class:`VectorQuantizer`)
+RESTART_SOURCES = ("underserved", "batch")
+
+
+class RunningStandardizer(nn.Module):
+    """One modality's latents on the common scale of the shared codebook: ``(z - mean) / scale`` with
+    the running per-channel ``mean`` and one running ``scale`` = sqrt(mean over channels of the
+    per-channel variance). Isotropic, so the modality's token cloud keeps its shape and only its centre
+    and spread are aligned with the other modality's.
+
+    Training mode: the batch's statistics (all-reduced under ``torch.distributed``) set the running
+    values on the first batch and move them by EMA (``decay``) after; the batch is then standardised
+    with the updated running values, which are buffers (no gradient through the statistics). Eval mode:
+    the running values, so an image's tokens do not depend on its batch. Before any training batch it
+    is the identity.
+    """
+
+    def __init__(self, dim: int, decay: float = 0.99, eps: float = 1e-8):
+        super().__init__()
+        self.decay, self.eps = float(decay), float(eps)
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor) -> None:
+        """Running statistics += the batch's: z (B, d, h, w), two passes (mean first) in fp32."""
+        x = z.detach().float().transpose(0, 1).reshape(z.shape[1], -1)  # (d, N)
+        total = x.new_tensor([x.shape[1]], dtype=torch.float32)
+        sums = x.sum(1)
+        if _distributed():
+            dist.all_reduce(total)
+            dist.all_reduce(sums)
+        mean = sums / total.clamp_min(1)
+        sq = (x - mean[:, None]).pow(2).sum(1)
+        if _distributed():
+            dist.all_reduce(sq)
+        var = sq / total.clamp_min(1)
+        if bool(self.initialized):
+            self.mean.mul_(self.decay).add_(mean, alpha=1.0 - self.decay)
+            self.var.mul_(self.decay).add_(var, alpha=1.0 - self.decay)
+        else:
+            self.mean.copy_(mean)
+            self.var.copy_(var)
+            self.initialized.fill_(True)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.update(z)
+        # untrained: exactly z; eps only floors a degenerate spread (std 1e-4), it does not bias a small one
+        scale = torch.where(self.initialized, torch.rsqrt(self.var.mean().clamp_min(self.eps)), 1.0)
+        return (z - self.mean.to(z.dtype).reshape(1, -1, 1, 1)) * scale.to(z.dtype)
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook lookup with a straight-through estimator; EMA codebook with
     k-means initialisation and dead-code restarts (see the module docstring).
 
     ``decay``: EMA decay of the per-code counts and sums; ``dead_threshold``: a code whose running
     count (assignments per batch, averaged by the EMA) is below it is restarted (0 = never);
-    ``kmeans_iters``: Lloyd iterations of the initialisation (0 = keep the random init).
+    ``kmeans_iters``: Lloyd iterations of the initialisation (0 = keep the random init);
+    ``restart_from``: where dead codes restart when :meth:`quantize` is given the batch's ``groups``
+    (one per modality): ``"underserved"`` at tokens of the group with the lowest code perplexity,
+    ``"batch"`` at any token.
     """
 
     def __init__(
@@ -82,8 +156,11 @@ class VectorQuantizer(nn.Module):
         dead_threshold: float = 1.0,
         kmeans_iters: int = 10,
         eps: float = 1e-5,
+        restart_from: str = "underserved",
     ):
         super().__init__()
+        if restart_from not in RESTART_SOURCES:
+            raise ValueError(f"lstg.restart_from must be one of {RESTART_SOURCES}, got {restart_from!r}")
         if num_codes < 2 or dim < 1:
             raise ValueError(f"a codebook needs >= 2 codes of dim >= 1, got {num_codes} x {dim}")
         if not 0.0 <= decay < 1.0:
@@ -99,6 +176,7 @@ class VectorQuantizer(nn.Module):
         self.dead_threshold = float(dead_threshold)
         self.kmeans_iters = int(kmeans_iters)
         self.eps = float(eps)
+        self.restart_from = restart_from
         codebook = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)
         self.register_buffer("codebook", codebook)
         self.register_buffer("cluster_size", torch.zeros(num_codes))  # EMA of assignments per batch
@@ -156,10 +234,20 @@ class VectorQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._broadcast()
 
+    def _restart_source(self, x: torch.Tensor, idx: torch.Tensor, groups: list[int] | None) -> torch.Tensor:
+        """The rows of x dead codes restart at: with ``groups`` (row counts per modality, in order) and
+        ``restart_from="underserved"``, the group whose tokens have the lowest code perplexity."""
+        if not groups or len(groups) < 2 or self.restart_from == "batch":
+            return x
+        parts, codes = x.split(groups), idx.split(groups)
+        perplexities = [float(code_statistics(c, self.num_codes)["perplexity"]) for c in codes]
+        return parts[min(range(len(parts)), key=perplexities.__getitem__)]
+
     @torch.no_grad()
-    def ema_update(self, x: torch.Tensor, idx: torch.Tensor) -> int:
+    def ema_update(self, x: torch.Tensor, idx: torch.Tensor, groups: list[int] | None = None) -> int:
         """Move the codes toward the mean of the latents x (N, d) assigned to them (idx), then
-        restart dead codes at random latents; returns how many codes were restarted."""
+        restart dead codes at random latents (of the under-served group, see :meth:`_restart_source`);
+        returns how many codes were restarted."""
         counts = torch.bincount(idx, minlength=self.num_codes).to(x.dtype)
         sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, x)
         if _distributed():
@@ -173,7 +261,7 @@ class VectorQuantizer(nn.Module):
         dead = self.cluster_size < self.dead_threshold
         restarted = int(dead.sum())
         if restarted:
-            fresh = self._sample(x, restarted)
+            fresh = self._sample(self._restart_source(x, idx, groups), restarted)
             self.codebook[dead] = fresh
             self.cluster_size[dead] = self.dead_threshold
             self.embed_sum[dead] = fresh * self.dead_threshold
@@ -185,11 +273,12 @@ class VectorQuantizer(nn.Module):
         """Eq. 6 for one latent grid: ``mean (sg[z] - q)^2 + beta * mean (sg[q] - z)^2``."""
         return F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def quantize(self, z: torch.Tensor, groups: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """z (B, d, h, w) -> (q, the nearest codes without gradient, indices (B, h, w), restarts).
 
         In training mode this also initialises (first call) and updates the codebook, after the
-        lookup: q holds the codes the batch was assigned to.
+        lookup: q holds the codes the batch was assigned to. ``groups``: how many of the B images
+        belong to each modality (in order), for the restarts.
         """
         b, d, h, w = z.shape
         if d != self.dim:
@@ -199,7 +288,8 @@ class VectorQuantizer(nn.Module):
             self.kmeans_init(flat)
         idx = _nearest(flat, self.codebook)
         q = self.codebook[idx].reshape(b, h, w, d).permute(0, 3, 1, 2).to(z.dtype)
-        restarted = self.ema_update(flat, idx) if self.training else 0
+        rows = [g * h * w for g in groups] if groups else None
+        restarted = self.ema_update(flat, idx, rows) if self.training else 0
         return q, idx.reshape(b, h, w), restarted
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -269,7 +359,9 @@ class LatentAutoencoder(nn.Module):
 
 class LatentSpaceTokenGenerator(nn.Module):
     """LSTG: one :class:`LatentAutoencoder` per modality (submodules named after the modalities,
-    e.g. ``rgb`` and ``thermal``) around ONE shared :class:`VectorQuantizer` (``quantizer``).
+    e.g. ``rgb`` and ``thermal``) around ONE shared :class:`VectorQuantizer` (``quantizer``), with a
+    :class:`RunningStandardizer` per modality (``standardizers[m]``) between the encoders and the
+    codebook when ``standardize`` is true.
 
     ``lstg[m]`` is modality m's autoencoder.
     """
@@ -285,28 +377,44 @@ class LatentSpaceTokenGenerator(nn.Module):
         decay: float = 0.99,
         dead_threshold: float = 1.0,
         kmeans_iters: int = 10,
+        standardize: bool = True,
+        restart_from: str = "underserved",
     ):
         super().__init__()
         self.modalities = tuple(channels)
         for m, c in channels.items():
             self.add_module(m, LatentAutoencoder(c, hidden, latent_dim, downsample))
-        self.quantizer = VectorQuantizer(num_codes, latent_dim, beta, decay, dead_threshold, kmeans_iters)
+        self.quantizer = VectorQuantizer(
+            num_codes, latent_dim, beta, decay, dead_threshold, kmeans_iters, restart_from=restart_from
+        )
+        self.standardizers = (
+            nn.ModuleDict({m: RunningStandardizer(latent_dim, decay) for m in self.modalities}) if standardize else None
+        )
 
     def __getitem__(self, modality: str) -> LatentAutoencoder:
         return getattr(self, modality)
+
+    def latents(self, images: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The encoder outputs the codebook sees: E(I) per modality, standardised when enabled (in
+        training mode this updates the running statistics)."""
+        z = {m: self[m].encoder(images[m]) for m in self.modalities}
+        if self.standardizers is not None:
+            z = {m: self.standardizers[m](z[m]) for m in self.modalities}
+        return z
 
     def forward(self, images: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, dict]:
         """Images per modality (same B, H, W) -> (I^q with straight-through gradient, code indices
         (B, h, w), L_commit (eq. 6) per modality, and ``codebook`` statistics).
 
         Both modalities are quantised in one lookup against the shared codebook, so the EMA update,
-        the k-means initialisation and the dead-code restarts see the tokens of both. Statistics:
-        ``perplexity`` and ``usage`` over both modalities, ``perplexity_<m>`` per modality and, in
-        training mode, ``restarted`` (codes restarted by this forward), all 0-d tensors.
+        the k-means initialisation and the dead-code restarts see the (standardised) tokens of both.
+        Statistics: ``perplexity`` and ``usage`` over both modalities, ``perplexity_<m>`` and
+        ``usage_<m>`` per modality and, in training mode, ``restarted`` (codes restarted by this
+        forward), all 0-d tensors.
         """
-        z = {m: self[m].encoder(images[m]) for m in self.modalities}
-        q, idx, restarted = self.quantizer.quantize(torch.cat([z[m] for m in self.modalities]))
+        z = self.latents(images)
         sizes = [z[m].shape[0] for m in self.modalities]
+        q, idx, restarted = self.quantizer.quantize(torch.cat([z[m] for m in self.modalities]), sizes)
         q_m = dict(zip(self.modalities, q.split(sizes)))
         idx_m = dict(zip(self.modalities, idx.split(sizes)))
         latents = {m: z[m] + (q_m[m] - z[m]).detach() for m in self.modalities}  # straight-through
@@ -314,7 +422,8 @@ class LatentSpaceTokenGenerator(nn.Module):
         k = self.quantizer.num_codes
         stats = code_statistics(idx, k)
         for m in self.modalities:
-            stats[f"perplexity_{m}"] = code_statistics(idx_m[m], k)["perplexity"]
+            own = code_statistics(idx_m[m], k)
+            stats[f"perplexity_{m}"], stats[f"usage_{m}"] = own["perplexity"], own["usage"]
         if self.training:
             stats["restarted"] = torch.tensor(float(restarted), device=idx.device)
         return latents, idx_m, commits, stats
