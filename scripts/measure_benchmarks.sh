@@ -7,7 +7,7 @@
 # run 2 of each, ...) so that a change of load on a shared machine hits all of them alike, writes
 # docs/results/bench/<name>_run<k>.json, then regenerates the table in docs/benchmarks.md from those files
 # (`rgbt-seg bench table`). --only re-measures some rows (names: pipeline_micro pipeline_standin10
-# model_sartm_tiny model_segrgbx_tiny replay_demo replay_micro memory_micro onnx_demo). Commit the JSON files with the
+# model_sartm_tiny model_segrgbx_tiny replay_demo replay_micro memory_micro onnx_demo scale). Commit the JSON files with the
 # page. About 3.5 minutes per run on a 2-core CPU; keep the machine otherwise idle meanwhile.
 set -euo pipefail
 
@@ -61,6 +61,14 @@ for k in $(seq 1 "$RUNS"); do
   if want model_segrgbx_tiny; then
     "$BIN/rgbt-seg" bench model --config models/segrgbx_tiny.yaml --threads 2 --repeats 5 \
       --json "$OUT/model_segrgbx_tiny_run$k.json" >/dev/null
+  fi
+  if want scale; then  # the input-scale table: every backend's tiny config at 480x640 and 768x1024
+    for backend in sartm cpal fusionsam segrgbx; do
+      for size in "480 640" "768 1024"; do
+        "$BIN/rgbt-seg" bench model --config "models/${backend}_tiny.yaml" --size $size --threads 2 --repeats 3 \
+          --json "$OUT/scale_${backend}_${size/ /x}_run$k.json" >/dev/null
+      done
+    done
   fi
   if want replay_demo; then replay replay_demo "$k"; fi
   if want replay_micro; then replay replay_micro "$k" --checkpoint "$TMP/micro/last" --threads 1 --outputs-only; fi

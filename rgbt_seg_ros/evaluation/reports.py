@@ -180,6 +180,41 @@ ROWS = (
 )
 
 
+#: the input-scale table: each backend's tiny config at these sizes (``scale_<backend>_<H>x<W>_run<k>.json``)
+SCALE_SIZES = ((480, 640), (768, 1024))
+SCALE_BACKENDS = {"sartm": "SARTM", "cpal": "CPAL", "fusionsam": "FusionSAM", "segrgbx": "SegRGB-X"}
+
+
+def scale_table(runs: dict[str, list[dict]]) -> list[str]:
+    """Cost of each backend's tiny config at each input size of :data:`SCALE_SIZES`: GFLOP per pair (exact,
+    counted) and the forward time (median, range over runs), with the large/small ratios."""
+    (h0, w0), (h1, w1) = SCALE_SIZES
+    small, large = f"{w0}x{h0}", f"{w1}x{h1}"
+    lines = [
+        "Input scale: each backend's tiny config (`models/<backend>_tiny.yaml`, hiera_tiny, random weights, fp32) "
+        "with `rgbt-seg bench model --size H W --threads 2 --repeats 3`:",
+        "",
+        f"| backend | GFLOP per pair, {small} | {large} | ratio | forward, {small} | {large} | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for backend, label in SCALE_BACKENDS.items():
+        a = runs.get(f"scale_{backend}_{h0}x{w0}")
+        b = runs.get(f"scale_{backend}_{h1}x{w1}")
+        if not a or not b:
+            continue
+        ga, gb = a[0]["gflop_per_pair"], b[0]["gflop_per_pair"]
+        ta = float(np.median([r["forward_ms_median"] for r in a]))
+        tb = float(np.median([r["forward_ms_median"] for r in b]))
+        cells = [f"{ga:.1f}", f"{gb:.1f}", f"{gb / ga:.2f}"]
+        cells += [
+            spread([r["forward_ms_median"] for r in a], 0, " ms"),
+            spread([r["forward_ms_median"] for r in b], 0, " ms"),
+        ]
+        cells.append(f"{tb / ta:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 4 else []
+
+
 # the stages of the frame path before the frame flow (one thermal stage was two) -> today's names
 _OLD_STAGES = {"thermal": ("thermal_norm", "registration")}
 _STAGE_NOTES = {
@@ -273,6 +308,9 @@ def table(results: Path) -> str:
         lines.append(f"| {row.command} | {row.what} | {cell} |")
     if "pipeline_before" in runs and "pipeline_micro" in runs:
         lines += ["", *stage_table(runs["pipeline_before"], runs["pipeline_micro"])]
+    scale = scale_table(runs)
+    if scale:
+        lines += ["", *scale]
     dates = sorted({r["date"] for rs in runs.values() for r in rs if r.get("date")})
     when = f"{dates[0]} to {dates[-1]}" if len(dates) > 1 else (dates[0] if dates else "undated")
     return "\n".join([*lines, "", f"Measured {when} on this project's 2-core CPU machine (no GPU)."])
