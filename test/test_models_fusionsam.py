@@ -1,7 +1,7 @@
 """FusionSAM backend: the shared EMA codebook (k-means init, dead-code restarts, statistics) and its
-balance between the modalities, FMP structure, the fusion reaching the image encoder, the dense and
-point prompts, optional LSTG terms, the shared backend contract (identity at init: what SAM2's mask
-decoder receives equals sam2's own features)."""
+balance between the modalities, FMP structure and its shifted windows, the fusion reaching the image
+encoder, the dense and point prompts, optional LSTG terms, the shared backend contract (identity at
+init: what SAM2's mask decoder receives equals sam2's own features)."""
 
 import copy
 
@@ -356,6 +356,73 @@ def test_windowed_attention_is_local_and_global_when_the_window_covers_the_map()
     assert torch.isfinite(local).all()
 
 
+def masked_reference(q, k, v, heads, window, shift):
+    """Global attention restricted to pairs of tokens in the same window of the grid whose windows
+    start at rows and columns ``-shift + i * window``."""
+    b, h, w, c = q.shape
+    rows, cols = (torch.arange(h) + shift) // window, (torch.arange(w) + shift) // window
+    cell = (rows[:, None] * (w + window) + cols[None, :]).flatten()
+    split = [t.reshape(b, h * w, heads, c // heads).transpose(1, 2) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*split, attn_mask=cell[:, None] == cell[None, :])
+    return out.transpose(1, 2).reshape(b, h, w, c)
+
+
+@pytest.mark.parametrize("size", [(8, 12), (6, 10), (5, 13)])
+@pytest.mark.parametrize("shift", [0, 2, 3])
+def test_shifted_windows_are_windows_of_a_moved_grid(size, shift):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, *size, 8) for _ in range(3))
+    expected = masked_reference(q, k, v, 2, 4, shift)
+    assert torch.allclose(windowed_attention(q, k, v, 2, 4, shift), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="shift"):
+        windowed_attention(q, k, v, 2, 4, 4)
+
+
+def test_shifted_windows_carry_a_key_across_the_regular_window_border():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 12, 8) for _ in range(3))
+
+    def reached(shift):
+        k2 = k.clone()
+        k2[:, 2, 3] += 5.0  # in regular window rows 0-3, cols 0-3; shifted by 2: rows 2-5, cols 2-5
+        diff = (windowed_attention(q, k2, v, 2, 4, shift) - windowed_attention(q, k, v, 2, 4, shift)).abs()
+        return diff.amax(-1)[0] > 0
+
+    regular, shifted = torch.zeros(8, 12, dtype=torch.bool), torch.zeros(8, 12, dtype=torch.bool)
+    regular[0:4, 0:4] = True
+    shifted[2:6, 2:6] = True
+    assert torch.equal(reached(0), regular)
+    assert torch.equal(reached(2), shifted)  # queries of three other regular windows see the key
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_fmp_passes_information_across_window_borders_only_with_shifted_windows(shift):
+    """One FMP pass, its 3x3 convs reduced to their centre taps so that only attention moves information
+    between positions: a thermal change inside regular window (0, 0) reaches other windows' outputs only
+    when the cross-attention's grid is shifted by half a window."""
+    torch.manual_seed(0)
+    fmp = FusionMaskPrompting(8, heads=2, window=4, shift=shift).eval()
+    assert fmp.shift == (2 if shift else 0) and fmp.cross.shift == fmp.shift
+    assert fmp.self_rgb.window == fmp.window and fmp.shift < fmp.window
+    with torch.no_grad():
+        for conv in (fmp.fusion_conv, fmp.out_conv):
+            centre = conv.weight[..., 1, 1].clone()
+            conv.weight.zero_()
+            conv.weight[..., 1, 1] = centre
+        z1, z2 = torch.randn(1, 8, 8, 12), torch.randn(1, 8, 8, 12)
+        z2b = z2.clone()
+        z2b[:, :, 1, 2] += 3.0  # inside regular window rows 0-3, cols 0-3
+        changed = (fmp(z1, z2b) - fmp(z1, z2)).abs().amax(1)[0] > 0
+    inside = torch.zeros(8, 12, dtype=torch.bool)
+    inside[0:4, 0:4] = True
+    assert changed[inside].all()
+    if shift:  # the shifted cross-attention window (rows 2-5, cols 2-5) spans four regular windows
+        assert changed[0:4, 4:8].all() and changed[4:8, 0:4].all() and changed[4:8, 4:8].all()
+        assert not changed[:, 8:].any()  # one shifted layer reaches one window further, not more
+    else:
+        assert not changed[~inside].any()
+
+
 def test_bidirectional_cross_attention_is_symmetric_under_tied_weights():
     torch.manual_seed(0)
     cross = BidirectionalCrossAttention(8, heads=2, window=4)
@@ -578,11 +645,13 @@ def test_config_errors_and_tiny_defaults(info):
     assert tiny["lstg"]["adversarial_weight"] == 0.0 and tiny["decoder"]["freeze_transformer"] is False
     assert tiny["prompt"] == {"encoder_input": True, "points": 8}
     assert tiny["lstg"]["standardize"] is True and tiny["lstg"]["restart_from"] == "underserved"
+    assert tiny["fmp"]["shift"] is True and tiny["fmp"]["window"] == 8
     plain = copy.deepcopy(cfg)
     plain["lstg"].update(standardize=False, restart_from="batch")
+    plain["fmp"]["shift"] = False
     model = build_model(plain, info)
     assert model.lstg.standardizers is None and model.lstg.quantizer.restart_from == "batch"
-    assert not any("standardizers" in k for k in model.state_dict())
+    assert model.fmp.shift == 0 and not any("standardizers" in k for k in model.state_dict())
     rec = {k: tiny["recipe"][k] for k in ("optimizer", "lr", "weight_decay", "poly_power", "loss")}
     assert rec == {"optimizer": "adam", "lr": 1.0e-4, "weight_decay": 1.0e-3, "poly_power": 0.0, "loss": "ce"}
     with pytest.raises(ValueError, match="encoder.checkpoint is not set"):

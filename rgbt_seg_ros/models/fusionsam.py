@@ -15,8 +15,9 @@ Data flow for an RGB-T pair:
    (``lstg.restart_from``; see ``vq.py``). Each modality's decoder reconstructs its image for
    the reconstruction loss.
 2. **FMP** (Algorithm 1, eq. 9-12): windowed self-attention per modality, bidirectional
-   cross-attention with LayerNorm residuals, the fusion conv, the complementary cross conv:
-   the fusion mask I_f on the latent grid (``fusion_mask``).
+   cross-attention in windows shifted by half a window (``fmp.shift``, Swin/SwinFusion), with
+   LayerNorm residuals, the fusion conv, the complementary cross conv: the fusion mask I_f on
+   the latent grid (``fusion_mask``).
 3. **Image encoder** (section 3.2.3: I_f "is fed into the original SAM framework's image
    encoder"): the SAM2 encoder (Hiera + FpnNeck, frozen with official weights) runs once on the
    RGB image with a learned projection of I_f added to its patch tokens (stride 4, the latent
@@ -101,7 +102,7 @@ FUSIONSAM_DEFAULTS = {
         "adversarial_weight": 0.0,  # eq. 8, off by default
         "disc_channels": 32,
     },
-    "fmp": {"heads": 4, "window": 8, "mlp_ratio": 2.0},
+    "fmp": {"heads": 4, "window": 8, "mlp_ratio": 2.0, "shift": True},  # shift: the cross-attention's windows by half
     "prompt": {
         "encoder_input": True,  # section 3.2.3: I_f reaches the image encoder (added to its patch tokens)
         "points": 8,  # fusion point prompts per image (0 = none)
@@ -161,7 +162,9 @@ class FusionSAM(nn.Module):
             str(lstg["restart_from"]),
         )
         fmp = cfg["fmp"]
-        self.fmp = FusionMaskPrompting(latent, int(fmp["heads"]), int(fmp["window"]), float(fmp["mlp_ratio"]))
+        self.fmp = FusionMaskPrompting(
+            latent, int(fmp["heads"]), int(fmp["window"]), float(fmp["mlp_ratio"]), shift=bool(fmp["shift"])
+        )
         points = int(prompt["points"])
         if points < 0:
             raise ValueError(f"prompt.points must be >= 0, got {points}")

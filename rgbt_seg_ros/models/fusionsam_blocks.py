@@ -4,6 +4,15 @@ All attention here is windowed (non-overlapping ``window`` x ``window`` token wi
 SwinFusion, on which the paper builds FMP): the latent grid of a 480x640 pair at stride 4 has
 19200 tokens, too many for global attention. ``window: 0`` means global attention.
 
+Shifted windows (Swin, SwinFusion): the attention layers alternate between the regular window grid
+and one shifted by half a window, so attention itself carries information across window borders
+(with one grid only, nothing crosses a border but what the 3x3 convolutions carry). The three
+attention layers run regular (self-attention), shifted (cross-attention), regular (complementary
+unit). The shift uses padding, not Swin's cyclic roll: the map gets ``shift`` rows and columns of
+padding at the top and left before it is cut into windows, and padded tokens are masked out as keys,
+so no window joins tokens from opposite edges of the image (the roll needs a mask for exactly that)
+at the price of one more row and column of windows. ``fmp.shift: false`` keeps one grid.
+
 Steps, for latent grids z1 (RGB) and z2 (thermal), (B, d, h, w):
 
 1. Self-attention per modality (Algorithm 1, step 1): ``z = LN(z + MSA(z))``, ``z = LN(z + FFN(z))``
@@ -64,10 +73,14 @@ def _unpartition(t: torch.Tensor, window: int, b: int, padded: tuple[int, int], 
     return x.reshape(b, hp, wp, c)[:, : size[0], : size[1]]
 
 
-def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, window: int) -> torch.Tensor:
+def windowed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, window: int, shift: int = 0
+) -> torch.Tensor:
     """Multi-head attention within windows; q, k, v (B, H, W, C) already projected -> (B, H, W, C).
 
-    ``window`` <= 0, or a window covering the whole map, is global attention.
+    ``window`` <= 0, or a window covering the whole map, is global attention. ``shift`` (0 <= shift <
+    window) moves the window grid by that many tokens down and right: windows start at rows and
+    columns ``-shift + i * window`` (top-left padding, masked as keys, see the module docstring).
     """
     b, h, w, c = q.shape
 
@@ -77,9 +90,14 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     if window <= 0 or (window >= h and window >= w):
         out = F.scaled_dot_product_attention(*(split_heads(t.reshape(b, h * w, c)) for t in (q, k, v)))
         return out.transpose(1, 2).reshape(b, h, w, c)
+    if not 0 <= shift < window:
+        raise ValueError(f"window shift must be in [0, {window}), got {shift}")
+    if shift:
+        q, k, v = (F.pad(t, (0, 0, shift, 0, shift, 0)) for t in (q, k, v))
+    hs, ws = h + shift, w + shift
     mask = None
-    if h % window or w % window:  # padded tokens must not be attended to
-        valid = q.new_ones(1, h, w, 1)
+    if shift or hs % window or ws % window:  # padded tokens must not be attended to
+        valid = F.pad(q.new_ones(1, h, w, 1), (0, 0, shift, 0, shift, 0))
         mask = _partition(valid, window)[0][..., 0].bool()[:, None, None, :].repeat(b, 1, 1, 1)
     parts = []
     for t in (q, k, v):
@@ -87,7 +105,7 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
         parts.append(split_heads(tw))
     out = F.scaled_dot_product_attention(*parts, attn_mask=mask)
     out = out.transpose(1, 2).reshape(-1, window * window, c)
-    return _unpartition(out, window, b, padded, (h, w))
+    return _unpartition(out, window, b, padded, (hs, ws))[:, shift:, shift:]
 
 
 class SelfAttentionBlock(nn.Module):
@@ -109,11 +127,12 @@ class SelfAttentionBlock(nn.Module):
 
 
 class BidirectionalCrossAttention(nn.Module):
-    """Eq. 9-10: ``z1' = LN(Attn(Q1, K2, V2)) + Q1`` and ``z2' = LN(Attn(Q2, K1, V1)) + Q2``."""
+    """Eq. 9-10: ``z1' = LN(Attn(Q1, K2, V2)) + Q1`` and ``z2' = LN(Attn(Q2, K1, V1)) + Q2``, in windows
+    shifted by ``shift`` tokens."""
 
-    def __init__(self, dim: int, heads: int, window: int):
+    def __init__(self, dim: int, heads: int, window: int, shift: int = 0):
         super().__init__()
-        self.heads, self.window = heads, window
+        self.heads, self.window, self.shift = heads, window, shift
         self.qkv1 = nn.Linear(dim, 3 * dim)  # W_Q1, W_K1, W_V1
         self.qkv2 = nn.Linear(dim, 3 * dim)  # W_Q2, W_K2, W_V2
         self.norm1 = nn.LayerNorm(dim)
@@ -122,22 +141,27 @@ class BidirectionalCrossAttention(nn.Module):
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q1, k1, v1 = self.qkv1(z1).chunk(3, dim=-1)
         q2, k2, v2 = self.qkv2(z2).chunk(3, dim=-1)
-        z1p = self.norm1(windowed_attention(q1, k2, v2, self.heads, self.window)) + q1
-        z2p = self.norm2(windowed_attention(q2, k1, v1, self.heads, self.window)) + q2
+        z1p = self.norm1(windowed_attention(q1, k2, v2, self.heads, self.window, self.shift)) + q1
+        z2p = self.norm2(windowed_attention(q2, k1, v1, self.heads, self.window, self.shift)) + q2
         return z1p, z2p
 
 
 class FusionMaskPrompting(nn.Module):
-    """FMP: latent grids of both modalities (B, d, h, w) -> fusion mask I_f (B, d, h, w)."""
+    """FMP: latent grids of both modalities (B, d, h, w) -> fusion mask I_f (B, d, h, w).
 
-    def __init__(self, dim: int, heads: int = 4, window: int = 8, mlp_ratio: float = 2.0):
+    ``shift``: the cross-attention (the middle of the three attention layers) uses the window grid
+    shifted by ``window // 2``; the self-attention and the complementary unit use the regular grid.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, window: int = 8, mlp_ratio: float = 2.0, shift: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"fmp: latent width {dim} is not divisible by {heads} heads")
         self.heads, self.window = heads, int(window)
+        self.shift = self.window // 2 if shift and self.window > 1 else 0
         self.self_rgb = SelfAttentionBlock(dim, heads, self.window, mlp_ratio)
         self.self_thermal = SelfAttentionBlock(dim, heads, self.window, mlp_ratio)
-        self.cross = BidirectionalCrossAttention(dim, heads, self.window)
+        self.cross = BidirectionalCrossAttention(dim, heads, self.window, self.shift)
         self.fusion_conv = nn.Conv2d(2 * dim, dim, 3, padding=1)
         self.q_f = nn.Linear(dim, dim)  # complementary unit: queries from z_f ...
         self.kv_0 = nn.Linear(dim, 2 * dim)  # ... keys / values from z_0 = z_c
