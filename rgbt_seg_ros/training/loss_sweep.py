@@ -122,6 +122,18 @@ def _miou(run: dict) -> float:
     return run["test"]["thermal"]["miou"]
 
 
+BASELINE = "w2_0_w3_0"  # no language terms: what each arm is compared with, seed by seed
+
+
+def _paired(runs: list[dict], base: list[dict]) -> str:
+    """Mean test-mIoU difference (points) to the baseline arm's run of the same seed, with each seed's."""
+    by_seed = {r["seed"]: _miou(r) for r in base}
+    diffs = [100 * (_miou(r) - by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+    if not diffs or runs is base:
+        return "-"
+    return f"{np.mean(diffs):+.1f} (" + ", ".join(f"{d:+.1f}" for d in diffs) + ")"
+
+
 def full_grid(sweep: dict[str, dict[str, list[dict]]]) -> list[str]:
     """The configs that ran every arm."""
     return sorted(c for c, by_arm in sweep.items() if set(arms()) <= set(by_arm))
@@ -145,8 +157,8 @@ def sweep_table(sweep: dict[str, dict[str, list[dict]]] | None = None) -> str:
     order = list(arms())
     header = ["arm (w0 = w1 = 1 unless paper)", "w2", "w3", "warm-up"]
     for c in configs:
-        header += [f"{c}: test mIoU", f"{c}: night mIoU"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---|" + "---:|" * (2 * len(configs))]
+        header += [f"{c}: test mIoU", f"{c}: vs no language terms, same seed", f"{c}: night mIoU"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---|" + "---:|" * (3 * len(configs))]
     best = {c: max(sweep[c], key=lambda a, c=c: float(np.median([_miou(r) for r in sweep[c][a]]))) for c in configs}
     table = arms()
     for arm in order:
@@ -161,6 +173,7 @@ def sweep_table(sweep: dict[str, dict[str, list[dict]]] | None = None) -> str:
             runs = sweep[c].get(arm, [])
             mark = " **best**" if best[c] == arm else ""
             cells.append(spread([100 * _miou(r) for r in runs], 1, noun="seed") + mark if runs else "n/a")
+            cells.append(_paired(runs, sweep[c].get(BASELINE, [])))
             cells.append(
                 spread([100 * r["test"]["thermal"]["conditions"]["night"] for r in runs], 1, noun="seed")
                 if runs
