@@ -13,8 +13,8 @@ held-out synthetic test split at camera size, RGB-T. Each run's figures are writ
 ``RESULTS/<config stem>__<arm>_seed<k>.json`` (committed under docs/results/learning/loss_sweep/), so a
 stopped sweep keeps every finished run.
 
-The full grid runs on the micro config; a larger config may run a subset (``--arms``: the paper preset,
-no language terms and the chosen arm) to see whether the choice holds at another size. The table
+The full grid runs on the micro config; a larger config may run a subset (``--arms``: at least the paper
+preset, no language terms and the chosen arm) to see whether the choice holds at another size. The table
 gives, per config, each arm's test mIoU and night mIoU (median and range over the seeds) and marks the
 best median; the ``calibrated`` preset of ``losses.py`` is the best arm of the configs that ran the full
 grid (``test_learning_results.py`` checks it).
