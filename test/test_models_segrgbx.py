@@ -1,5 +1,6 @@
-"""SegRGB-X backend: prompts in windowed attention, DSRM, MA-CLIP, class sets, ablations (its contract case is in
-test_backends.py with the other backends')."""
+"""SegRGB-X backend: gated prompts in windowed attention, identity at init, LoRA on the trunk, DSRM, MA-CLIP (the
+Hiera stand-in), linear and cosine heads, class sets, ablations, and its case of the shared backend contract (at the
+end)."""
 
 import copy
 
@@ -44,49 +45,74 @@ def unit(n, d=384, seed=0):
 # --------------------------------------------------------------------------- III-C prompts in attention
 
 
-def test_prompted_global_block_is_attention_over_patches_and_prompts():
-    """The paper's [E; M] attention with O_M discarded, written out by hand for a global-attention block."""
+def _block(dim, dim_out, heads, seed, **kw):
     from sam2.modeling.backbones.hieradet import MultiScaleBlock
 
     from rgbt_seg_ros.models.sam2_encoder import SplitQKVAttention
 
-    torch.manual_seed(0)
-    block = MultiScaleBlock(16, 16, num_heads=2, window_size=0).eval()
+    torch.manual_seed(seed)
+    block = MultiScaleBlock(dim, dim_out, num_heads=heads, **kw).eval()
     block.attn = SplitQKVAttention.from_fused(block.attn)
+    return block
+
+
+def test_prompts_enter_a_block_through_a_zero_gate_per_head():
+    """Written out by hand for a global-attention block: the window attention plus, per head, tanh(gate) times
+    a softmax over the prompt keys of its own (LLaMA-Adapter's zero-init attention); O_M is not computed. At
+    gate 0 the block is exactly the plain block, and the gate has a gradient."""
+    block = _block(16, 16, 2, seed=0, window_size=0)
     x, m = torch.randn(2, 4, 6, 16), torch.randn(2, 3, 16)
+    gate = torch.tensor([0.7, -0.3])
     with torch.no_grad():
-        got = prompted_block(block, x, m)
+        got = prompted_block(block, x, m, gate)
         a = block.attn
         e, p = block.norm1(x).reshape(2, 24, 16), block.norm1(m)
-        q = a.q(e).reshape(2, 24, 2, 8).transpose(1, 2)
-        seq = torch.cat([e, p], dim=1)
-        k = a.k(seq).reshape(2, 27, 2, 8).transpose(1, 2)
-        v = a.v(seq).reshape(2, 27, 2, 8).transpose(1, 2)
-        o = ((q @ k.transpose(-2, -1)) / 8**0.5).softmax(-1) @ v
+
+        def heads(t):
+            return t.reshape(t.shape[0], t.shape[1], 2, 8).transpose(1, 2)
+
+        q, k, v, k_m, v_m = heads(a.q(e)), heads(a.k(e)), heads(a.v(e)), heads(a.k(p)), heads(a.v(p))
+        o_e = ((q @ k.transpose(-2, -1)) / 8**0.5).softmax(-1) @ v
+        o_m = ((q @ k_m.transpose(-2, -1)) / 8**0.5).softmax(-1) @ v_m
+        o = o_e + torch.tanh(gate).view(1, 2, 1, 1) * o_m
         t = x + a.proj(o.transpose(1, 2).reshape(2, 4, 6, 16))
         want = t + block.mlp(block.norm2(t))
-    assert torch.allclose(got, want, atol=1e-5)
-    with torch.no_grad():
+        assert torch.allclose(got, want, atol=1e-5)
         assert not torch.allclose(got, block(x), atol=1e-4)  # the prompts change the output
+        assert torch.equal(prompted_block(block, x, m, torch.zeros(2)), block(x))  # exactly the block at gate 0
+    zero = torch.zeros(2, requires_grad=True)
+    prompted_block(block, x, m, zero).square().sum().backward()
+    assert zero.grad is not None and (zero.grad.abs() > 0).all()
 
 
-def test_prompts_reach_every_window_of_a_windowed_block():
-    from sam2.modeling.backbones.hieradet import MultiScaleBlock
-
-    from rgbt_seg_ros.models.sam2_encoder import SplitQKVAttention
-
-    torch.manual_seed(1)
-    block = MultiScaleBlock(16, 32, num_heads=2, q_stride=(2, 2), window_size=4).eval()
-    block.attn = SplitQKVAttention.from_fused(block.attn)
+def test_gated_prompts_reach_every_window_and_stay_in_their_sample():
+    block = _block(16, 32, 2, seed=1, q_stride=(2, 2), window_size=4)
     x = torch.randn(2, 8, 8, 16)
     m1, m2 = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     m2[1] = m1[1]  # sample 1's prompts unchanged
+    gate = torch.full((2,), 0.5)
     with torch.no_grad():
-        a, b = prompted_block(block, x, m1), prompted_block(block, x, m2)
+        a, b = prompted_block(block, x, m1, gate), prompted_block(block, x, m2, gate)
+        assert torch.equal(prompted_block(block, x, m1, torch.zeros(2)), block(x))  # q pooling and windows alike
     assert a.shape == (2, 4, 4, 32)
     changed = (a[0] - b[0]).abs().amax(dim=-1) > 1e-6  # (4, 4) after q pooling: 4 windows of 2x2
     assert changed.all(), "a window did not see sample 0's prompts"
     assert torch.equal(a[1], b[1]), "prompts leaked across samples"
+
+
+def test_plain_attention_is_unchanged_by_the_prompt_path():
+    """SARTM and CPAL call SplitQKVAttention without prompts: the same numbers as sam2's fused attention."""
+    from sam2.modeling.backbones.hieradet import MultiScaleBlock
+
+    torch.manual_seed(2)
+    fused = MultiScaleBlock(16, 32, num_heads=2, q_stride=(2, 2), window_size=4).eval()
+    split = copy.deepcopy(fused)
+    from rgbt_seg_ros.models.sam2_encoder import SplitQKVAttention
+
+    split.attn = SplitQKVAttention.from_fused(split.attn)
+    x = torch.randn(2, 8, 8, 16)
+    with torch.no_grad():
+        assert torch.allclose(split(x), fused(x), atol=1e-6)
 
 
 def test_stage_groups_cover_every_block_and_prompt_widths_match(info):
@@ -94,6 +120,7 @@ def test_stage_groups_cover_every_block_and_prompt_widths_match(info):
     assert sorted(set(model.group_of_block)) == [0, 1, 2, 3]
     for i, block in enumerate(model.trunk.blocks):
         assert model.dims[model.group_of_block[i]] == block.dim
+        assert model.prompt_gates[i].shape == (block.attn.num_heads,) and not model.prompt_gates[i].any()
     prompts = model._prompts(torch.randn(4, 384), 2, torch.float32)
     n = model.control[0].tokens + model.aligned_prompts["rgb"][0].shape[0]
     assert [p.shape for p in prompts] == [(4, n, d) for d in model.dims]
@@ -114,6 +141,134 @@ def test_rgb_dominant_gives_both_branches_the_rgb_guidance(info):
     assert torch.equal(a[0][:2], b[0][:2]) and not torch.equal(a[0][2:], b[0][2:])
 
 
+# --------------------------------------------------------------------------- identity at init
+
+
+def test_gated_frm_is_the_identity_until_its_gate_moves():
+    from rgbt_seg_ros.models.segrgbx_blocks import GatedRectify
+
+    torch.manual_seed(0)
+    frm = GatedRectify(8, reduction=2)
+    x_r, x_m = torch.randn(2, 8, 5, 6), torch.randn(2, 8, 5, 6)
+    valid = torch.ones(2, 1, 5, 6)
+    valid[..., 3:] = 0
+    r, m = frm(x_r, x_m, valid)
+    assert torch.equal(r, x_r) and torch.equal(m, x_m)
+    r.square().sum().backward()
+    assert frm.gate.grad[0].abs().sum() > 0  # the cross term into RGB: a gradient at step 0
+    with torch.no_grad():
+        frm.gate.fill_(0.5)
+        r1, _ = frm(x_r, x_m, valid)
+        x_m2 = x_m.clone()
+        x_m2[..., 3:] = 7.0  # only where thermal is invalid
+        r2, _ = frm(x_r, x_m2, valid)
+        r3, _ = frm(x_r, x_m * 2, valid)
+    assert not torch.equal(r1, x_r) and torch.equal(r1, r2) and not torch.allclose(r1, r3)
+
+
+def _moved(model):
+    """What training does to the zero-initialised parts (the contract case's randomize)."""
+    randomize_named(model, ("lora_B", "dsrm.out.", "prompt_gates.", ".gate"))
+
+
+def test_rgb_stream_is_the_trunk_at_init_on_base_weights(info, tmp_path):
+    """On base weights, with every gate, LoRA B and the DSRM output at their initial zero, the RGB maps that
+    forward fuses are a plain Hiera's stage outputs for the RGB image, and thermal changes nothing in them;
+    once those parts move, thermal does (micro model; the contract checks it on sam2's own Hiera-tiny)."""
+    from rgbt_seg_ros.models.cpal import CPAL, build_hiera_trunk
+
+    torch.save({"model": make(info, seed=3).sam2_state_dict()}, tmp_path / "base.pt")
+    model = make(info, seed=1, encoder={"checkpoint": str(tmp_path / "base.pt"), "freeze": True}).eval()
+    cfg = resolve_model_config(MICRO)
+    plain = build_hiera_trunk(cfg["encoder"]["sam2_config"], cfg["encoder"]["trunk"])
+    CPAL._load_trunk(plain, tmp_path / "base.pt")
+    rgb, th = pair(2)
+    with torch.no_grad():
+        want = plain(rgb)
+        got = model.stream_features(rgb, th)
+        other = model.stream_features(rgb, th.flip(-1) * 3)
+    assert len(got) == 4
+    for (x_r, _), (o_r, _), w in zip(got, other, want):
+        torch.testing.assert_close(x_r, w, atol=1e-5, rtol=1e-5)
+        assert torch.equal(x_r, o_r)
+    _moved(model)
+    with torch.no_grad():
+        got = model.stream_features(rgb, th)
+        other = model.stream_features(rgb, th.flip(-1) * 3)
+    assert max((a - b).abs().max().item() for (a, _), (b, _) in zip(got, other)) > 1e-4
+
+
+def test_forward_fuses_the_stream_features(info):
+    """forward's fused maps are FFM of stream_features' pairs: the identity check sees forward's own path."""
+    model = make(info).eval()
+    _moved(model)
+    rgb, th = pair(2)
+    seen = []
+    hooks = [ffm.register_forward_hook(lambda mod, args, out: seen.append(args[:2])) for ffm in model.ffm]
+    with torch.no_grad():
+        model(rgb, th)
+        stages = model.stream_features(rgb, th)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 4
+    for (a_r, a_m), (b_r, b_m) in zip(seen, stages):
+        assert torch.equal(a_r, b_r) and torch.equal(a_m, b_m)
+
+
+# --------------------------------------------------------------------------- LoRA on the trunk
+
+
+def test_lora_on_every_backbone_block_shared_by_both_streams(info, tmp_path):
+    torch.save({"model": make(info, seed=3).sam2_state_dict()}, tmp_path / "base.pt")
+    model = make(info, encoder={"checkpoint": str(tmp_path / "base.pt"), "freeze": True})
+    for block in model.trunk.blocks:
+        for name in ("q", "v"):
+            assert list(getattr(block.attn, name).lora_A) == ["backbone"], name  # one adapter, both modalities
+        assert not hasattr(block.attn.k, "lora_A")
+    trainable = [n for n, p in model.trunk.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    rank = resolve_model_config(MICRO)["lora"]["rank"]
+    expected = sum(2 * rank * (b.dim + b.dim_out) for b in model.trunk.blocks)  # A and B of q and v
+    assert sum(model.trunk.get_parameter(n).numel() for n in trainable) == expected
+    rgb, th = pair()
+    with torch.no_grad():
+        before = model(rgb, th)["logits"]
+        randomize_named(model, ("trunk.blocks.2.attn.v.lora_B",))
+        assert not torch.allclose(model(rgb, th)["logits"], before)
+    assert not any(".lora_" in k for k in model.frozen_base_state_keys())
+    no_lora = make(info, lora={"rank": 0})
+    assert not any(".lora_" in n for n, _ in no_lora.trunk.named_parameters())
+    with torch.no_grad():
+        assert no_lora(rgb, th)["logits"].shape == before.shape
+
+
+def test_reference_forward_is_the_base_trunk_without_lora(info, tmp_path):
+    from rgbt_seg_ros.models.cpal import CPAL, build_hiera_trunk
+
+    torch.save({"model": make(info, seed=3).sam2_state_dict()}, tmp_path / "base.pt")
+    model = make(info, encoder={"checkpoint": str(tmp_path / "base.pt"), "freeze": True}).eval()
+    randomize_named(model, ("lora_B",))
+    cfg = resolve_model_config(MICRO)
+    plain = build_hiera_trunk(cfg["encoder"]["sam2_config"], cfg["encoder"]["trunk"])
+    CPAL._load_trunk(plain, tmp_path / "base.pt")
+    rgb, th = pair()
+    with torch.no_grad():
+        ref = model.reference_forward(rgb, th)
+        want = plain(torch.cat([rgb, th.expand(-1, 3, -1, -1)]))[-1].permute(0, 2, 3, 1)
+    torch.testing.assert_close(ref, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_model_times_the_forward_against_the_bare_encoder():
+    """``rgbt-seg bench model``'s path on the micro config: FLOPs counted under inference mode (the gates are
+    parameters handed to the attention), forward timed against reference_forward."""
+    from rgbt_seg_ros.tools.bench import bench_model
+
+    result = bench_model(MICRO, size=(64, 96), repeats=1)
+    ref = result["reference"]
+    assert ref["gflop_per_pair"] > 0 and result["gflop_per_pair"] > ref["gflop_per_pair"]
+    assert ref["ratio"] > 0 and set(result["gflop_per_module"]) >= {"ma_clip", "dsrm", "ffm", "frm", "head"}
+
+
 # --------------------------------------------------------------------------- III-D DSRM
 
 
@@ -131,11 +286,25 @@ def test_dsrm_starts_as_identity_and_uses_the_ma_clip_map():
     assert y.shape == x.shape and torch.isfinite(y).all()
 
 
-def test_dsrm_runs_after_every_last_stage_block(info):
-    model = make(info)
-    ends = model.trunk.stage_ends
-    assert sorted(model.dsrm_blocks) == list(range(ends[-2] + 1, ends[-1] + 1))
-    assert len(model.dsrm_blocks) == 2  # x 2 modality pairs = the paper's four DSRM applications
+def test_dsrm_runs_once_per_modality_at_the_end_of_stage_4(info):
+    """Fig. 2 and 4: one DSRM (shared weights) over (F_4^r, S^r) and (F_4^m, S^m), once, on stage 4's output."""
+    model = make(info).eval()
+    _moved(model)
+    calls = []
+    hook = model.dsrm.register_forward_hook(lambda mod, args, out: calls.append((args[0].shape, args[1], out)))
+    rgb, th = pair(2)
+    with torch.no_grad():
+        guide = model.guidance(rgb, th.expand(-1, 3, -1, -1))
+        stages = model.stream_features(rgb, th)
+    hook.remove()
+    assert len(calls) == 1
+    shape, s_map, out = calls[0]
+    h, w = stages[-1][0].shape[-2:]
+    assert shape == (4, h, w, model.dims[-1])  # [F^r; F^m] of the last stage
+    assert torch.equal(s_map, guide[0])  # the "Aligned" pairing: S^r with F^r, S^m with F^m
+    with torch.no_grad():
+        frm_in = out.permute(0, 3, 1, 2).chunk(2)
+        assert torch.equal(model.frm[-1](*frm_in)[0], stages[-1][0])  # stage 4's FRM reads the refined maps
 
 
 # --------------------------------------------------------------------------- MA-CLIP
@@ -258,6 +427,35 @@ def model_cfg_of(info, mfnet):
     return cfg
 
 
+def test_one_label_space_gets_a_linear_classifier(info, tmp_path):
+    """head.classifier auto: SegFormer's linear classifier for one label space; the cosine-to-class-name head
+    where class_sets need it (or when asked for)."""
+    model = make(info).eval()
+    assert model.classifier == "linear" and model.head.logit_scale is None
+    assert model.head.embed.out_channels == info.num_classes
+    rgb, th = pair()
+    with torch.no_grad():
+        a = model(rgb, th)["logits"]
+        model.set_text_embeddings(unit(info.num_classes, seed=5))  # the linear head does not read them
+        assert torch.equal(model(rgb, th)["logits"], a)
+    cosine = make(info, text=unit(info.num_classes), head={"classifier": "cosine"}).eval()
+    assert cosine.head.embed.out_channels == 384 and cosine.head.logit_scale is not None
+    with torch.no_grad():
+        b = cosine(rgb, th)["logits"]
+        cosine.set_text_embeddings(unit(info.num_classes, seed=5))
+        assert not torch.equal(cosine(rgb, th)["logits"], b)
+    mfnet = load_dataset_info("mfnet")
+    assert make(info, class_sets={"mfnet": mfnet.to_dict()}).classifier == "cosine"
+    with pytest.raises(ValueError, match="head.classifier 'linear' scores one label space, but class_sets"):
+        make(info, head={"classifier": "linear"}, class_sets={"mfnet": mfnet.to_dict()})
+    ckpt = save_checkpoint(model, resolve_model_config(MICRO), info, tmp_path / "ckpt")
+    loaded, _, _ = load_checkpoint(ckpt)
+    assert loaded.classifier == "linear" and loaded.class_set_names == (info.name,)
+    loaded.select_class_set(info.name)
+    with torch.no_grad():
+        assert torch.equal(loaded(rgb, th)["logits"], a)
+
+
 # --------------------------------------------------------------------------- ablations (paper Table VI)
 
 
@@ -269,7 +467,7 @@ def model_cfg_of(info, mfnet):
         ({"dsrm": {"enabled": False}}, {"dsrm": 0}),
         (
             {"ma_clip": {"enabled": False}, "prompts": {"aligned_tokens": 0}, "dsrm": {"enabled": False}},
-            {"ma_clip": 0, "control": 0, "aligned_prompts": 0, "dsrm": 0},
+            {"ma_clip": 0, "control": 0, "aligned_prompts": 0, "prompt_gates": 0, "dsrm": 0},
         ),
     ],
 )
@@ -297,10 +495,14 @@ def test_config_errors_name_the_key(info):
         make(info, class_sets={"my set": {**load_dataset_info("mfnet").to_dict(), "name": "my set"}})
     with pytest.raises(ValueError, match="class_sets.mfnet holds classes named 'pst900'"):
         make(info, class_sets={"mfnet": load_dataset_info("pst900").to_dict()})
-    with pytest.raises(ValueError, match="language.enabled: true"):
-        make(info, language={"enabled": False})
-    with pytest.raises(ValueError, match="language.text_encoder 'clip' cannot embed MA-CLIP's captions"):
+    with pytest.raises(ValueError, match="head.classifier 'cosine' needs language.enabled: true"):
+        make(info, language={"enabled": False}, head={"classifier": "cosine"})
+    with pytest.raises(ValueError, match="head.classifier must be one of"):
+        make(info, head={"classifier": "softmax"})
+    with pytest.raises(ValueError, match="language.text_encoder 'clip' cannot embed the MA-CLIP stand-in's captions"):
         make(info, language={"text_encoder": "clip"})
+    with pytest.raises(ValueError, match="lora.rank must be >= 0"):
+        make(info, lora={"rank": -1})
 
 
 # --------------------------------------------------------------------------- MA-CLIP's stage in practice
@@ -407,14 +609,26 @@ def _encoder_freeze(cfg: dict, path: str) -> None:
     cfg["encoder"].update(checkpoint=path, freeze=True)
 
 
+def _rgb_stream(model, rgb, thermal) -> dict:
+    """The RGB stream's four stage maps that forward fuses, through the model's own stream_features."""
+    with torch.no_grad():
+        stages = model.stream_features(rgb, thermal)
+    return {f"stage{i}": x_r for i, (x_r, _) in enumerate(stages, 1)}
+
+
 SEGRGBX_CASE = BackendCase(
     name="segrgbx",
-    config="models/segrgbx_micro.yaml",
-    trainable_prefixes=("control.", "aligned_prompts.", "frm.", "ffm.", "dsrm.", "head."),
-    frozen_prefixes=("trunk.", "ma_clip."),  # MA-CLIP trains only in its own stage (test_models_segrgbx.py)
+    config=MICRO,
+    # on base weights the trunk's LoRA (".lora_") trains with these; the trunk itself and MA-CLIP do not
+    # (MA-CLIP trains only in its own stage, tested above)
+    trainable_prefixes=("control.", "aligned_prompts.", "prompt_gates.", "frm.", "ffm.", "dsrm.", "head."),
+    frozen_prefixes=("trunk.", "ma_clip."),
     thermal_param="aligned_prompts.thermal.0",
     freeze_with_base=_encoder_freeze,
-    randomize=lambda model: randomize_named(model, ("lora_B", "dsrm.out.")),
+    randomize=_moved,  # LoRA B, the prompt and FRM gates, the DSRM output: every zero-init part
+    tiny_config="models/segrgbx_tiny.yaml",
+    identity_kind="trunk",
+    identity=_rgb_stream,
 )
 
 

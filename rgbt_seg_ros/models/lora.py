@@ -128,7 +128,12 @@ def _merge(attn: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, to
 def _group_weights(attn: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.is_grad_enabled() and any(t.requires_grad for t in _sources(attn)):
         return _merge(attn, adapters)  # differentiable: gradients reach W, A and B as in the two passes
-    key = (adapters, tuple((id(t), t._version, t.device, t.dtype) for t in _sources(attn)))
+    # merged weights made under inference_mode cannot enter autograd later: the mode is part of the key
+    key = (
+        adapters,
+        torch.is_inference_mode_enabled(),
+        tuple((id(t), t._version, t.device, t.dtype) for t in _sources(attn)),
+    )
     cached = getattr(attn, "_merged_lora_cache", None)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]

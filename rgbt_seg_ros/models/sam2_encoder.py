@@ -141,6 +141,9 @@ class SplitQKVAttention(nn.Module):
         if self._group_w is None:
             return self.q(x), self.k(x), self.v(x)
         groups = self._group_w.shape[0]
+        if groups == 1:  # one group: a plain fused projection, as sam2's own qkv Linear computes it
+            b = None if self._group_b is None else self._group_b[0, 0]
+            return F.linear(x, self._group_w[0], b).chunk(3, dim=-1)
         if x.shape[0] % groups:
             raise ValueError(f"batch of {x.shape[0]} windows does not split into {groups} equal modality groups")
         xg = x.reshape(groups, -1, self.dim)
@@ -160,32 +163,65 @@ class SplitQKVAttention(nn.Module):
             new.proj.load_state_dict(attn.proj.state_dict())
         return new.to(attn.qkv.weight.device)
 
-    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` (B, H, W, dim) tokens (B = windows); ``extra`` (B_s, K, dim) optional prompt tokens per
-        sample (B a multiple of B_s: the windows of sample s are contiguous) that join every window as
-        K more keys and values; their own outputs are not computed (SegRGB-X's discarded O_M)."""
+    def forward(
+        self, x: torch.Tensor, extra: torch.Tensor | None = None, extra_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x`` (B, H, W, dim) tokens (B = windows). Without ``extra``: Hiera's attention, unchanged.
+
+        ``extra`` (B_s, K, dim): prompt tokens per sample (B a multiple of B_s: the windows of sample s
+        are contiguous), projected by this layer's own k and v (SegRGB-X's modality prompts). Every
+        query of sample s attends to them in a softmax of their own, and that output is added to the
+        window attention's, per head weighted by ``extra_scale`` (heads,) (1 when None). SegRGB-X passes
+        ``tanh(gate)`` of a zero-initialised gate (LLaMA-Adapter's zero-init attention): at 0 the result
+        equals the attention without prompts exactly, and the gate's gradient is the prompt attention's
+        output, non-zero from the first step. No output is computed for the prompts themselves
+        (SegRGB-X's discarded O_M)."""
         b, h, w, _ = x.shape
         q, k, v = self._qkv(x)
         q = q.reshape(b, h * w, self.num_heads, -1)
         k = k.reshape(b, h * w, self.num_heads, -1)
         v = v.reshape(b, h * w, self.num_heads, -1)
-        if extra is not None:
-            if extra.ndim != 3 or b % extra.shape[0] or extra.shape[-1] != self.dim:
-                raise ValueError(f"prompt tokens must be (B, K, {self.dim}) for {b} windows, got {tuple(extra.shape)}")
-            _, k_m, v_m = self._qkv(extra)
-            per_window = b // extra.shape[0]
-            n_prompts = extra.shape[1]
-            k_m = k_m.repeat_interleave(per_window, 0).reshape(b, n_prompts, self.num_heads, -1)
-            v_m = v_m.repeat_interleave(per_window, 0).reshape(b, n_prompts, self.num_heads, -1)
-            k, v = torch.cat([k, k_m], dim=1), torch.cat([v, v_m], dim=1)
         if self.q_pool is not None:
             # Q pooling at stage changes: (B, H, W, C) -> (B, C, H, W) -> pool -> back.
             q = self.q_pool(q.reshape(b, h, w, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             h, w = q.shape[1:3]
             q = q.reshape(b, h * w, self.num_heads, -1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2).reshape(b, h, w, -1)
+        out = out.transpose(1, 2)
+        if extra is not None:
+            out = self._add_prompt_attention(out, q, extra, extra_scale)
+        out = out.reshape(b, h, w, -1)
         return self.proj(out)
+
+    def _add_prompt_attention(
+        self, out: torch.Tensor, q: torch.Tensor, extra: torch.Tensor, scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``out + scale * softmax(q k_m^T / sqrt(d)) v_m`` per head, for ``out`` and ``q`` (B, N, heads, d).
+
+        A sample's windows are contiguous, so its queries are one (W * N, heads * d) matrix (a view of the
+        fused projection's output); with the heads' prompt keys and values laid out block-diagonally (heads
+        * d x heads * K, K a handful of tokens), the scores are one matmul, the softmax runs per head over
+        its K prompts, and the weighted values are added to ``out`` by one ``baddbmm``: no per-window copies
+        of the prompts or the queries."""
+        b, n, heads, d = q.shape
+        if extra.ndim != 3 or b % extra.shape[0] or extra.shape[-1] != self.dim:
+            raise ValueError(f"prompt tokens must be (B, K, {self.dim}) for {b} windows, got {tuple(extra.shape)}")
+        samples, tokens = extra.shape[:2]
+        _, k_m, v_m = self._qkv(extra)
+        k_m = k_m.reshape(samples, tokens, heads, d) * d**-0.5
+        v_m = v_m.reshape(samples, tokens, heads, d)
+        if scale is not None:
+            if scale.shape != (heads,):
+                raise ValueError(f"prompt scale must be ({heads},), one per head, got {tuple(scale.shape)}")
+            v_m = v_m * scale.to(v_m.dtype).view(1, 1, heads, 1)
+        eye = torch.eye(heads, dtype=q.dtype, device=q.device)
+        k_bd = torch.einsum("skhi,hg->shigk", k_m, eye).reshape(samples, heads * d, heads * tokens)
+        v_bd = torch.einsum("skhi,hg->shkgi", v_m, eye).reshape(samples, heads * tokens, heads * d)
+        rows = (b // samples) * n
+        # scores transposed, (samples, heads * K, rows): the softmax over a head's K runs along contiguous rows
+        scores = torch.bmm(k_bd.transpose(1, 2), q.reshape(samples, rows, heads * d).transpose(1, 2))
+        attn = scores.view(samples, heads, tokens, rows).softmax(dim=2).view(samples, heads * tokens, rows)
+        return torch.baddbmm(out.reshape(samples, rows, heads * d), attn.transpose(1, 2), v_bd).view(b, n, heads, d)
 
 
 def split_fused_qkv(trunk: nn.Module) -> int:

@@ -1,22 +1,26 @@
-"""Building blocks of the SegRGB-X backend (``segrgbx.py``): MA-CLIP, prompts, DSRM, the MLP head.
+"""Building blocks of the SegRGB-X backend (``segrgbx.py``): MA-CLIP, prompts, gated FRM, DSRM, the MLP head.
 
 Paper: "SegRGB-X: General RGB-X Semantic Segmentation Model" (arXiv 2603.28023), sections III-B..III-D.
-The interpretations (no CLIP and no MiT backbone offline) are listed in models/README.md.
+What departs from it, and why, is listed in models/README.md.
 
-* :class:`MAClip` (III-B): an image encoder (a Hiera trunk, initialised like the backbone from the
-  SAM2 checkpoint) with a **LoRA pool** (one adapter per X modality, selected for an RGB-X pair and
-  used for both of its images, as in Fig. 3) and a projection of its last-stage tokens into the text
-  space. It returns per image a token map ``S_map`` (B, h, w, D_t) and the embedding ``S`` (B, D_t),
-  the L2-normalised mean of the map, which the contrastive pretraining (``training/ma_clip.py``)
-  aligns with caption embeddings. It sees the pair at a small fixed size (``image_size``, like CLIP's
-  224x224), which keeps it cheap next to the backbone.
-* :class:`ControlPrompts` (III-C): an MLP from ``S`` to K control tokens of a stage's width.
+* :class:`MAClipHiera` (III-B): the **offline stand-in** for MA-CLIP (no CLIP available): a second SAM2
+  Hiera trunk (same file as the backbone, frozen) with a **LoRA pool** (one adapter per X modality, selected
+  for an RGB-X pair and used for both of its images, Fig. 3), and a LayerNorm + linear projection of its
+  last-stage tokens into the space of the offline caption encoder (MiniLM, 384-d): ``S_map`` per token and
+  ``S`` their normalised mean (``forward(rgb, x3, modality) -> (S_map, S)``, ``embed_captions``,
+  ``pretrain_parameters``). Not a CLIP: it learns the text alignment only in the pretraining stage.
+* :func:`prompted_block` and :class:`ControlPrompts` (III-C): prompt tokens enter a Hiera block's
+  attention through a **zero-initialised gate** per head (LLaMA-Adapter's zero-init attention, see
+  ``sam2_encoder.SplitQKVAttention``), so a fresh model computes the trunk's own features.
+* :class:`GatedRectify`: CMX's FRM with its cross terms scaled by a **zero-initialised per-channel gate**
+  (LayerScale at 0): the identity at init, so the next stage sees the trunk's own features.
 * :class:`DSRM` (III-D, structure (h) of Table IV): soft indicator ``softmax(MLP(GAP(F)))`` over K
   learnable universal prompts U, a prompt-derived query for channel attention over F, then spatial
   cross-attention whose queries come from the MA-CLIP map of the same modality; the result is added
   to F through a zero-initialised projection.
-* :class:`MLPHead`: SegFormer's all-MLP head over the four fused stages, ending in a per-pixel
-  embedding in the text space; classes are scored by cosine similarity with their name embeddings.
+* :class:`MLPHead`: SegFormer's all-MLP head over the four fused stages, ending in a linear classifier
+  (``head.classifier: linear``) or in a per-pixel embedding scored by cosine similarity against the
+  class names' text embeddings (``cosine``, for several label spaces).
 """
 
 from __future__ import annotations
@@ -27,34 +31,60 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpal_blocks import attention_sublayer, mlp_sublayer
 
+def prompted_block(
+    block: nn.Module, x: torch.Tensor, prompts: torch.Tensor | None, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One Hiera block with prompt tokens (B, K, C) entering its attention (III-C).
 
-def prompted_block(block: nn.Module, x: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
-    """One Hiera block with prompt tokens (B, K, C) joining the attention of every window (III-C).
-
-    The prompts are normalised by the block's ``norm1`` with the patch tokens (the sequence
-    ``[E; M]`` of the paper), projected by the block's own k and v, and appended to each window's
-    keys and values; no output is computed for them (``O_M`` is discarded). Hiera's windowed
-    attention has no single sequence to append to: each window gets the same K prompts, so every
-    patch token can attend to them whatever window it is in (global-attention blocks alike).
+    The prompts are normalised by the block's ``norm1`` (the paper's sequence ``[E; M]`` shares the
+    block's layers), projected by the block's own k and v, and every patch token of sample b attends to
+    sample b's prompts wherever its window is (Hiera attends within windows; global blocks alike). That
+    attention has a softmax of its own and is added to the window attention, weighted per head by
+    ``tanh(gate)`` (``gate`` (heads,), zero-initialised; ``SplitQKVAttention.forward``; None: weight 1,
+    ungated). No output is
+    computed for the prompts (the paper discards ``O_M``). At ``gate = 0`` this is ``block(x)`` exactly:
+    same operations in the same order as sam2's ``MultiScaleBlock.forward``.
     """
     if prompts is None:
         return block(x)
-    t, _ = attention_sublayer(block, x, prompts)
-    y, _ = mlp_sublayer(block, t)
-    return y
+    from sam2.modeling.backbones.hieradet import do_pool
+    from sam2.modeling.backbones.utils import window_partition, window_unpartition
+
+    shortcut = x
+    xn = block.norm1(x)
+    if block.dim != block.dim_out:
+        shortcut = do_pool(block.proj(xn), block.pool)
+    y, window_size = xn, block.window_size
+    if window_size > 0:
+        h, w = y.shape[1], y.shape[2]
+        y, pad_hw = window_partition(y, window_size)
+    y = block.attn(y, block.norm1(prompts), None if gate is None else torch.tanh(gate))
+    if block.q_stride and block.window_size > 0:  # q pooling shrank the windows
+        window_size = block.window_size // block.q_stride[0]
+        h, w = shortcut.shape[1:3]
+        pad_hw = (h + (window_size - h % window_size) % window_size, w + (window_size - w % window_size) % window_size)
+    if block.window_size > 0:
+        y = window_unpartition(y, window_size, pad_hw, (h, w))
+    t = shortcut + block.drop_path(y)
+    return t + block.drop_path(block.mlp(block.norm2(t)))
 
 
 # --------------------------------------------------------------------------- MA-CLIP
 
 
-class MAClip(nn.Module):
-    """Modality-aware image encoder: frozen trunk + LoRA pool + projection into the text space.
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+class MAClipHiera(nn.Module):
+    """The offline MA-CLIP stand-in (no CLIP available): frozen Hiera trunk + LoRA pool + projection.
 
     ``trunk``: a Hiera trunk with split q/k/v and a LoRA adapter per pool entry (``lora.py``);
-    ``text_dim``: the caption encoder's width (MiniLM: 384).
+    ``text_dim``: the caption encoder's width (MiniLM: 384). It sees the pair at ``image_size``.
     """
+
+    kind = "hiera"
 
     def __init__(self, trunk: nn.Module, pool: tuple[str, ...], image_size: tuple[int, int], text_dim: int):
         super().__init__()
@@ -64,22 +94,39 @@ class MAClip(nn.Module):
         width = trunk.blocks[trunk.stage_ends[-1]].dim_out
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, text_dim)
-        self.text_dim = int(text_dim)
+        self.embed_dim = int(text_dim)
+
+    def _check(self, modality: str) -> None:
+        if modality not in self.pool:
+            raise ValueError(f"MA-CLIP has no LoRA for modality '{modality}'; its pool: {list(self.pool)}")
 
     def forward(self, rgb: torch.Tensor, x3: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``rgb``, ``x3`` (B, 3, H, W) normalised images -> ``(S_map, S)`` for the batch ``[rgb; x]``:
-        ``S_map`` (2B, h, w, text_dim) and ``S`` (2B, text_dim), unit length."""
-        from .lora import activate_adapter
+        ``S_map`` (2B, h, w, text_dim) and ``S`` (2B, text_dim), unit length. The pair's LoRA is merged
+        into one fused q/k/v weight per block (differentiable while it trains)."""
+        from .lora import modality_batch
 
-        if modality not in self.pool:
-            raise ValueError(f"MA-CLIP has no LoRA for modality '{modality}'; its pool: {list(self.pool)}")
-        activate_adapter(self.trunk, modality)
+        self._check(modality)
         both = torch.cat([rgb, x3])
         if tuple(both.shape[-2:]) != self.image_size:
             both = F.interpolate(both, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
-        tokens = self.trunk(both)[-1].permute(0, 2, 3, 1)  # last stage, (2B, h, w, C)
+        with modality_batch(self.trunk, (modality,)):
+            tokens = self.trunk(both)[-1].permute(0, 2, 3, 1)  # last stage, (2B, h, w, C)
         s_map = self.proj(self.norm(tokens))
-        return s_map, F.normalize(s_map.mean(dim=(1, 2)), dim=-1)
+        return s_map, _unit_rows(s_map.mean(dim=(1, 2)))
+
+    def embed_captions(self, captions: list[str]) -> torch.Tensor:
+        """Caption embeddings (N, text_dim), unit rows, from the offline MiniLM encoder."""
+        from .text_teacher import sentence_embeddings
+
+        return sentence_embeddings(captions, "minilm")
+
+    def pretrain_parameters(self, has_base_weights: bool) -> list[nn.Parameter]:
+        """The LoRA pool, the norm and the projection; the trunk too when it has no base weights (a random
+        frozen trunk gives random features)."""
+        return [
+            p for n, p in self.named_parameters() if not n.startswith("trunk.") or ".lora_" in n or not has_base_weights
+        ]
 
 
 # --------------------------------------------------------------------------- III-C prompts
@@ -88,13 +135,61 @@ class MAClip(nn.Module):
 class ControlPrompts(nn.Module):
     """Stage-specific control prompts: ``MLP(S)`` -> (B, K, width)."""
 
-    def __init__(self, text_dim: int, hidden: int, tokens: int, width: int):
+    def __init__(self, s_dim: int, hidden: int, tokens: int, width: int):
         super().__init__()
         self.tokens, self.width = int(tokens), int(width)
-        self.mlp = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, self.tokens * self.width))
+        self.mlp = nn.Sequential(nn.Linear(s_dim, hidden), nn.GELU(), nn.Linear(hidden, self.tokens * self.width))
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.mlp(s).reshape(s.shape[0], self.tokens, self.width)
+
+
+# --------------------------------------------------------------------------- FRM with a zero gate
+
+
+class GatedRectify(nn.Module):
+    """CMX's FRM (channel weights from an avg+max pooled MLP, spatial weights from 1x1 convs) with its cross
+    terms scaled by a per-channel gate that starts at zero:
+
+        x_rgb' = x_rgb + g_rgb * (lc * cw_x * x_x + ls * sw_x * x_x)      and symmetrically for X.
+
+    At init the stage's streams leave it unchanged (the next Hiera stage sees the trunk's own features);
+    the gate's gradient is the cross term, non-zero from the first step. ``valid`` (B, 1, H, W) masks the
+    X stream in everything that reaches RGB, and what X receives."""
+
+    def __init__(self, dim: int, reduction: int = 1, lambda_c: float = 0.5, lambda_s: float = 0.5):
+        super().__init__()
+        self.lambda_c, self.lambda_s = float(lambda_c), float(lambda_s)
+        hidden_c = max(1, 4 * dim // reduction)
+        self.channel_mlp = nn.Sequential(
+            nn.Linear(4 * dim, hidden_c), nn.ReLU(inplace=True), nn.Linear(hidden_c, 2 * dim), nn.Sigmoid()
+        )
+        hidden_s = max(1, dim // reduction)
+        self.spatial = nn.Sequential(
+            nn.Conv2d(2 * dim, hidden_s, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden_s, 2, 1), nn.Sigmoid()
+        )
+        self.gate = nn.Parameter(torch.zeros(2, dim, 1, 1))  # [0]: into RGB, [1]: into X
+
+    def forward(
+        self, x_rgb: torch.Tensor, x_x: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) streams -> rectified (B, C, H, W). Computed channels-last (the 1x1 convs as linear
+        maps, the gated cross terms by ``addcmul``): the streams come from Hiera's (B, H, W, C) tokens."""
+        r, x = x_rgb.permute(0, 2, 3, 1), x_x.permute(0, 2, 3, 1)
+        x_m = x if valid is None else x * valid.permute(0, 2, 3, 1)
+        b, c = r.shape[0], r.shape[-1]
+        both = torch.cat([r, x_m], dim=-1)
+        pooled = torch.cat([both.mean(dim=(1, 2)), both.amax(dim=(1, 2))], dim=1)
+        cw = self.channel_mlp(pooled).view(b, 1, 1, 2, c)  # [..., 0, :] weighs RGB, [..., 1, :] weighs X
+        conv1, conv2 = self.spatial[0], self.spatial[2]
+        sw = F.linear(F.relu(F.linear(both, conv1.weight.flatten(1), conv1.bias)), conv2.weight.flatten(1), conv2.bias)
+        sw = torch.sigmoid(sw)  # (B, H, W, 2)
+        gate = self.gate.view(2, c)
+        to_rgb = (self.lambda_c * cw[..., 1, :] + self.lambda_s * sw[..., 1:2]) * gate[0]
+        to_x = (self.lambda_c * cw[..., 0, :] + self.lambda_s * sw[..., 0:1]) * gate[1]
+        if valid is not None:
+            to_x = to_x * valid.permute(0, 2, 3, 1)
+        return torch.addcmul(r, to_rgb, x_m).permute(0, 3, 1, 2), torch.addcmul(x, to_x, r).permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------- III-D DSRM
@@ -112,9 +207,10 @@ class DSRM(nn.Module):
     ``K_s = W_s^K F_c``, ``V_s = W_s^V F_c``, multi-head cross-attention over the N positions -> F_s.
     The output is ``F + W_o F_s`` with ``W_o`` zero-initialised, so a fresh DSRM leaves F as it is.
     ``s_map=None`` (the ablation without MA-CLIP) takes the spatial queries from F_c itself.
+    A batch ``[F^r; F^m]`` with ``[S^r; S^m]`` is Fig. 4's two DSRM blocks with shared weights.
     """
 
-    def __init__(self, dim: int, text_dim: int, num_prompts: int = 8, prompt_size: int = 4, heads: int = 4):
+    def __init__(self, dim: int, s_dim: int, num_prompts: int = 8, prompt_size: int = 4, heads: int = 4):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dsrm.heads ({heads}) must divide the last stage's width {dim}")
@@ -124,7 +220,7 @@ class DSRM(nn.Module):
         self.q_c = nn.Conv2d(dim, dim, 1)
         self.kv_c = nn.Conv2d(dim, 2 * dim, 1)
         self.temperature = nn.Parameter(torch.ones(self.heads, 1, 1))
-        self.s_mlp = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.s_mlp = nn.Sequential(nn.Linear(s_dim, dim), nn.GELU(), nn.Linear(dim, dim))
         self.q_s = nn.Linear(dim, dim)
         self.kv_s = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
@@ -133,7 +229,7 @@ class DSRM(nn.Module):
         self.last_indicator: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, s_map: torch.Tensor | None) -> torch.Tensor:
-        """``x`` (B, H, W, C) tokens, ``s_map`` (B, h, w, text_dim) or None -> refined (B, H, W, C)."""
+        """``x`` (B, H, W, C) tokens, ``s_map`` (B, h, w, s_dim) or None -> refined (B, H, W, C)."""
         b, h, w, c = x.shape
         f = x.permute(0, 3, 1, 2)  # B, C, H, W
         chi = self.indicator(f.mean(dim=(2, 3))).softmax(dim=-1)  # B, K
@@ -159,36 +255,54 @@ class DSRM(nn.Module):
 
 # --------------------------------------------------------------------------- head
 
+CLASSIFIERS = ("auto", "linear", "cosine")
+
 
 class MLPHead(nn.Module):
-    """SegFormer's all-MLP decoder over four fused stages -> per-pixel text-space embeddings.
+    """SegFormer's all-MLP decoder over four fused stages.
 
     Each stage is linearly projected to ``channels``, upsampled to the first stage's grid (stride 4),
-    concatenated, fused by a 1x1 conv + BatchNorm + ReLU, then a 1x1 conv to ``text_dim``. Class logits
-    are ``exp(logit_scale) * cos(embedding, class-name embedding)`` (:meth:`classify`), so any class set
-    whose names were embedded can be scored by the same weights.
+    concatenated, fused by a 1x1 conv + BatchNorm + ReLU, then a 1x1 conv to ``out_dim``:
+
+    * ``cosine=False`` (``head.classifier: linear``): ``out_dim`` = the number of classes, the output is
+      the logits (SegFormer's own classifier);
+    * ``cosine=True``: ``out_dim`` = the text width, a per-pixel embedding; :meth:`classify` scores it
+      against class-name embeddings, ``exp(logit_scale) * cos(embedding, name)``, so any class set whose
+      names were embedded is scored by the same weights.
     """
 
-    def __init__(self, dims: list[int], channels: int, text_dim: int, dropout: float = 0.1):
+    def __init__(self, dims: list[int], channels: int, out_dim: int, dropout: float = 0.1, cosine: bool = False):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(d, channels, 1) for d in dims)
         self.fuse = nn.Sequential(
             nn.Conv2d(len(dims) * channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
         )
         self.dropout = nn.Dropout2d(dropout)
-        self.embed = nn.Conv2d(channels, text_dim, 1)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / 0.07)))
+        self.embed = nn.Conv2d(channels, out_dim, 1)
+        self.cosine = bool(cosine)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / 0.07))) if cosine else None
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """SegFormer's ``fuse(cat_i(up(lateral_i(F_i))))``, computed with the fuse conv's 1x1 weight split per
+        stage and folded into that stage's lateral weight: 1x1 convs and bilinear upsampling commute (both
+        linear, the interpolation weights sum to 1), so each stage is projected once, at its own resolution,
+        and the upsampled maps are summed. Same function and parameters, without the concatenated map."""
         size = feats[0].shape[-2:]
-        ups = [
-            F.interpolate(lat(f), size=size, mode="bilinear", align_corners=False) if i else lat(f)
-            for i, (lat, f) in enumerate(zip(self.lateral, feats))
-        ]
-        return self.embed(self.dropout(self.fuse(torch.cat(ups, dim=1))))
+        conv, norm, act = self.fuse
+        blocks = conv.weight.flatten(1).split(self.lateral[0].out_channels, dim=1)
+        out = None
+        for i, (lat, f, w_i) in enumerate(zip(self.lateral, feats, blocks)):
+            weight, bias = w_i @ lat.weight.flatten(1), w_i @ lat.bias
+            y = F.linear(f.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)  # a 1x1 conv, channels last
+            if i:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            out = y if out is None else out + y
+        return self.embed(self.dropout(act(norm(out))))
 
     def classify(self, embedding: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) embeddings x (K, D) class-name embeddings -> (B, K, h, w) logits."""
+        """(B, D, h, w) embeddings x (K, D) class-name embeddings -> (B, K, h, w) logits (cosine head)."""
+        if not self.cosine:
+            raise RuntimeError("classify() scores against class names: the head was built with classifier 'linear'")
         e = F.normalize(embedding, dim=1)
         t = F.normalize(text.to(e.dtype), dim=-1)
         return self.logit_scale.exp().clamp(max=100.0) * torch.einsum("bdhw,kd->bkhw", e, t)

@@ -5,8 +5,9 @@ with the caption's text embedding (eq. 1, ``L = contrastive({S^t, S^t}, {S^r, S^
 the LoRA of the pair's modality. Offline there is no captioning model, so :func:`caption` writes the
 caption from what the dataset knows about the image: the classes present with an instance count
 (connected regions of each label), and the condition (day/night/fog/glare for the synthetic set, the
-D/N suffix of MFNet names), e.g. "a scene at night with two people, a car and a road". The text
-encoder is the offline MiniLM (``text_teacher.sentence_embeddings``).
+D/N suffix of MFNet names), e.g. "a scene at night with two people, a car and a road". The captions are
+embedded by MA-CLIP's own text side (``model.ma_clip.embed_captions``): the offline MiniLM for the
+Hiera stand-in.
 
 The loss is CLIP's symmetric cross-entropy over the 2B image embeddings ``[S^r; S^m]`` and the
 captions repeated once; two images whose captions are equal are both counted as matches (soft
@@ -110,12 +111,10 @@ def pretrain(
     steps of an RGB-only run (train config ``modalities: rgb``) see it.
     """
     from ..models.preprocessing import normalize_batch
-    from ..models.text_teacher import sentence_embeddings
 
     if getattr(model, "ma_clip", None) is None or steps <= 0:
         return []
     pc = model_cfg["ma_clip"]["pretrain"]
-    text_backend = (model_cfg.get("language") or {}).get("text_encoder", "minilm")
     params = model.ma_clip_parameters()
     for p in params:
         p.requires_grad_(True)
@@ -134,7 +133,7 @@ def pretrain(
             idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
             batch = default_collate([dataset[i] for i in idx])
             caps = [caption(lab.numpy(), names, cond) for lab, cond in zip(batch["labels"], batch["condition"])]
-            text = sentence_embeddings(caps, text_backend).to(device)
+            text = model.ma_clip.embed_captions(caps).to(device)
             valid = batch["valid"].to(device).float() * (0.0 if blank_thermal else 1.0)
             rgb, th = normalize_batch(model_cfg, batch["rgb"].to(device).float(), batch["thermal"].to(device).float())
             x3 = (th * valid).expand(-1, 3, -1, -1)
