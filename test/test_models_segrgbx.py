@@ -1,6 +1,6 @@
 """SegRGB-X backend: gated prompts in windowed attention, identity at init, LoRA on the trunk, DSRM, MA-CLIP (the
-Hiera stand-in), linear and cosine heads, class sets, ablations, and its case of the shared backend contract (at the
-end)."""
+Hiera stand-in and a real CLIP through transformers), linear and cosine heads, class sets, ablations, and its case of
+the shared backend contract (at the end)."""
 
 import copy
 
@@ -600,6 +600,112 @@ def test_base_weights_come_from_ma_clips_frozen_trunk_when_the_backbone_is_fine_
     exported = model.sam2_state_dict()
     assert exported.keys() == official.keys()
     assert all(torch.equal(exported[k], official[k]) for k in official)
+
+
+# --------------------------------------------------------------------------- MA-CLIP on a real CLIP (transformers)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A CLIP as transformers saves one (config, weights, tokenizer), with tiny random-init towers: what
+    ``ma_clip.clip_dir`` points at. The tokenizer is CLIP's byte-level BPE with no merges (a token per
+    character, the 256 byte symbols with and without CLIP's ``</w>``), so it is made offline; real CLIP
+    tokenizers ship their vocabulary and merges. No pretrained weights are involved."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab |= {c: i + 2 for i, c in enumerate(chars)}
+    vocab |= {c + "</w>": i + 2 + len(chars) for i, c in enumerate(chars)}
+    towers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text = {**towers, "vocab_size": len(vocab), "max_position_embeddings": 77}
+    text |= {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    config = CLIPConfig(
+        text_config=text, vision_config={**towers, "image_size": 32, "patch_size": 8}, projection_dim=24
+    )
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
+    return str(path)
+
+
+def test_ma_clip_is_clips_image_encoder_with_a_lora_pool(info, tiny_clip):
+    from transformers import CLIPModel
+
+    from rgbt_seg_ros.models.segrgbx_blocks import CLIP_MEAN, CLIP_STD, MAClipCLIP
+
+    model = make(info, ma_clip={"clip_dir": tiny_clip}).eval()
+    assert isinstance(model.ma_clip, MAClipCLIP) and model.ma_clip.embed_dim == 24
+    assert model.control[0].mlp[0].in_features == 24 and model.dsrm.s_mlp[0].in_features == 24
+    rgb, th = pair(2)
+    with torch.no_grad():
+        s_map, s = model.guidance(rgb, th.expand(-1, 3, -1, -1))
+        logits = model(rgb, th)["logits"]
+    assert s_map.shape == (4, 4, 4, 24) and s.shape == (4, 24) and logits.shape == (2, info.num_classes, 64, 96)
+    # with LoRA B at zero, S^r is CLIP's own image embedding of the RGB image, in CLIP's normalisation
+    norm = resolve_model_config(MICRO)["normalization"]["rgb"]
+    raw = rgb * torch.tensor(norm["std"]).view(1, 3, 1, 1) + torch.tensor(norm["mean"]).view(1, 3, 1, 1)
+    pixels = (raw - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    pixels = F.interpolate(pixels, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
+    clip = CLIPModel.from_pretrained(tiny_clip).eval()
+    with torch.no_grad():
+        want = F.normalize(clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    torch.testing.assert_close(s[:2], want, atol=1e-5, rtol=1e-5)
+    # the pool: one adapter per X modality on the vision encoder's q and v; it changes S once trained
+    layers = [m for n, m in model.ma_clip.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    assert layers and all(list(m.lora_A) == ["thermal"] for m in layers)
+    randomize_named(model, ("ma_clip.vision_model.encoder.layers.0.self_attn.v_proj.lora_B",))
+    with torch.no_grad():
+        assert not torch.allclose(model.guidance(rgb, th.expand(-1, 3, -1, -1))[1], s)
+    with pytest.raises(ValueError, match="no LoRA for modality 'depth'"):
+        model.ma_clip(rgb, th.expand(-1, 3, -1, -1), "depth")
+
+
+def test_ma_clip_embeds_captions_with_clips_text_encoder(info, tiny_clip):
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = make(info, ma_clip={"clip_dir": tiny_clip})
+    captions = ["a scene at night with two people", "a scene in daylight with a road"]
+    got = model.ma_clip.embed_captions(captions)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip)
+    clip = CLIPModel.from_pretrained(tiny_clip).eval()
+    with torch.no_grad():
+        tokens = tokenizer(captions, padding=True, return_tensors="pt")
+        want = F.normalize(clip.get_text_features(**tokens).pooler_output, dim=-1)
+    assert got.shape == (2, 24)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not any(k.startswith("ma_clip.text") for k in model.state_dict())  # not part of the model's state
+
+
+def test_ma_clip_pretraining_on_clip_trains_the_lora_pool_only(info, tiny_clip, tmp_path):
+    from rgbt_seg_ros.training.ma_clip import pretrain
+
+    cfg = resolve_model_config(MICRO)
+    cfg["ma_clip"]["clip_dir"] = tiny_clip
+    cfg["ma_clip"]["pretrain"]["batch_size"] = 4
+    torch.manual_seed(0)
+    model = build_model(cfg, info, None)
+    names = {n for n, p in model.named_parameters() if any(p is q for q in model.ma_clip_parameters())}
+    assert names and all(".lora_" in n for n in names)
+    before = {n: p.detach().clone() for n, p in model.ma_clip.named_parameters()}
+    rows = pretrain(model, [(_Scenes(8), info.class_names)], cfg, 3, 0, torch.device("cpu"), log_every=1)
+    assert len(rows) == 3 and all(np.isfinite(r["contrastive"]) for r in rows)
+    after = dict(model.ma_clip.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert moved and all(".lora_" in n for n in moved)
+    assert not any(p.requires_grad for p in model.ma_clip.parameters())
+    # the CLIP model round-trips through a checkpoint (its vision weights are stored with the model)
+    model.eval()
+    rgb, th = pair()
+    with torch.no_grad():
+        expected = model(rgb, th)["logits"]
+    loaded, _, _ = load_checkpoint(save_checkpoint(model, cfg, info, tmp_path / "ckpt"))
+    with torch.no_grad():
+        assert torch.equal(loaded(rgb, th)["logits"], expected)
+    with pytest.raises(FileNotFoundError, match="ma_clip.clip_dir .* is not a CLIP model directory"):
+        make(info, ma_clip={"clip_dir": str(tmp_path)})
 
 
 # ---------------------------------------------------------------- the shared backend contract

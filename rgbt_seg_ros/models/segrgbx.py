@@ -8,8 +8,8 @@ models/README.md.
 Data flow for an RGB-X pair (X = ``modality``, thermal here):
 
 1. **MA-CLIP** (III-B) encodes both images with the LoRA of modality X and gives token maps and
-   embeddings ``S^r``, ``S^m``: offline, a stand-in (a second Hiera trunk from the SAM2 file projected
-   into MiniLM's caption space).
+   embeddings ``S^r``, ``S^m``: a real CLIP read from ``ma_clip.clip_dir`` with ``transformers``, or,
+   offline, a stand-in (a second Hiera trunk from the SAM2 file projected into MiniLM's caption space).
    It is pretrained contrastively against captions made from the labels (``training/ma_clip.py``, the
    trainer's first stage) and frozen for segmentation.
 2. **Backbone**: the Hiera trunk (the SAM2 image encoder's, loaded from the SAM2 checkpoint and frozen,
@@ -63,6 +63,7 @@ from .segrgbx_blocks import (
     DSRM,
     ControlPrompts,
     GatedRectify,
+    MAClipCLIP,
     MAClipHiera,
     MLPHead,
     prompted_block,
@@ -86,7 +87,8 @@ SEGRGBX_DEFAULTS = {
     "lora": {"rank": 16, "alpha": 16.0, "targets": ["q", "v"]},
     "ma_clip": {
         "enabled": True,
-        "image_size": [224, 224],  # the stand-in's input size
+        "clip_dir": None,  # a local CLIP (transformers' save_pretrained layout); None = the offline Hiera stand-in
+        "image_size": [224, 224],  # the stand-in's input size (CLIP uses its own config's)
         "lora": {"rank": 8, "alpha": 8.0, "targets": ["q", "v"]},
         # contrastive pretraining, the trainer's first stage (training/ma_clip.py)
         "pretrain": {"steps": 300, "batch_size": 16, "lr": 1.0e-3, "temperature": 0.07},
@@ -157,16 +159,17 @@ class SegRGBX(nn.Module):
                 raise ValueError(f"segrgbx {key} must be one of {list(PAIRINGS)}, got {section['pairing']!r}")
         self.prompt_pairing, self.dsrm_pairing = p_cfg["pairing"], d_cfg["pairing"]
         lang = cfg["language"]
+        clip_dir = m_cfg.get("clip_dir")
         classifier = self._classifier(cfg)
         if classifier == "cosine" and not lang["enabled"]:
             raise ValueError(
                 "segrgbx head.classifier 'cosine' needs language.enabled: true: its classes are scored against "
                 "their names' text embeddings"
             )
-        if m_cfg["enabled"] and lang["text_encoder"] != "minilm":
+        if m_cfg["enabled"] and not clip_dir and lang["text_encoder"] != "minilm":
             raise ValueError(
                 f"segrgbx: language.text_encoder '{lang['text_encoder']}' cannot embed the MA-CLIP stand-in's "
-                "captions; use 'minilm' (the offline encoder)"
+                "captions; use 'minilm' (the offline encoder) or give ma_clip.clip_dir"
             )
         text_dim = int(lang["text_dim"])
         self._init_class_sets(dataset_info, cfg.get("class_sets") or {}, text_embeddings, text_dim)
@@ -186,8 +189,10 @@ class SegRGBX(nn.Module):
         ends = list(trunk.stage_ends)
         self.dims = [trunk.blocks[e].dim_out for e in ends]
 
-        self.ma_clip: MAClipHiera | None = None
-        if m_cfg["enabled"]:
+        self.ma_clip: MAClipHiera | MAClipCLIP | None = None
+        if m_cfg["enabled"] and clip_dir:
+            self.ma_clip = MAClipCLIP(clip_dir, X_MODALITIES, m_cfg["lora"], cfg["normalization"])
+        elif m_cfg["enabled"]:
             clip_trunk = build_hiera_trunk(enc_cfg["sam2_config"], enc_cfg.get("trunk"))
             if base_path:
                 CPAL._load_trunk(clip_trunk, base_path)

@@ -3,12 +3,19 @@
 Paper: "SegRGB-X: General RGB-X Semantic Segmentation Model" (arXiv 2603.28023), sections III-B..III-D.
 What departs from it, and why, is listed in models/README.md.
 
-* :class:`MAClipHiera` (III-B): the **offline stand-in** for MA-CLIP (no CLIP available): a second SAM2
-  Hiera trunk (same file as the backbone, frozen) with a **LoRA pool** (one adapter per X modality, selected
-  for an RGB-X pair and used for both of its images, Fig. 3), and a LayerNorm + linear projection of its
-  last-stage tokens into the space of the offline caption encoder (MiniLM, 384-d): ``S_map`` per token and
-  ``S`` their normalised mean (``forward(rgb, x3, modality) -> (S_map, S)``, ``embed_captions``,
-  ``pretrain_parameters``). Not a CLIP: it learns the text alignment only in the pretraining stage.
+* MA-CLIP (III-B), two encoders with one interface (``embed_dim``, ``forward(rgb, x3, modality) ->
+  (S_map, S)``, ``embed_captions``, ``pretrain_parameters``):
+
+  - :class:`MAClipCLIP`: a real CLIP read with ``transformers`` from a local directory (``ma_clip.clip_dir``),
+    image and text encoders frozen, a **LoRA pool** (one adapter per X modality on the vision encoder's
+    attention projections, selected for an RGB-X pair and used for both of its images, Fig. 3). ``S`` is
+    CLIP's image embedding, ``S_map`` its patch tokens through the same final norm and projection; the
+    captions are embedded by CLIP's own text encoder.
+  - :class:`MAClipHiera`: the **offline stand-in** when no CLIP is given: a second SAM2 Hiera trunk (same
+    file as the backbone, frozen) with the LoRA pool, and a LayerNorm + linear projection of its last-stage
+    tokens into the space of the offline caption encoder (MiniLM, 384-d). Not a CLIP: it learns the text
+    alignment only in the pretraining stage.
+
 * :func:`prompted_block` and :class:`ControlPrompts` (III-C): prompt tokens enter a Hiera block's
   attention through a **zero-initialised gate** per head (LLaMA-Adapter's zero-init attention, see
   ``sam2_encoder.SplitQKVAttention``), so a fresh model computes the trunk's own features.
@@ -25,11 +32,19 @@ What departs from it, and why, is listed in models/README.md.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+#: OpenAI CLIP's image normalisation, used when the CLIP directory has no preprocessor_config.json
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: ``lora.targets`` names -> the attention Linears of a transformers CLIP layer
+CLIP_LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "proj": "out_proj"}
 
 
 def prompted_block(
@@ -127,6 +142,118 @@ class MAClipHiera(nn.Module):
         return [
             p for n, p in self.named_parameters() if not n.startswith("trunk.") or ".lora_" in n or not has_base_weights
         ]
+
+
+class MAClipCLIP(nn.Module):
+    """MA-CLIP on a real CLIP read with ``transformers`` from ``clip_dir`` (no download).
+
+    The vision tower and its projection (``vision_model``, ``visual_projection`` of ``CLIPModel``) are
+    frozen and get the LoRA pool on their attention projections (``lora``: ``{rank, alpha, targets}``); the
+    text tower and tokenizer are read from the same directory when captions are first embedded and are not
+    part of the module's state. ``normalization``: the model config's, undone before CLIP's own (thermal in
+    [0, 1] is repeated to three channels and normalised like an image). The pair is resized to CLIP's
+    image size.
+    """
+
+    kind = "clip"
+
+    def __init__(self, clip_dir: str, pool: tuple[str, ...], lora: dict, normalization: dict):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.clip_dir = str(Path(clip_dir).expanduser())
+        clip = self._load()
+        self.vision_model, self.visual_projection = clip.vision_model, clip.visual_projection
+        del clip  # the text tower is read again only to embed captions
+        self.pool = tuple(pool)
+        size = int(self.vision_model.config.image_size)
+        self.image_size = (size, size)
+        self.embed_dim = int(self.visual_projection.out_features)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        targets = [CLIP_LORA_TARGETS.get(t) for t in lora["targets"]]
+        if not targets or None in targets:
+            raise ValueError(f"ma_clip.lora.targets must be a non-empty subset of {sorted(CLIP_LORA_TARGETS)}")
+        pattern = r"vision_model\.encoder\.layers\.\d+\.self_attn\.(" + "|".join(sorted(set(targets))) + ")"
+        config = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), target_modules=pattern)
+        for name in self.pool:
+            inject_adapter_in_model(config, self, adapter_name=name)
+        mean, std = self._clip_normalisation()
+        rgb_n, th_n = normalization["rgb"], normalization["thermal"]
+        # x_clip = x * scale + shift, per channel: undo the config's normalisation, apply CLIP's
+        for name, m_in, s_in in (
+            ("rgb", list(rgb_n["mean"]), list(rgb_n["std"])),
+            ("x", list(th_n["mean"]) * 3, list(th_n["std"]) * 3),
+        ):
+            m_in, s_in = torch.tensor(m_in[:3], dtype=torch.float32), torch.tensor(s_in[:3], dtype=torch.float32)
+            self.register_buffer(f"_scale_{name}", (s_in / std).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(f"_shift_{name}", ((m_in - mean) / std).view(1, 3, 1, 1), persistent=False)
+        self._text: dict = {}  # text tower, tokenizer: loaded on first use, not module state
+
+    def _load(self):
+        from transformers import CLIPModel
+
+        if not (Path(self.clip_dir) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"ma_clip.clip_dir {self.clip_dir} is not a CLIP model directory (no config.json); give a directory "
+                "written by transformers' CLIPModel.save_pretrained (nothing is downloaded)"
+            )
+        return CLIPModel.from_pretrained(self.clip_dir)
+
+    def _clip_normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        path = Path(self.clip_dir) / "preprocessor_config.json"
+        mean, std = CLIP_MEAN, CLIP_STD
+        if path.is_file():
+            pre = json.loads(path.read_text())
+            mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+        return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+    def forward(self, rgb: torch.Tensor, x3: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rgb``, ``x3`` (B, 3, H, W) normalised as the model config says -> ``(S_map, S)`` for ``[rgb; x]``:
+        ``S_map`` (2B, g, g, projection_dim) (the patch tokens through CLIP's final norm and projection) and
+        ``S`` (2B, projection_dim), CLIP's image embedding, unit length."""
+        from .lora import activate_adapter
+
+        if modality not in self.pool:
+            raise ValueError(f"MA-CLIP has no LoRA for modality '{modality}'; its pool: {list(self.pool)}")
+        activate_adapter(self, modality)
+        both = torch.cat([rgb * self._scale_rgb + self._shift_rgb, x3 * self._scale_x + self._shift_x])
+        if tuple(both.shape[-2:]) != self.image_size:
+            both = F.interpolate(both, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+        hidden = self.vision_model(pixel_values=both.to(self.visual_projection.weight.dtype)).last_hidden_state
+        tokens = self.visual_projection(self.vision_model.post_layernorm(hidden))  # (2B, 1 + g * g, P)
+        g = int(round(math.sqrt(tokens.shape[1] - 1)))
+        s_map = tokens[:, 1:].reshape(tokens.shape[0], g, g, -1)
+        return s_map, _unit_rows(tokens[:, 0])
+
+    def embed_captions(self, captions: list[str]) -> torch.Tensor:
+        """Caption embeddings (N, projection_dim), unit rows, from CLIP's frozen text tower."""
+        from transformers import AutoTokenizer
+
+        if not self._text:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.clip_dir)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"ma_clip.clip_dir {self.clip_dir} has no usable CLIP tokenizer: {exc}") from exc
+            clip = self._load()
+            text = nn.ModuleDict({"model": clip.text_model, "projection": clip.text_projection}).eval()
+            for p in text.parameters():
+                p.requires_grad_(False)
+            self._text.update(tokenizer=tokenizer, tower=text)
+        tower, tokenizer = self._text["tower"], self._text["tokenizer"]
+        device = self.visual_projection.weight.device
+        tower.to(device)
+        limit = int(tower["model"].config.max_position_embeddings)
+        batch = tokenizer(list(captions), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        with torch.no_grad():
+            out = tower["model"](
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            )
+            return _unit_rows(tower["projection"](out.pooler_output).float())
+
+    def pretrain_parameters(self, has_base_weights: bool) -> list[nn.Parameter]:
+        """The LoRA pool only: CLIP's own weights stay frozen (III-B)."""
+        return [p for n, p in self.named_parameters() if ".lora_" in n]
 
 
 # --------------------------------------------------------------------------- III-C prompts

@@ -6,8 +6,8 @@ the LoRA of the pair's modality. Offline there is no captioning model, so :func:
 caption from what the dataset knows about the image: the classes present with an instance count
 (connected regions of each label), and the condition (day/night/fog/glare for the synthetic set, the
 D/N suffix of MFNet names), e.g. "a scene at night with two people, a car and a road". The captions are
-embedded by MA-CLIP's own text side (``model.ma_clip.embed_captions``): the offline MiniLM for the
-Hiera stand-in.
+embedded by MA-CLIP's own text side (``model.ma_clip.embed_captions``): CLIP's frozen text encoder when
+``ma_clip.clip_dir`` names a local CLIP, the offline MiniLM for the Hiera stand-in.
 
 The loss is CLIP's symmetric cross-entropy over the 2B image embeddings ``[S^r; S^m]`` and the
 captions repeated once; two images whose captions are equal are both counted as matches (soft
