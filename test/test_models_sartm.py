@@ -317,21 +317,25 @@ def test_official_layout_checkpoint_loads_through_remap(info, text, tmp_path):
     assert not any(".lora_" in k for k in frozen)
 
 
+#: with frozen base weights, what trains besides LoRA
+TRAINABLE_ON_BASE_WEIGHTS = (
+    "rectify.",
+    "fuse.",
+    "language.",
+    "aux_head.",
+    "sam_head.mask_decoder.mask_tokens.",
+    "sam_head.mask_decoder.output_hypernetworks_mlps.",
+    "sam_head.mask_decoder.output_upscaling.",
+    "sam_head.mask_decoder.conv_s0.",
+    "sam_head.mask_decoder.conv_s1.",
+)
+
+
 def test_only_intended_parameters_train_with_base_weights(info, text, tmp_path):
     path = write_official(make_micro(info, text, seed=3), tmp_path / "base.pt")
     model = make_micro(info, text, freeze_transformer=True, checkpoint=str(path), freeze=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    allowed_prefixes = (
-        "rectify.",
-        "fuse.",
-        "language.",
-        "aux_head.",
-        "sam_head.mask_decoder.mask_tokens.",
-        "sam_head.mask_decoder.output_hypernetworks_mlps.",
-        "sam_head.mask_decoder.output_upscaling.",
-        "sam_head.mask_decoder.conv_s0.",
-        "sam_head.mask_decoder.conv_s1.",
-    )
+    allowed_prefixes = TRAINABLE_ON_BASE_WEIGHTS
     for name in trainable:
         assert ".lora_" in name or name.startswith(allowed_prefixes), name
     lora = {n for n in trainable if ".lora_" in n}
@@ -512,17 +516,7 @@ def _sartm_freeze(cfg: dict, path: str) -> None:
 SARTM_CASE = BackendCase(
     name="sartm",
     config="models/sartm_micro.yaml",
-    trainable_prefixes=(
-        "rectify.",
-        "fuse.",
-        "language.",
-        "aux_head.",
-        "sam_head.mask_decoder.mask_tokens.",
-        "sam_head.mask_decoder.output_hypernetworks_mlps.",
-        "sam_head.mask_decoder.output_upscaling.",
-        "sam_head.mask_decoder.conv_s0.",
-        "sam_head.mask_decoder.conv_s1.",
-    ),
+    trainable_prefixes=TRAINABLE_ON_BASE_WEIGHTS,
     frozen_prefixes=("image_encoder.trunk.", "image_encoder.neck.", "sam_head.mask_decoder.transformer."),
     thermal_param="image_encoder.trunk.blocks.0.attn.q.lora_A.thermal.weight",
     freeze_with_base=_sartm_freeze,
