@@ -192,10 +192,11 @@ def scale_table(runs: dict[str, list[dict]]) -> list[str]:
     small, large = f"{w0}x{h0}", f"{w1}x{h1}"
     lines = [
         "Input scale: each backend's tiny config (`models/<backend>_tiny.yaml`, hiera_tiny, random weights, fp32) "
-        "with `rgbt-seg bench model --size H W --threads 2 --repeats 3`:",
+        "with `rgbt-seg bench model --size H W --threads 2` (GFLOP counted, forward time measured):",
         "",
-        f"| backend | GFLOP per pair, {small} | {large} | ratio | forward, {small} | {large} | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| backend | params total / trainable | GFLOP per pair, {small} | {large} | ratio "
+        f"| forward, {small} | {large} | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for backend, label in SCALE_BACKENDS.items():
         a = runs.get(f"scale_{backend}_{h0}x{w0}")
@@ -205,7 +206,8 @@ def scale_table(runs: dict[str, list[dict]]) -> list[str]:
         ga, gb = a[0]["gflop_per_pair"], b[0]["gflop_per_pair"]
         ta = float(np.median([r["forward_ms_median"] for r in a]))
         tb = float(np.median([r["forward_ms_median"] for r in b]))
-        cells = [f"{ga:.1f}", f"{gb:.1f}", f"{gb / ga:.2f}"]
+        params = f"{a[0]['params_total'] / 1e6:.2f} M / {a[0]['params_trainable'] / 1e6:.2f} M"
+        cells = [params, f"{ga:.1f}", f"{gb:.1f}", f"{gb / ga:.2f}"]
         cells += [
             spread([r["forward_ms_median"] for r in a], 0, " ms"),
             spread([r["forward_ms_median"] for r in b], 0, " ms"),
