@@ -122,3 +122,33 @@ def test_a_table_is_written_in_the_file_that_holds_its_markers_and_missing_marke
     assert bench_report.update_readme(files, results, check=True)
     with pytest.raises(ValueError, match="no file holds the table markers"):
         bench_report.update_readme([readme], results, check=True)
+
+
+def test_scale_table_gives_each_backends_cost_at_both_sizes():
+    def run(gflop, ms):
+        params = {"params_total": 36_047_768, "params_trainable": 5_402_959}
+        return {"gflop_per_pair": gflop, "forward_ms_median": ms, "date": "2026-12-07", **params}
+
+    runs = {
+        "scale_sartm_480x640": [run(152.3, 1600.0), run(152.3, 1700.0), run(152.3, 1650.0)],
+        "scale_sartm_768x1024": [run(434.7, 4950.0), run(434.7, 5000.0), run(434.7, 5100.0)],
+        "scale_cpal_480x640": [run(100.0, 1000.0)],  # one size only: no row
+    }
+    lines = bench_report.scale_table(runs)
+    rows = [line for line in lines if line.startswith("| SARTM")]
+    assert rows == [
+        "| SARTM | 36.05 M / 5.40 M | 152.3 | 434.7 | 2.85 | 1650 ms (1600-1700, 3 runs) | 5000 ms (4950-5100, 3 runs) "
+        "| 3.03 |"
+    ]
+    assert not [line for line in lines if line.startswith("| CPAL")]
+    assert bench_report.scale_table({}) == []
+
+
+def test_committed_scale_results_cover_every_backend_at_both_sizes():
+    runs = bench_report.load_runs(REPO / "docs" / "results" / "bench")
+    names = {n for n in runs if n.startswith("scale_")}
+    expected = {f"scale_{b}_{h}x{w}" for b in bench_report.SCALE_BACKENDS for h, w in bench_report.SCALE_SIZES}
+    assert names == expected, sorted(expected - names)
+    for name in names:
+        sizes = {tuple(r["input_size"]) for r in runs[name]}
+        assert sizes == {tuple(int(x) for x in name.rsplit("_", 1)[1].split("x"))}, name
