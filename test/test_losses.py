@@ -413,3 +413,9 @@ def test_the_language_warmup_ramps_w2_and_w3(tmp_path):
         assert r["total"] == pytest.approx(expected, rel=1e-5)
     assert rows[0]["gradnorm_l_se"] == 0.0 and rows[0]["gradnorm_l_cr"] == 0.0  # nothing from them at step 0
     assert rows[-1]["gradnorm_l_se"] > 0 and rows[-1]["gradnorm_l_cr"] > 0
+
+
+def test_gradient_norm_of_a_term_that_does_not_reach_the_parameters_is_zero():
+    reached, missed = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    norms = term_gradient_norms({"missed": (missed * 2).sum(), "reached": (reached * 3).sum()}, [reached])
+    assert norms == {"missed": 0.0, "reached": pytest.approx(math.sqrt(18.0))}

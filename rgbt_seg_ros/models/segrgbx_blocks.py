@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fusion import FeatureRectifyModule
+
 #: OpenAI CLIP's image normalisation, used when the CLIP directory has no preprocessor_config.json
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -274,9 +276,9 @@ class ControlPrompts(nn.Module):
 # --------------------------------------------------------------------------- FRM with a zero gate
 
 
-class GatedRectify(nn.Module):
-    """CMX's FRM (channel weights from an avg+max pooled MLP, spatial weights from 1x1 convs) with its cross
-    terms scaled by a per-channel gate that starts at zero:
+class GatedRectify(FeatureRectifyModule):
+    """CMX's FRM (``fusion.FeatureRectifyModule``: channel weights from an avg+max pooled MLP, spatial weights
+    from 1x1 convs) with its cross terms scaled by a per-channel gate that starts at zero:
 
         x_rgb' = x_rgb + g_rgb * (lc * cw_x * x_x + ls * sw_x * x_x)      and symmetrically for X.
 
@@ -285,16 +287,7 @@ class GatedRectify(nn.Module):
     X stream in everything that reaches RGB, and what X receives."""
 
     def __init__(self, dim: int, reduction: int = 1, lambda_c: float = 0.5, lambda_s: float = 0.5):
-        super().__init__()
-        self.lambda_c, self.lambda_s = float(lambda_c), float(lambda_s)
-        hidden_c = max(1, 4 * dim // reduction)
-        self.channel_mlp = nn.Sequential(
-            nn.Linear(4 * dim, hidden_c), nn.ReLU(inplace=True), nn.Linear(hidden_c, 2 * dim), nn.Sigmoid()
-        )
-        hidden_s = max(1, dim // reduction)
-        self.spatial = nn.Sequential(
-            nn.Conv2d(2 * dim, hidden_s, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden_s, 2, 1), nn.Sigmoid()
-        )
+        super().__init__(dim, reduction, float(lambda_c), float(lambda_s))
         self.gate = nn.Parameter(torch.zeros(2, dim, 1, 1))  # [0]: into RGB, [1]: into X
 
     def forward(

@@ -111,7 +111,7 @@ def term_gradient_norms(terms: dict[str, torch.Tensor], params: list[torch.Tenso
             norms[name] = 0.0
             continue
         grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-        norms[name] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 0.0))
+        norms[name] = math.sqrt(float(sum((g.float() ** 2).sum() for g in grads if g is not None)))
     return norms
 
 
