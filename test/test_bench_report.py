@@ -124,6 +124,22 @@ def test_a_table_is_written_in_the_file_that_holds_its_markers_and_missing_marke
         bench_report.update_readme([readme], results, check=True)
 
 
+def test_an_installed_package_looks_for_the_tables_in_the_current_directory(tmp_path, monkeypatch):
+    # installed, the module's grandparent folder is site-packages' parent: no README.md there. Before, the
+    # default file list was that folder's, and `rgbt-seg bench table` (scripts/measure_benchmarks.sh, run
+    # from the repository with the installed command) said "no file holds the table markers".
+    from rgbt_seg_ros.evaluation import reports
+
+    monkeypatch.setattr(reports, "REPO_ROOT", tmp_path / "lib" / "python3")
+    project = tmp_path / "project"
+    (project / "docs").mkdir(parents=True)
+    (project / "README.md").write_text("readme\n")
+    (project / "docs" / "benchmarks.md").write_text("page\n")
+    monkeypatch.chdir(project)
+    root = project.resolve()
+    assert [f.resolve() for f in reports.doc_files()] == [root / "README.md", root / "docs" / "benchmarks.md"]
+
+
 def test_scale_table_gives_each_backends_cost_at_both_sizes():
     def run(gflop, ms):
         params = {"params_total": 36_047_768, "params_trainable": 5_402_959}

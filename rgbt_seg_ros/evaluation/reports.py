@@ -147,7 +147,7 @@ ROWS = (
     ),
     Row(
         "model_segrgbx_tiny",
-        "`rgbt-seg bench model --config models/segrgbx_tiny.yaml --threads 2 --repeats 5`",
+        "`rgbt-seg bench model --config models/segrgbx_tiny.yaml --threads 2 --repeats 9`",
         "SegRGB-X tiny (hiera_tiny, random weights) at 480x640, fp32, against the bare dual Hiera encoder",
         _model_vs_reference,
     ),
@@ -331,8 +331,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def doc_files(root: Path | None = None) -> list[Path]:
-    """The files that may hold generated tables: README.md and docs/*.md of ``root`` (default: this repository)."""
-    root = Path(root) if root is not None else REPO_ROOT
+    """The files that may hold generated tables: README.md and docs/*.md of ``root``.
+
+    Default: the source checkout this module runs from; for an installed package (whose parent folder
+    holds no README.md) the current directory, as for the ``--results`` folders, which are relative to it.
+    """
+    if root is None:
+        root = REPO_ROOT if (REPO_ROOT / "README.md").is_file() else Path.cwd()
+    root = Path(root)
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
