@@ -59,7 +59,7 @@ for k in $(seq 1 "$RUNS"); do
       --json "$OUT/model_sartm_tiny_run$k.json" >/dev/null
   fi
   if want model_segrgbx_tiny; then
-    "$BIN/rgbt-seg" bench model --config models/segrgbx_tiny.yaml --threads 2 --repeats 5 \
+    "$BIN/rgbt-seg" bench model --config models/segrgbx_tiny.yaml --threads 2 --repeats 9 \
       --json "$OUT/model_segrgbx_tiny_run$k.json" >/dev/null
   fi
   if want scale; then  # the input-scale table: every backend's tiny config at 480x640 and 768x1024

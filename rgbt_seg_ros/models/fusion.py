@@ -144,19 +144,22 @@ class FeatureFusionModule(nn.Module):
 
     def forward(self, x_rgb: torch.Tensor, x_th: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x_rgb.shape
-        t_rgb = x_rgb.flatten(2).transpose(1, 2)  # B, N, C
-        t_th = x_th.flatten(2).transpose(1, 2)
+        # tokens (B, N, C) through a channels-last view: no copy when the maps are channels-last in memory
+        # (Hiera's stage outputs are), one when they are not
+        t_rgb = x_rgb.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        t_th = x_th.permute(0, 2, 3, 1).reshape(b, h * w, c)
         y_rgb, u_rgb = F.relu(self.proj_rgb(t_rgb)).chunk(2, dim=-1)
         y_th, u_th = F.relu(self.proj_th(t_th)).chunk(2, dim=-1)
         if valid is not None:
-            m = valid.flatten(2).transpose(1, 2)  # B, N, 1
+            m = valid.permute(0, 2, 3, 1).reshape(b, h * w, 1)
             y_th, u_th = y_th * m, u_th * m
         v_rgb, v_th = self.cross(u_rgb, u_th)
         t_rgb = self.norm_rgb(t_rgb + self.end_rgb(torch.cat([y_rgb, v_rgb], dim=-1)))
         t_th = self.norm_th(t_th + self.end_th(torch.cat([y_th, v_th], dim=-1)))
         if valid is not None:
             t_th = t_th * m
-        merged = torch.cat([t_rgb, t_th], dim=-1).transpose(1, 2).reshape(b, 2 * c, h, w)
+        # (B, 2C, H, W) as a channels-last view of the tokens; the convolutions take that layout as it is
+        merged = torch.cat([t_rgb, t_th], dim=-1).view(b, h, w, 2 * c).permute(0, 3, 1, 2)
         out = self.merge_norm(self.merge_residual(merged) + self.merge_embed(merged))
         return out if self.gate is None else x_rgb + self.gate(out)
 
