@@ -59,6 +59,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "segrgbx_no_ma_clip": ("models/segrgbx_micro.yaml", {"model": {"ma_clip": {"enabled": False}}}),
     "segrgbx_no_aligned_prompts": ("models/segrgbx_micro.yaml", {"model": {"prompts": {"aligned_tokens": 0}}}),
     "segrgbx_no_dsrm": ("models/segrgbx_micro.yaml", {"model": {"dsrm": {"enabled": False}}}),
+    # the head: the cosine-to-class-name classifier (for joint label spaces) on the one label space
+    "segrgbx_cosine_head": ("models/segrgbx_micro.yaml", {"model": {"head": {"classifier": "cosine"}}}),
     # trained for a lost camera: one modality blanked in 40 % of the training items (docs/training.md, thermal-only)
     **{
         f"{name}_modality_dropout": (
@@ -81,6 +83,7 @@ SEGRGBX_ABLATION_ROWS = {
     "segrgbx_no_ma_clip": "without MA-CLIP (no control prompts; DSRM queries from its own features)",
     "segrgbx_no_aligned_prompts": "without the modality-aligned prompts",
     "segrgbx_no_dsrm": "without the DSRM",
+    "segrgbx_cosine_head": "all parts, cosine-to-class-name classifier instead of the linear one",
 }
 THERMAL_ONLY_ROWS = {
     "sartm_modality_dropout": "SARTM",
