@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.classes import DatasetInfo
+from ..models.onnx_runtime import RUNTIMES, RuntimeReport
 from ..models.preprocessing import PRECISIONS, fit_size, normalize_batch, resize_image, resize_valid, resolve_device
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
@@ -123,11 +124,25 @@ class Segmenter:
         compile: str = "none",
         compile_backend: str = "inductor",
         class_set: str | None = None,
+        runtime: str = "torch",
+        providers: tuple[str, ...] | list[str] = ("cpu",),
+        provider_options: dict | None = None,
+        onnx_cache_dir: str | Path | None = None,
+        onnx_tolerance: float | None = None,
     ):
         """``class_set``: which of the model's class sets to segment with (docs/class_sets.md); None = the set of
-        ``dataset_info`` (a loaded checkpoint's primary). An unknown name raises ``ClassSetError`` naming the sets."""
+        ``dataset_info`` (a loaded checkpoint's primary). An unknown name raises ``ClassSetError`` naming the sets.
+
+        ``runtime``: ``torch`` (the model as it is) or ``onnxruntime`` (the model exported once, cached in
+        ``onnx_cache_dir`` by its weights, and run on ``providers``: ``tensorrt``, ``cuda``, ``cpu``, with
+        ``provider_options`` ``{fp16, engine_cache_dir}`` for TensorRT; see ``models/onnx_runtime.py``). The
+        ONNX runtime is checked against PyTorch on one input first; when it cannot be used (export fails, no
+        provider asked for is present, parity beyond ``onnx_tolerance``) PyTorch runs and
+        :attr:`runtime_report` says why."""
         from ..models.class_sets import class_set_names, select_class_set
 
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime '{runtime}'; expected one of {', '.join(RUNTIMES)}")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; expected one of {', '.join(PRECISIONS)}")
         if compile not in COMPILE_MODES:
@@ -147,7 +162,10 @@ class Segmenter:
         self._prep_stream = None  # CUDA stream of prepare(side_stream=True), made on first use
         self._compile = compile
         self._forward = self._model
-        if compile == "none":
+        self._runtime_report = RuntimeReport(runtime="torch", requested=runtime)
+        if runtime == "onnxruntime":
+            self._use_onnxruntime(providers, provider_options, onnx_cache_dir, onnx_tolerance)
+        if compile == "none" or self._runtime_report.runtime != "torch":
             if warmup:
                 self.warmup()
             return
@@ -161,6 +179,36 @@ class Segmenter:
                 f"{type(exc).__name__}: {exc}. Set model.compile to none to run uncompiled."
             ) from exc
 
+    def _use_onnxruntime(self, providers, provider_options, cache_dir, tolerance) -> None:
+        """Run the forward through ONNX Runtime, or record why PyTorch runs instead."""
+        from ..models.onnx_export import checkpoint_metadata
+        from ..models.onnx_runtime import DEFAULT_TOLERANCE, RuntimeRefusedError, build_onnx_forward
+
+        if self._precision != "fp32":  # the exported graph is fp32; TensorRT's fp16 is its provider option
+            note = f"precision {self._precision} applies to PyTorch; onnxruntime runs the fp32 graph"
+        else:
+            note = None
+        metadata = checkpoint_metadata(self._cfg, self._info, self._input_size, 1)
+        try:
+            forward, report = build_onnx_forward(
+                self._model,
+                self._cfg,
+                self._info.name,
+                metadata,
+                providers=tuple(providers),
+                provider_options=provider_options,
+                cache_dir=cache_dir,
+                tolerance=DEFAULT_TOLERANCE if tolerance is None else float(tolerance),
+            )
+        except RuntimeRefusedError as exc:
+            report = getattr(exc, "report", None) or RuntimeReport(runtime="torch", requested="onnxruntime")
+            report.runtime, report.fallback = "torch", str(exc)
+            self._runtime_report = report
+            return
+        if note:
+            report.notes.append(note)
+        self._forward, self._runtime_report = forward, report
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(
@@ -172,9 +220,11 @@ class Segmenter:
         sam2_checkpoint: str | Path | None = None,
         compile: str = "none",
         class_set: str | None = None,
+        **runtime,
     ) -> Segmenter:
         """Load a trained checkpoint directory (see ``checkpoint.py``); ``class_set``: one of its class sets
-        (None: its primary). An unknown set is refused before the model is loaded, naming the sets there are."""
+        (None: its primary). An unknown set is refused before the model is loaded, naming the sets there are.
+        ``runtime``: the constructor's runtime arguments (``runtime``, ``providers``, ...)."""
         from ..models.checkpoint import check_checkpoint_class_set, load_checkpoint
 
         if class_set:
@@ -182,7 +232,15 @@ class Segmenter:
         dev = resolve_device(device)
         model, cfg, info = load_checkpoint(ckpt_dir, device=dev, sam2_checkpoint=sam2_checkpoint)
         return cls(
-            model, cfg, info, device=dev, precision=precision, warmup=warmup, compile=compile, class_set=class_set
+            model,
+            cfg,
+            info,
+            device=dev,
+            precision=precision,
+            warmup=warmup,
+            compile=compile,
+            class_set=class_set,
+            **runtime,
         )
 
     @classmethod
@@ -197,6 +255,7 @@ class Segmenter:
         text_embeddings: torch.Tensor | dict | None = None,
         compile: str = "none",
         class_set: str | None = None,
+        **runtime,
     ) -> Segmenter:
         """Build an untrained model from a model config (+ optional official SAM2 weights).
 
@@ -219,7 +278,15 @@ class Segmenter:
             text_embeddings = text_embeddings_for(cfg, info, lambda names: class_text_embeddings(names, backend))
         model = build_model(cfg, info, text_embeddings)
         return cls(
-            model, cfg, info, device=device, precision=precision, warmup=warmup, compile=compile, class_set=class_set
+            model,
+            cfg,
+            info,
+            device=device,
+            precision=precision,
+            warmup=warmup,
+            compile=compile,
+            class_set=class_set,
+            **runtime,
         )
 
     # ------------------------------------------------------------------ properties
@@ -258,6 +325,16 @@ class Segmenter:
     @property
     def model(self) -> torch.nn.Module:
         return self._model
+
+    @property
+    def runtime(self) -> str:
+        """What runs the forward: ``torch`` or ``onnxruntime`` (see :attr:`runtime_report`)."""
+        return self._runtime_report.runtime
+
+    @property
+    def runtime_report(self) -> RuntimeReport:
+        """The runtime asked for and used, its providers, cache, parity check and any fallback reason."""
+        return self._runtime_report
 
     @property
     def compile_mode(self) -> str:
