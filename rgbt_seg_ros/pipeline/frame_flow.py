@@ -220,6 +220,7 @@ def segmenter_from_params(params: dict[str, Any], on_problem=None):
 
     device, precision, compile_mode = params["model.device"], params["model.precision"], params["model.compile"]
     class_set = checked_class_set(params, on_problem)
+    runtime = runtime_from_params(params)
     if params["model.checkpoint"]:
         return Segmenter.from_checkpoint(
             resolve_data_file(params["model.checkpoint"]),
@@ -227,6 +228,7 @@ def segmenter_from_params(params: dict[str, Any], on_problem=None):
             precision=precision,
             compile=compile_mode,
             class_set=class_set,
+            **runtime,
         )
     sam2 = params["model.sam2_checkpoint"] or None
     return Segmenter.from_config(
@@ -237,7 +239,25 @@ def segmenter_from_params(params: dict[str, Any], on_problem=None):
         precision=precision,
         compile=compile_mode,
         class_set=class_set,
+        **runtime,
     )
+
+
+def runtime_from_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The Segmenter's runtime arguments from the ``model.*`` parameters (missing ones: the defaults)."""
+    get = params.get
+    providers = tuple(p.strip().lower() for p in str(get("model.providers", "cpu")).split(",") if p.strip())
+    options = {
+        "fp16": bool(get("model.trt_fp16", False)),
+        "engine_cache_dir": get("model.trt_engine_cache_dir") or None,
+    }
+    return {
+        "runtime": get("model.runtime", "torch"),
+        "providers": providers,
+        "provider_options": options,
+        "onnx_cache_dir": get("model.onnx_cache_dir") or None,
+        "onnx_tolerance": get("model.onnx_tolerance"),
+    }
 
 
 class FramePipeline:

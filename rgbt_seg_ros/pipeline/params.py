@@ -177,6 +177,29 @@ SPECS: tuple[ParamSpec, ...] = (
         "torch.compile mode (CUDA deployments; compiles once at start-up, static shapes)",
         choices=("none", "default", "reduce-overhead", "max-autotune"),
     ),
+    ParamSpec(
+        "model.runtime",
+        "torch",
+        "what runs the forward: torch, or onnxruntime (the model exported once, cached by its weights, checked "
+        "against PyTorch at start-up; PyTorch runs instead, with the reason in diagnostics, when it cannot)",
+        choices=("torch", "onnxruntime"),
+    ),
+    ParamSpec(
+        "model.providers",
+        "cpu",
+        "onnxruntime execution providers in order of preference, comma-separated: tensorrt, cuda, cpu; one "
+        "missing from the installed onnxruntime is reported with what runs instead",
+    ),
+    ParamSpec("model.onnx_cache_dir", "", "where exported ONNX files are kept; empty = ~/.cache/rgbt_seg_ros/onnx"),
+    ParamSpec(
+        "model.onnx_tolerance",
+        1e-3,
+        "onnxruntime parity check: largest logit difference allowed, relative to the logits' scale",
+        min=0.0,
+        max=1.0,
+    ),
+    ParamSpec("model.trt_fp16", False, "TensorRT provider: build fp16 engines"),
+    ParamSpec("model.trt_engine_cache_dir", "", "TensorRT provider: engine cache directory; empty = no cache"),
     # outputs
     ParamSpec("output.labels", True, "publish ~/labels (mono8 class ids; mono16 beyond 255 classes)", dynamic=True),
     ParamSpec("output.overlay", True, "publish ~/overlay (rgb8, RGB blended with the palette)", dynamic=True),

@@ -186,8 +186,15 @@ class SegmentBehaviour:
             self.registration_mode = pipeline.registrar.mode
         self.model_status = (
             f"{seg.backend} {seg.dataset_info.name} ({seg.dataset_info.num_classes} classes) "
-            f"{seg.input_size[0]}x{seg.input_size[1]} on {seg.device} {seg.precision}"
+            f"{seg.input_size[0]}x{seg.input_size[1]} on {seg.device} {seg.precision}, "
+            f"runtime {seg.runtime_report.summary()}"
         )
+        for note in seg.runtime_report.notes:
+            self.get_logger().warning(f"model.runtime: {note}")
+        if seg.runtime_report.fallback:
+            self.get_logger().warning(
+                f"model.runtime onnxruntime refused, PyTorch runs instead: {seg.runtime_report.fallback}"
+            )
         note = demo_model_note(seg)
         if note:
             self.get_logger().warning(note)
