@@ -6,8 +6,10 @@ here it takes about a minute. The JSON figures are checked for being there and p
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,33 @@ def test_plan_runs_the_package_commands_for_both_devices(tmp_path):
     for step in gpu_check.plan("cuda", tmp_path)[1:]:
         config = step.argv[step.argv.index("--config") + 1]
         assert config.startswith("models/") and config.endswith("_tiny.yaml")
+
+
+def test_a_step_that_ignores_sigint_is_recognised_so_it_gets_sigterm_at_once(tmp_path):
+    # started from a background job of a non-interactive shell (`cmd &`, nohup) a step inherits SIGINT ignored;
+    # before, the kill waited 15 s for it, and the timed-out step's test above failed in such a run
+    def child(name: str, disposition: str) -> tuple[subprocess.Popen, Path]:
+        ready = tmp_path / name
+        code = (
+            "import signal, time\n"
+            f"signal.signal(signal.SIGINT, {disposition})\n"
+            f"open({str(ready)!r}, 'w').write('x')\n"
+            "time.sleep(60)\n"
+        )
+        return subprocess.Popen([sys.executable, "-c", code], start_new_session=True), ready
+
+    ignoring, ready_i = child("ignoring", "signal.SIG_IGN")
+    plain, ready_p = child("plain", "signal.default_int_handler")
+    try:
+        deadline = time.monotonic() + 60
+        while not (ready_i.exists() and ready_p.exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready_i.exists() and ready_p.exists(), "the children never started"
+        assert gpu_check._ignores_sigint(ignoring.pid) and not gpu_check._ignores_sigint(plain.pid)
+        gpu_check._kill_group(ignoring)
+        assert ignoring.returncode == -signal.SIGTERM
+    finally:
+        for p in (ignoring, plain):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
