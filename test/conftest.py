@@ -62,7 +62,9 @@ def micro_checkpoint(tmp_path_factory):
     return make_micro_checkpoint(tmp_path_factory.mktemp("ckpt") / "micro")
 
 
-def make_micro_checkpoint(out_dir: Path, input_size=None, seed: int = 0) -> Path:
+def make_micro_checkpoint(out_dir: Path, input_size=None, seed: int = 0, moved: bool = False) -> Path:
+    """``moved``: LoRA B and the fusion gates drawn from N(0, 0.1) instead of their zero init, so both inputs
+    reach the logits (a fresh model's thermal path starts closed)."""
     import torch
 
     from rgbt_seg_ros.models import build_model, dataset_info_for, resolve_model_config
@@ -75,6 +77,11 @@ def make_micro_checkpoint(out_dir: Path, input_size=None, seed: int = 0) -> Path
     info = dataset_info_for(cfg, None)
     text = torch.nn.functional.normalize(torch.randn(info.num_classes, 384), dim=1)
     model = build_model(cfg, info, text)
+    if moved:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name or ".gate" in name:
+                    p.normal_(0, 0.1)
     save_checkpoint(model, cfg, info, out_dir)
     return out_dir
 

@@ -3,36 +3,19 @@ foreign cached file rebuilt, missing providers reported, and PyTorch as the fall
 
 import numpy as np
 import pytest
-import torch
 
-from rgbt_seg_ros.models import build_model, resolve_model_config
-from rgbt_seg_ros.models.checkpoint import save_checkpoint
-from rgbt_seg_ros.models.classes import load_dataset_info
+from conftest import make_micro_checkpoint
 from rgbt_seg_ros.models.onnx_runtime import CACHE_KEY, _file_key
 from rgbt_seg_ros.pipeline.segmenter import Segmenter
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is in requirements-dev.txt")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MICRO = "models/sartm_micro.yaml"
-
-
-def micro_checkpoint(path, seed):
-    info = load_dataset_info("synthetic")
-    cfg = resolve_model_config(MICRO)
-    torch.manual_seed(seed)
-    model = build_model(cfg, info, torch.nn.functional.normalize(torch.randn(info.num_classes, 384)))
-    with torch.no_grad():  # LoRA and fusion gates moved, so both inputs reach the logits
-        for name, p in model.named_parameters():
-            if ".lora_B." in name or ".gate" in name:
-                p.normal_(0, 0.1)
-    return save_checkpoint(model, cfg, info, path)
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ort")
-    return micro_checkpoint(root / "a", 0), micro_checkpoint(root / "b", 1)
+    return make_micro_checkpoint(root / "a", seed=0, moved=True), make_micro_checkpoint(root / "b", seed=1, moved=True)
 
 
 def frames(n, h=120, w=160):

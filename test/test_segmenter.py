@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from rgbt_seg_ros.models import build_model, resolve_model_config
-from rgbt_seg_ros.models.checkpoint import save_checkpoint
-from rgbt_seg_ros.models.classes import DatasetInfo, load_dataset_info
+from conftest import make_micro_checkpoint
+from rgbt_seg_ros.models import resolve_model_config
+from rgbt_seg_ros.models.classes import DatasetInfo
 from rgbt_seg_ros.models.preprocessing import fit_size, resolve_device
 from rgbt_seg_ros.pipeline.segmenter import Segmenter
 
@@ -18,15 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
-    info = load_dataset_info("synthetic")
-    cfg = resolve_model_config(MICRO)
-    torch.manual_seed(0)
-    model = build_model(cfg, info, torch.nn.functional.normalize(torch.randn(info.num_classes, 384)))
-    with torch.no_grad():  # give LoRA and the fusion gates some signal so outputs vary with both inputs
-        for name, p in model.named_parameters():
-            if ".lora_B." in name or ".gate" in name:
-                p.normal_(0, 0.1)
-    return save_checkpoint(model, cfg, info, tmp_path_factory.mktemp("seg") / "micro")
+    # LoRA and the fusion gates moved, so outputs vary with both inputs
+    return make_micro_checkpoint(tmp_path_factory.mktemp("seg") / "micro", moved=True)
 
 
 @pytest.fixture(scope="module")

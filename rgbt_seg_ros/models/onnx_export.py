@@ -181,15 +181,27 @@ def export_checkpoint(
     return path, model, cfg
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    """A CPU onnxruntime session for an exported file."""
+def onnx_session(path: str | Path, threads: int | None = None, providers: list | None = None):
+    """An onnxruntime session for an exported file (``providers``: onnxruntime's list; default CPU)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def logit_agreement(got: np.ndarray, want: np.ndarray) -> dict:
+    """How an exported model's logits ``got`` agree with PyTorch's ``want`` (same shape)."""
+    if got.shape != want.shape:
+        raise RuntimeError(f"ONNX logits have shape {got.shape}, PyTorch {want.shape}")
+    return {
+        "max_abs_diff": float(np.abs(got - want).max()),
+        "logit_abs_max": float(np.abs(want).max()),
+        "argmax_agreement": float((got.argmax(1) == want.argmax(1)).mean()),
+        "shape": list(got.shape),
+    }
 
 
 def compare_with_torch(
@@ -208,14 +220,7 @@ def compare_with_torch(
     got = session.run(list(OUTPUT_NAMES), feed)[0]
     with torch.inference_mode():
         want = LogitsOnly(model).eval()(*inputs).numpy()
-    if got.shape != want.shape:
-        raise RuntimeError(f"ONNX logits have shape {got.shape}, PyTorch {want.shape}")
-    result = {
-        "max_abs_diff": float(np.abs(got - want).max()),
-        "logit_abs_max": float(np.abs(want).max()),
-        "argmax_agreement": float((got.argmax(1) == want.argmax(1)).mean()),
-        "shape": list(got.shape),
-    }
+    result = logit_agreement(got, want)
     if repeats > 0:
         wrapped = LogitsOnly(model).eval()
         onnx_ms, torch_ms = [], []

@@ -31,11 +31,19 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from .onnx_export import DEFAULT_OPSET, INPUT_NAMES, OUTPUT_NAMES, LogitsOnly, example_inputs, export_model
+from .onnx_export import (
+    DEFAULT_OPSET,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    LogitsOnly,
+    example_inputs,
+    export_model,
+    logit_agreement,
+    onnx_session,
+)
 
 RUNTIMES = ("torch", "onnxruntime")
 #: ``model.providers`` names -> ONNX Runtime execution providers
@@ -73,9 +81,6 @@ class RuntimeReport:
         if self.runtime == "torch":
             return "torch" if not self.fallback else f"torch (onnxruntime refused: {self.fallback})"
         return f"onnxruntime [{', '.join(self.providers)}]"
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
 
 
 def default_cache_dir() -> Path:
@@ -208,16 +213,6 @@ class OnnxForward(nn.Module):
         return {"logits": torch.from_numpy(logits).to(rgb.device)}
 
 
-def make_session(path: Path, providers: list, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    opts.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-
-
 def check_parity(model: nn.Module, forward: OnnxForward, size: tuple[int, int], tolerance: float) -> dict:
     """The same normalised input through PyTorch and ONNX Runtime: largest logit difference relative
     to the logits' scale, and the arg-max agreement. ``ok`` when the relative difference is within
@@ -227,17 +222,10 @@ def check_parity(model: nn.Module, forward: OnnxForward, size: tuple[int, int], 
     with torch.inference_mode():
         want = LogitsOnly(model).eval()(*inputs).float().cpu().numpy()
         got = forward(*inputs)["logits"].float().cpu().numpy()
-    scale = max(float(np.abs(want).max()), 1e-6)
-    diff = float(np.abs(got - want).max())
-    agreement = float((got.argmax(1) == want.argmax(1)).mean())
-    relative = diff / scale
-    return {
-        "max_abs_diff": diff,
-        "relative_diff": relative,
-        "argmax_agreement": agreement,
-        "tolerance": float(tolerance),
-        "ok": bool(relative <= tolerance and agreement == 1.0),
-    }
+    result = logit_agreement(got, want)
+    relative = result["max_abs_diff"] / max(result["logit_abs_max"], 1e-6)
+    ok = relative <= tolerance and result["argmax_agreement"] == 1.0
+    return {**result, "relative_diff": relative, "tolerance": float(tolerance), "ok": bool(ok)}
 
 
 def build_onnx_forward(
@@ -270,7 +258,7 @@ def build_onnx_forward(
             ) from exc
         report.onnx_path, report.cache_hit, report.export_s = str(path), hit, time.perf_counter() - t0
         try:
-            session = make_session(path, chosen, threads or torch.get_num_threads())
+            session = onnx_session(path, threads or torch.get_num_threads(), chosen)
         except Exception as exc:
             raise RuntimeRefusedError(f"onnxruntime could not open {path}: {type(exc).__name__}: {exc}") from exc
         report.providers = [PROVIDERS_BY_EP.get(p, p) for p in session.get_providers()]

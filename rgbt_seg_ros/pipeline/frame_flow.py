@@ -244,19 +244,17 @@ def segmenter_from_params(params: dict[str, Any], on_problem=None):
 
 
 def runtime_from_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The Segmenter's runtime arguments from the ``model.*`` parameters (missing ones: the defaults)."""
-    get = params.get
-    providers = tuple(p.strip().lower() for p in str(get("model.providers", "cpu")).split(",") if p.strip())
-    options = {
-        "fp16": bool(get("model.trt_fp16", False)),
-        "engine_cache_dir": get("model.trt_engine_cache_dir") or None,
-    }
+    """The Segmenter's runtime arguments from the ``model.*`` parameters."""
+    providers = tuple(p.strip().lower() for p in params["model.providers"].split(",") if p.strip())
     return {
-        "runtime": get("model.runtime", "torch"),
+        "runtime": params["model.runtime"],
         "providers": providers,
-        "provider_options": options,
-        "onnx_cache_dir": get("model.onnx_cache_dir") or None,
-        "onnx_tolerance": get("model.onnx_tolerance"),
+        "provider_options": {
+            "fp16": params["model.trt_fp16"],
+            "engine_cache_dir": params["model.trt_engine_cache_dir"],
+        },
+        "onnx_cache_dir": params["model.onnx_cache_dir"] or None,
+        "onnx_tolerance": params["model.onnx_tolerance"],
     }
 
 

@@ -184,10 +184,6 @@ class Segmenter:
         from ..models.onnx_export import checkpoint_metadata
         from ..models.onnx_runtime import DEFAULT_TOLERANCE, RuntimeRefusedError, build_onnx_forward
 
-        if self._precision != "fp32":  # the exported graph is fp32; TensorRT's fp16 is its provider option
-            note = f"precision {self._precision} applies to PyTorch; onnxruntime runs the fp32 graph"
-        else:
-            note = None
         metadata = checkpoint_metadata(self._cfg, self._info, self._input_size, 1)
         try:
             forward, report = build_onnx_forward(
@@ -205,8 +201,10 @@ class Segmenter:
             report.runtime, report.fallback = "torch", str(exc)
             self._runtime_report = report
             return
-        if note:
-            report.notes.append(note)
+        if self._precision != "fp32":  # the exported graph is fp32; TensorRT's fp16 is its provider option
+            report.notes.append(f"precision {self._precision} applies to PyTorch; onnxruntime runs the fp32 graph")
+        if self._compile != "none":
+            report.notes.append(f"model.compile {self._compile} applies to PyTorch; ignored with onnxruntime")
         self._forward, self._runtime_report = forward, report
 
     # ------------------------------------------------------------------ construction
